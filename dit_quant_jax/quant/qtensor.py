@@ -46,10 +46,6 @@ class QuantizedWeight:
     raise NotImplementedError(f"{type(self).__name__} must implement nbytes_breakdown()")
 
 
-def is_quantized(x) -> bool:
-  return isinstance(x, QuantizedWeight)
-
-
 class ActivationQuantizer:
   """Mixin base class of activation fake-quantizers stored in the params pytree.
 
@@ -59,3 +55,21 @@ class ActivationQuantizer:
 
   def __call__(self, x: jax.Array) -> jax.Array:
     raise NotImplementedError(f"{type(self).__name__} must implement __call__()")
+
+
+def is_quantized(x) -> bool:
+  return isinstance(x, (QuantizedWeight, ActivationQuantizer))
+
+
+# Registry of quantized pytree types by class name, so that checkpoints can record a node's
+# type and static metadata and rebuild it on restore (see dit_quant_jax/utils/checkpoint.py).
+# Convention for registered types: they are flax.struct.dataclass-es whose array fields are
+# pytree nodes and whose static fields (struct.field(pytree_node=False)) are JSON-friendly
+# (ints, floats, strings, bools, None, tuples/lists of those).
+QUANTIZED_TYPES: dict = {}
+
+
+def register_quantized_type(cls):
+  """Class decorator: make a quantized type restorable from checkpoints."""
+  QUANTIZED_TYPES[cls.__name__] = cls
+  return cls
