@@ -1,0 +1,200 @@
+"""K-means for weight sub-vectors: k-means++ seeding and Lloyd iterations, vectorised in JAX.
+
+Built for VQ4DiT codebook initialisation (Deng et al. 2024, Sec. 3.2): the points are the
+d-dimensional sub-vectors of one layer's weight, up to 1.3M of them for DiT-XL/2's largest
+layer (4608 x 1152 at d = 4).  Distances are computed in row chunks so that memory stays
+bounded by ``chunk_elements`` floats per step, independent of the number of points.
+
+Deterministic for a seed: seeding draws from ``jax.random``; the Lloyd loop has no randomness.
+
+Empty clusters: after an update step, every cluster that received no point is moved onto one
+of the points farthest from their current centroid (the i-th empty cluster gets the i-th
+farthest point).  An empty cluster's centroid does not enter the objective, so the move never
+raises it and the next assignment step can only lower it: the objective is non-increasing.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Upper bound on the (chunk_rows, k, d) difference tensor of one distance step, in elements
+# (16M float32 = 64 MiB); XLA fuses the subtract-square-sum so this is mostly a bound on the
+# (chunk_rows, k) distance block.
+DEFAULT_CHUNK_ELEMENTS = 1 << 24
+# Lloyd iterations of the public VQ4DiT code (kmeans(..., n_iters=100)).
+DEFAULT_NUM_ITERS = 100
+
+
+class KMeansResult(NamedTuple):
+  centroids: jax.Array  # (k, d) float32
+  assignments: jax.Array  # (n,) int32, nearest centroid of each point
+  objective_history: jax.Array  # (num_iters + 1,) sum of squared distances after each
+  #   assignment step; entries past `num_iters_run` are NaN (converged early)
+  num_iters_run: jax.Array  # () int32, Lloyd updates performed
+
+
+def _chunk_rows(k: int, d: int, chunk_elements: int) -> int:
+  return max(1, chunk_elements // max(1, k * d))
+
+
+def squared_distances(points: jax.Array, centroids: jax.Array) -> jax.Array:
+  """Exact squared Euclidean distances by differences.  points (m, d), centroids (k, d) -> (m, k).
+
+  Differences rather than |x|^2 - 2 x.c + |c|^2 avoid cancellation, so nearest-codeword
+  choices agree with a float64 reference except for true near-ties.
+  """
+  diff = points[:, None, :] - centroids[None, :, :]
+  return jnp.sum(diff * diff, axis=-1)
+
+
+def _map_chunks(fn, points: jax.Array, chunk_rows: int):
+  """Apply fn to row chunks of points (n, d); pads with copies of row 0 and cuts back."""
+  n = points.shape[0]
+  chunk_rows = min(chunk_rows, n)
+  num_chunks = -(-n // chunk_rows)
+  pad = num_chunks * chunk_rows - n
+  if pad:
+    points = jnp.concatenate([points, jnp.broadcast_to(points[:1], (pad,) + points.shape[1:])], 0)
+  chunks = points.reshape((num_chunks, chunk_rows) + points.shape[1:])
+  out = jax.lax.map(fn, chunks)
+  return jax.tree_util.tree_map(lambda a: a.reshape((num_chunks * chunk_rows,) + a.shape[2:])[:n], out)
+
+
+@functools.partial(jax.jit, static_argnames=("num_nearest", "chunk_elements"))
+def nearest_centroids(points: jax.Array, centroids: jax.Array, num_nearest: int = 1,
+                      chunk_elements: int = DEFAULT_CHUNK_ELEMENTS):
+  """The num_nearest closest centroids of every point, closest first.
+
+  points (n, d), centroids (k, d) -> (squared distances (n, num_nearest) float32,
+  indices (n, num_nearest) int32).
+  """
+  k, d = centroids.shape
+  if not 1 <= num_nearest <= k:
+    raise ValueError(f"num_nearest must be in [1, k={k}], got {num_nearest}")
+  centroids = centroids.astype(jnp.float32)
+
+  def one_chunk(chunk):
+    dist = squared_distances(chunk, centroids)
+    if num_nearest == 1:
+      idx = jnp.argmin(dist, axis=1)[:, None]
+      return jnp.take_along_axis(dist, idx, axis=1), idx.astype(jnp.int32)
+    neg, idx = jax.lax.top_k(-dist, num_nearest)
+    return -neg, idx.astype(jnp.int32)
+
+  return _map_chunks(one_chunk, points.astype(jnp.float32), _chunk_rows(k, d, chunk_elements))
+
+
+def kmeans_plus_plus(points: jax.Array, k: int, rng: jax.Array) -> jax.Array:
+  """k-means++ seeding (Arthur & Vassilvitskii 2007).  points (n, d) -> centroids (k, d).
+
+  First centroid uniform; each next one drawn with probability proportional to the squared
+  distance to the nearest centroid chosen so far (inverse-CDF sampling on a cumulative sum).
+  """
+  n = points.shape[0]
+  points = points.astype(jnp.float32)
+  first_key, loop_key = jax.random.split(rng)
+  first = jax.random.randint(first_key, (), 0, n)
+  centroids = jnp.zeros((k, points.shape[1]), jnp.float32).at[0].set(points[first])
+  min_sq = jnp.sum(jnp.square(points - points[first]), axis=1)
+
+  def body(j, carry):
+    centroids, min_sq = carry
+    cdf = jnp.cumsum(min_sq)
+    total = cdf[-1]
+    u = jax.random.uniform(jax.random.fold_in(loop_key, j), (), jnp.float32) * total
+    pick = jnp.searchsorted(cdf, u, side="right")
+    # All points already coincide with a centroid (total == 0): any point will do.
+    pick = jnp.where(total > 0, jnp.minimum(pick, n - 1), j % n)
+    new = points[pick]
+    centroids = centroids.at[j].set(new)
+    min_sq = jnp.minimum(min_sq, jnp.sum(jnp.square(points - new), axis=1))
+    return centroids, min_sq
+
+  centroids, _ = jax.lax.fori_loop(1, k, body, (centroids, min_sq))
+  return centroids
+
+
+def lloyd_update(points: jax.Array, assignments: jax.Array, min_sq: jax.Array,
+                 centroids: jax.Array) -> jax.Array:
+  """Centroids <- mean of their points; empty clusters moved to the farthest points.
+
+  points (n, d), assignments (n,), min_sq (n,) squared distance to the assigned centroid,
+  centroids (k, d) -> (k, d).
+  """
+  k = centroids.shape[0]
+  n = points.shape[0]
+  sums = jax.ops.segment_sum(points, assignments, num_segments=k)
+  counts = jax.ops.segment_sum(jnp.ones((n,), jnp.float32), assignments, num_segments=k)
+  empty = counts == 0
+  means = sums / jnp.maximum(counts, 1.0)[:, None]
+
+  def relocate(means):
+    num_far = min(k, n)
+    _, far = jax.lax.top_k(min_sq, num_far)  # farthest points first
+    rank = jnp.clip(jnp.cumsum(empty) - 1, 0, num_far - 1)
+    return jnp.where(empty[:, None], points[far[rank]], means)
+
+  return jax.lax.cond(jnp.any(empty), relocate, lambda m: m, means)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "num_iters", "chunk_elements"))
+def _kmeans(points, rng, tol, *, k, num_iters, chunk_elements):
+  points = points.astype(jnp.float32)
+  centroids = kmeans_plus_plus(points, k, rng)
+  history = jnp.full((num_iters + 1,), jnp.nan, jnp.float32)
+
+  def assign(centroids):
+    sq, idx = nearest_centroids(points, centroids, 1, chunk_elements)
+    return idx[:, 0], sq[:, 0]
+
+  def cond(carry):
+    i, _, _, _, converged = carry
+    return (i < num_iters) & ~converged
+
+  def body(carry):
+    i, centroids, history, prev_objective, _ = carry
+    idx, sq = assign(centroids)
+    objective = jnp.sum(sq)
+    history = history.at[i].set(objective)
+    converged = (prev_objective - objective) <= tol * prev_objective
+    centroids = lloyd_update(points, idx, sq, centroids)
+    return i + 1, centroids, history, objective, converged
+
+  init = (jnp.int32(0), centroids, history, jnp.float32(jnp.inf), jnp.bool_(False))
+  num_run, centroids, history, _, _ = jax.lax.while_loop(cond, body, init)
+  idx, sq = assign(centroids)
+  history = history.at[num_run].set(jnp.sum(sq))
+  return KMeansResult(centroids, idx, history, num_run)
+
+
+def kmeans(points, k: int, *, num_iters: int = DEFAULT_NUM_ITERS, seed: int = 0, tol: float = 0.0,
+           chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> KMeansResult:
+  """Cluster points (n, d) into k centroids: k-means++ seeding, then up to num_iters Lloyd steps.
+
+  Stops early when an assignment step lowers the objective by no more than ``tol`` times its
+  previous value (tol = 0: only at an exact fixed point).
+  """
+  points = jnp.asarray(points)
+  if points.ndim != 2:
+    raise ValueError(f"k-means expects points of shape (n, d), got {points.shape}")
+  n = points.shape[0]
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive integer, got {k!r}")
+  if k > n:
+    raise ValueError(f"cannot form k={k} clusters from {n} points")
+  if num_iters < 0:
+    raise ValueError(f"num_iters must be >= 0, got {num_iters}")
+  return _kmeans(points, jax.random.PRNGKey(seed), jnp.float32(tol), k=int(k), num_iters=int(num_iters),
+                 chunk_elements=int(chunk_elements))
+
+
+def objective(points, centroids, assignments) -> float:
+  """Sum of squared distances of points to their assigned centroids (float64, numpy)."""
+  points = np.asarray(points, np.float64)
+  diff = points - np.asarray(centroids, np.float64)[np.asarray(assignments)]
+  return float(np.sum(diff * diff))
