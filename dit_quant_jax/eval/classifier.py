@@ -44,7 +44,7 @@ class FashionMNISTClassifier(nn.Module):
   Input (N, 32, 32, 1) in [-1, 1]; returns ``(features (N, feature_dim), logits (N, num_classes))``.
   """
 
-  stage_channels: Sequence[int] = (32, 64, 128)
+  stage_channels: Sequence[int] = (16, 32, 64)
   feature_dim: int = 128
   num_classes: int = fashion_mnist.NUM_CLASSES
   dropout_rate: float = 0.0  # applied to the features during training only
@@ -164,7 +164,9 @@ def load_classifier(path: Optional[str] = None) -> Classifier:
   model_kwargs = dict(metadata["model"])
   model_kwargs["stage_channels"] = tuple(model_kwargs["stage_channels"])
   module = FashionMNISTClassifier(**model_kwargs)
-  template = module.init(jax.random.PRNGKey(0), jnp.zeros((1,) + INPUT_SHAPE, jnp.float32))["params"]
+  # Shapes only (no compute): from_bytes fills this structure with the stored arrays.
+  template = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1,) + INPUT_SHAPE, jnp.float32))["params"]
   with open(params_path, "rb") as f:
     params = serialization.from_bytes(template, f.read())
   params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -213,14 +215,15 @@ def train_classifier(config, log: Callable[[str], None] = print) -> tuple[Classi
   start_time = time.time()
   train_images, train_labels = fashion_mnist.load_split(
       "train", config.data_dir or None, config.train_limit or None)
-  test_images, test_labels = fashion_mnist.load_split("test", config.data_dir or None)
+  test_images, test_labels = fashion_mnist.load_split(
+      "test", config.data_dir or None, config.test_limit or None)
   module = FashionMNISTClassifier(stage_channels=tuple(config.model.stage_channels),
                                   feature_dim=config.model.feature_dim,
                                   num_classes=fashion_mnist.NUM_CLASSES,
                                   dropout_rate=config.model.dropout_rate)
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
-  params = module.init(init_rng, jnp.zeros((1,) + INPUT_SHAPE, jnp.float32))["params"]
+  params = jax.jit(module.init)(init_rng, jnp.zeros((1,) + INPUT_SHAPE, jnp.float32))["params"]
 
   steps_per_epoch = train_images.shape[0] // config.batch_size
   if steps_per_epoch == 0:

@@ -24,14 +24,19 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from typing import Any, Mapping, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from flax.core import unfreeze
 
 from dit_quant_jax.models import dit as dit_lib
+from dit_quant_jax.quant.qtensor import is_quantized
+from dit_quant_jax.utils import checkpoint
 
 # Official hidden size -> number of attention heads (models.py, DiT_{S,B,L,XL}_* configs).
 # Head counts cannot be read from shapes (qkv is (3D, D) whatever the split).
@@ -147,7 +152,7 @@ def params_from_official(state_dict: Mapping[str, Any], model: Optional[dit_lib.
     perm = _to_flax_perm(path, array.ndim)
     if perm is not None:
       array = np.transpose(array, perm)
-    flat[path] = jax.numpy.asarray(np.ascontiguousarray(array))
+    flat[path] = jnp.asarray(np.ascontiguousarray(array))
   return traverse_util.unflatten_dict(flat)
 
 
@@ -156,9 +161,7 @@ def params_to_official(params) -> dict[str, np.ndarray]:
 
   Only dense (unquantized) params can be exported.
   """
-  from dit_quant_jax.quant.qtensor import is_quantized
-
-  flat = traverse_util.flatten_dict(_unfreeze(params), is_leaf=lambda _, v: not isinstance(v, dict))
+  flat = traverse_util.flatten_dict(unfreeze(params), is_leaf=lambda _, v: not isinstance(v, dict))
   state_dict = {}
   for path, value in flat.items():
     key = path_to_official_key(path)
@@ -174,16 +177,11 @@ def params_to_official(params) -> dict[str, np.ndarray]:
   return state_dict
 
 
-def _unfreeze(params):
-  from flax.core import unfreeze
-  return unfreeze(params)
-
-
 # --------------------------------------------------------------------------- checking
 def official_shapes(model: dit_lib.DiT) -> dict[str, tuple[int, ...]]:
   """``{official key: shape}`` of the state dict that ``model`` expects (no allocation)."""
   shapes = jax.eval_shape(lambda: dit_lib.init_params(model, jax.random.PRNGKey(0)))
-  flat = traverse_util.flatten_dict(_unfreeze(shapes))
+  flat = traverse_util.flatten_dict(unfreeze(shapes))
   out = {}
   for path, leaf in flat.items():
     perm = _TO_OFFICIAL_PERM.get(len(leaf.shape)) if path[-1] == "kernel" else None
@@ -311,7 +309,6 @@ def load_official_checkpoint(path: str) -> dict[str, Any]:
   except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("reading official .pt checkpoints needs PyTorch: "
                       "pip install 'dit_quant_jax[torch]' (torch==2.13.0)") from e
-  import os
   if not os.path.exists(path):
     raise FileNotFoundError(f"official DiT checkpoint not found: {path}")
   # Tensors only; train.py also pickles its argparse.Namespace under "args".
@@ -340,3 +337,17 @@ def load_official_params(path: str, num_heads: Optional[int] = None, **overrides
   config.update(overrides)
   model = dit_lib.create_model(None, **config)
   return model, params_from_official(state_dict, model)
+
+
+def convert_official_checkpoint(pt_path: str, output_dir: str, num_heads: Optional[int] = None,
+                                overwrite: bool = False) -> dict:
+  """Official ``.pt`` -> orbax checkpoint (``utils.checkpoint``) that records the architecture.
+
+  Returns the model config written (``DiT.config_dict()``).
+  """
+  model, params = load_official_params(pt_path, num_heads=num_heads)
+  config = model.config_dict()
+  metadata = {"source": os.path.basename(pt_path), "source_format": "facebookresearch/DiT .pt",
+              "official_name": official_config_name(config)}
+  checkpoint.save_checkpoint(output_dir, params, config, metadata, overwrite=overwrite)
+  return config

@@ -27,6 +27,7 @@ attention softmax are computed in float32 whatever it is.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
@@ -382,6 +383,13 @@ def make_encode_fn(config: VAEConfig, scale: float = SD_LATENT_SCALE,
   return encode_fn
 
 
+@functools.lru_cache(maxsize=None)
+def _jitted_fn(kind: str, config: VAEConfig, scale: float, dtype: Any) -> Callable:
+  """Jitted decode/encode fn, cached so repeated helper calls reuse compiled code."""
+  make = {"decode": make_decode_fn, "encode": make_encode_fn}[kind]
+  return jax.jit(make(config, scale, dtype))
+
+
 ShardingSpec = Union[None, Mesh, NamedSharding]
 
 
@@ -404,9 +412,9 @@ def _placements(sharding: ShardingSpec, chunk: int):
   return replicated, NamedSharding(sharding, PartitionSpec(tuple(sharding.axis_names)))
 
 
-def _map_batches(fn: Callable, params, inputs: Sequence[np.ndarray], batch_size: int,
+def _map_batches(jitted_fn: Callable, params, inputs: Sequence[np.ndarray], batch_size: int,
                  sharding: ShardingSpec) -> np.ndarray:
-  """``fn(params, *chunks)`` over the leading axis of ``inputs`` in chunks of
+  """``jitted_fn(params, *chunks)`` over the leading axis of ``inputs`` in chunks of
   ``batch_size`` (the last chunk zero-padded, so one compiled shape), results concatenated
   as float32 numpy."""
   if batch_size < 1:
@@ -418,7 +426,6 @@ def _map_batches(fn: Callable, params, inputs: Sequence[np.ndarray], batch_size:
   params_placement, batch_placement = _placements(sharding, chunk)
   if params_placement is not None:
     params = jax.device_put(params, params_placement)
-  jitted = jax.jit(fn)
   outputs = []
   for start in range(0, total, chunk):
     pieces = [np.asarray(a[start:start + chunk]) for a in inputs]
@@ -427,7 +434,7 @@ def _map_batches(fn: Callable, params, inputs: Sequence[np.ndarray], batch_size:
       pieces = [np.concatenate([p, np.zeros((chunk - valid,) + p.shape[1:], p.dtype)]) for p in pieces]
     if batch_placement is not None:
       pieces = [jax.device_put(p, batch_placement) for p in pieces]
-    outputs.append(np.asarray(jitted(params, *pieces), dtype=np.float32)[:valid])
+    outputs.append(np.asarray(jitted_fn(params, *pieces), dtype=np.float32)[:valid])
   return np.concatenate(outputs, axis=0)
 
 
@@ -444,8 +451,8 @@ def decode_latents(params, latents, config: VAEConfig, batch_size: int,
   if latents.ndim != 4 or latents.shape[-1] != config.latent_channels:
     raise ValueError(f"decode_latents expects NHWC latents (N, h, w, {config.latent_channels}), "
                      f"got {latents.shape}")
-  return _map_batches(make_decode_fn(config, scale, dtype), params, [latents], batch_size,
-                      sharding)
+  decode_fn = _jitted_fn("decode", config, float(scale), jnp.dtype(dtype))
+  return _map_batches(decode_fn, params, [latents], batch_size, sharding)
 
 
 def encode_images(params, images, config: VAEConfig, batch_size: int,
@@ -464,9 +471,11 @@ def encode_images(params, images, config: VAEConfig, batch_size: int,
   if height % f or width % f:
     raise ValueError(f"image size {height}x{width} is not a multiple of the VAE's "
                      f"downsampling factor {f}")
-  encode_fn = make_encode_fn(config, scale, dtype)
-  inputs = [images]
-  if rng is not None:
-    noise = jax.random.normal(rng, (n, height // f, width // f, config.latent_channels))
-    inputs.append(np.asarray(noise))
-  return _map_batches(encode_fn, params, inputs, batch_size, sharding)
+  latent_shape = (n, height // f, width // f, config.latent_channels)
+  if rng is None:  # mean + std * 0 == mean exactly (logvar is clamped, so std is finite)
+    noise = np.zeros(latent_shape, np.float32)
+  else:
+    noise = np.asarray(jax.random.normal(rng, latent_shape, jnp.float32))
+  encode_fn = _jitted_fn("encode", config, float(scale), jnp.dtype(dtype))
+  return _map_batches(encode_fn, params, [images, noise], batch_size, sharding)
+

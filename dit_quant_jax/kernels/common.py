@@ -1,0 +1,284 @@
+"""Pieces shared by the Pallas kernels: backend dispatch, block-size checks, in-kernel decoding.
+
+The kernels target the Pallas Triton lowering (NVIDIA A100/H100).  Rules they follow, checked
+here where possible:
+
+* every array a kernel builds has power-of-two dimensions (Triton's ``make_range`` / tensor
+  shapes), and every ``jnp.dot`` operand is at least 16 x 16 (``tl.dot``);
+* operands are whole arrays in global memory (no BlockSpecs); a program computes its tile
+  offsets from ``pl.program_id`` and loads with ``plgpu.load(ref.at[...], mask=..., other=...)``,
+  so ragged edges are masked rather than padded and nothing is copied before a call;
+* packed codes are decoded per tile by *gather loads*: a load whose index is an integer array
+  becomes a tensor of pointers in Triton, which is how a tile reads the bytes holding its codes
+  and then the codebook / lookup-table entries those codes name.  The same loads run in
+  interpret mode on CPU (``interpret=True``), which is how the tests exercise the kernels.
+
+Dispatch: each op has a ``*_linear`` / top-level function taking ``impl`` in
+``{"auto", "pallas", "reference"}``.  ``"auto"`` (the default) runs the Pallas kernel when
+``jax.default_backend() == "gpu"`` and the plain-jnp reference otherwise; ``"pallas"`` forces the
+kernel (in interpret mode off GPU).  :func:`kernel_impl` changes the default for a block of code
+(e.g. to push a whole model through the interpret-mode kernels in a test).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+IMPLS = ("auto", "pallas", "reference")
+MIN_BLOCK = 16  # smallest tl.dot operand dimension (Triton MMA tiles)
+
+_default_impl = ["auto"]
+
+
+@contextlib.contextmanager
+def kernel_impl(impl: str):
+  """Within the block, ``impl="auto"`` dispatchers resolve to ``impl`` (read at trace time)."""
+  _check_impl(impl)
+  previous = _default_impl[0]
+  _default_impl[0] = impl
+  try:
+    yield
+  finally:
+    _default_impl[0] = previous
+
+
+def _check_impl(impl: str) -> None:
+  if impl not in IMPLS:
+    raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
+
+
+def on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+def resolve_impl(impl: str) -> tuple[bool, bool]:
+  """impl -> (use_pallas, interpret)."""
+  _check_impl(impl)
+  if impl == "auto":
+    impl = _default_impl[0]
+  if impl == "auto":
+    impl = "pallas" if on_gpu() else "reference"
+  return impl == "pallas", not on_gpu()
+
+
+def compiler_params(num_warps: int, num_stages: int):
+  """Triton compiler parameters (``plgpu.CompilerParams`` in jax >= 0.7)."""
+  params_cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return params_cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def check_block(name: str, size: int, minimum: int = MIN_BLOCK) -> None:
+  if not isinstance(size, int) or size < minimum or size & (size - 1):
+    raise ValueError(f"{name} must be a power of two >= {minimum} (Triton tile), got {size!r}")
+
+
+def block_size_for(extent: int, lo: int, hi: int) -> int:
+  """The power of two in [lo, hi] closest above ``extent`` (lo, hi powers of two)."""
+  return int(min(hi, max(lo, pl.next_power_of_2(max(int(extent), 1)))))
+
+
+# Programs that keep an H100 (132 SMs) / A100 (108 SMs) busy: about two per SM.
+TARGET_PROGRAMS = 256
+MAX_SPLIT_K = 8
+
+
+def default_matmul_blocks(m: int, n: int, k: int, min_block_k: int = 32) -> dict:
+  """Heuristic tile sizes and launch parameters for an (m, k) x (k, n) kernel.
+
+  Small m (adaLN rows, small batches) gets a thin row tile, narrower columns and a K split so
+  that enough programs run to stream the weight at full bandwidth; the reduction tile stays at
+  64 so the decoded weight tile (block_k x block_n) stays in registers.  Tuned only by
+  reasoning; the benchmark's ``--sweep`` times alternatives on a GPU.
+  """
+  block_m = block_size_for(m, 16, 128)
+  block_n = block_size_for(n, 16, 64 if m <= 64 else 128)
+  block_k = block_size_for(k, min_block_k, 64)
+  num_warps = 4 if block_m * block_n <= 64 * 64 else 8
+  programs = pl.cdiv(m, block_m) * pl.cdiv(n, block_n)
+  k_tiles = pl.cdiv(k, block_k)
+  split_k = 1
+  while (2 * split_k <= MAX_SPLIT_K and 2 * split_k * programs <= TARGET_PROGRAMS
+         and 4 * split_k <= k_tiles):
+    split_k *= 2
+  return dict(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=num_warps,
+              num_stages=3, split_k=split_k)
+
+
+def flatten_rows(x: jax.Array, features: int, name: str = "x") -> tuple[jax.Array, tuple]:
+  """x: (..., features) -> ((rows, features), leading shape)."""
+  if x.ndim < 1 or x.shape[-1] != features:
+    raise ValueError(f"{name} must have shape (..., {features}), got {x.shape}")
+  lead = x.shape[:-1]
+  return x.reshape((math.prod(lead), features)), lead
+
+
+def launch_matmul(kernel, operands, *, m_rows: int, n_features: int, out_dtype, acc_dtype,
+                  block_m: int, block_n: int, split_k: int, num_warps: int, num_stages: int,
+                  interpret: bool, name: str, epilogue):
+  """pallas_call of a tiled matmul kernel, with an optional split of the K loop.
+
+  split_k == 1: grid (M tiles, N tiles); the kernel applies its epilogue and writes (M, N).
+  split_k > 1: grid (M tiles, N tiles, split_k); program (i, j, s) reduces its share of the K
+  tiles and writes the raw accumulator (acc_dtype) at rows ``s * M + ...`` of a (split_k * M, N)
+  buffer; the partials are summed here (exact for int32) and ``epilogue(acc)`` (plain jnp, the
+  same per-row / per-column scaling and bias the kernel applies) finishes the output.
+  """
+  common_args = dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
+                     name=name)
+  grid = (pl.cdiv(m_rows, block_m), pl.cdiv(n_features, block_n))
+  if split_k == 1:
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((m_rows, n_features), out_dtype),
+                          grid=grid, **common_args)(*operands)
+  partials = pl.pallas_call(
+      kernel, out_shape=jax.ShapeDtypeStruct((split_k * m_rows, n_features), acc_dtype),
+      grid=grid + (split_k,), **common_args)(*operands)
+  acc = jnp.sum(partials.reshape(split_k, m_rows, n_features), axis=0, dtype=acc_dtype)
+  return epilogue(acc).astype(out_dtype)
+
+
+def check_split_k(split_k: int) -> None:
+  if not isinstance(split_k, int) or split_k < 1:
+    raise ValueError(f"split_k must be a positive integer, got {split_k!r}")
+
+
+# ----------------------------------------------------------------------------------------
+# In-kernel helpers (called inside kernels on refs; traced into Triton IR or interpreted).
+# ----------------------------------------------------------------------------------------
+
+
+def k_tile_range(k_features: int, block_k: int, split_k: int):
+  """(first, end) K tiles of this program: all of them, or its share along grid axis 2."""
+  n_tiles = pl.cdiv(k_features, block_k)
+  if split_k == 1:
+    return 0, n_tiles
+  per_split = pl.cdiv(n_tiles, split_k)
+  first = pl.program_id(2) * per_split
+  return first, jnp.minimum(first + per_split, n_tiles)
+
+
+def finish_tile(out_ref, acc, epilogue, *, split_k: int, m_rows: int, row_start, col_start,
+                row_mask, col_mask) -> None:
+  """Store a finished tile (epilogue applied) or, with split_k > 1, the raw partial."""
+  if split_k == 1:
+    store_tile(out_ref, epilogue(acc), row_start, col_start, row_mask, col_mask)
+  else:
+    store_tile(out_ref, acc, pl.program_id(2) * m_rows + row_start, col_start, row_mask,
+               col_mask)
+
+
+def load_tile(ref, row_start, rows: int, col_start, cols: int, row_mask, col_mask, other=0):
+  """Contiguous (rows, cols) tile of a 2-D ref at (row_start, col_start), masked to ``other``."""
+  mask = row_mask[:, None] & col_mask[None, :]
+  return plgpu.load(ref.at[pl.ds(row_start, rows), pl.ds(col_start, cols)], mask=mask, other=other)
+
+
+def store_tile(ref, value, row_start, col_start, row_mask, col_mask) -> None:
+  rows, cols = value.shape
+  mask = row_mask[:, None] & col_mask[None, :]
+  plgpu.store(ref.at[pl.ds(row_start, rows), pl.ds(col_start, cols)], value.astype(ref.dtype),
+              mask=mask)
+
+
+def load_vector(ref, start, size: int, mask, other=0):
+  return plgpu.load(ref.at[pl.ds(start, size)], mask=mask, other=other)
+
+
+def gather(ref, index, mask, other=0):
+  """ref[index] for an integer index array, or a tuple of broadcastable ones for a 2-D ref (a
+  pointer tensor in Triton); masked lanes read ``other`` and use index 0, so no lane ever
+  addresses outside the ref."""
+  if isinstance(index, tuple):
+    index = tuple(jnp.broadcast_to(jnp.where(mask, i, 0), mask.shape) for i in index)
+  else:
+    index = jnp.where(mask, index, 0)
+  return plgpu.load(ref.at[index], mask=mask, other=other)
+
+
+def load_packed_codes(packed_ref, bits: int, code_index, other_index, mask, axis: int):
+  """Codes of a tile from a ``quant.packing.pack_bits`` array (little-endian bit stream).
+
+  packed_ref: 2-D uint8 ref packed along ``axis``; code ``i`` along that axis occupies bits
+    ``[i * bits, (i + 1) * bits)`` of the byte stream (what pack_bits' group layout amounts to).
+  code_index: (t,) int32 code positions along the packed axis (may repeat, e.g. ``k // d``).
+  other_index: (u,) int32 positions along the other axis.
+  mask: tile mask, shape (t, u) for axis=0 and (u, t) for axis=1.
+  Returns int32 codes with the tile's shape; masked entries are 0.
+  """
+  n_bytes = packed_ref.shape[axis]
+  bit_pos = code_index * bits
+  first_byte = lax.shift_right_logical(bit_pos, np.int32(3))
+  shift = lax.bitwise_and(bit_pos, np.int32(7))
+  # Bytes a code can touch: one when bits divides 8 (codes never straddle), else enough to
+  # cover ``shift + bits`` bits with shift <= 7.
+  bytes_touched = 1 if 8 % bits == 0 else (7 + bits + 7) // 8
+  if axis == 0:
+    expand_code, expand_other = (lambda v: v[:, None]), (lambda v: v[None, :])
+  else:
+    expand_code, expand_other = (lambda v: v[None, :]), (lambda v: v[:, None])
+  other_b = expand_other(other_index)
+  word = None
+  for t in range(bytes_touched):
+    byte_index = first_byte + t
+    byte_mask = mask & expand_code(byte_index < n_bytes)
+    byte_b = expand_code(byte_index)
+    index = (byte_b, other_b) if axis == 0 else (other_b, byte_b)
+    byte = gather(packed_ref, index, byte_mask).astype(jnp.int32)
+    byte = lax.shift_left(byte, np.int32(8 * t))
+    word = byte if word is None else lax.bitwise_or(word, byte)
+  codes = lax.shift_right_logical(word, expand_code(shift))
+  return lax.bitwise_and(codes, np.int32((1 << bits) - 1))
+
+
+def decode_e4m3_bits(bits_i32):
+  """float8_e4m3fn bit patterns (int32 in [0, 255]) -> exact float32 values.
+
+  E4M3FN (OCP FP8): sign bit 7, exponent bits 6..3 with bias 7, mantissa bits 2..0; exponent 0
+  is subnormal (m * 2**-9); 0x7f / 0xff are NaN; no infinities.  Done with integer ops so that it
+  lowers on every GPU generation (Triton's fp8 casts need sm_89+).
+  """
+  sign = lax.shift_right_logical(bits_i32, np.int32(7))
+  exponent = lax.bitwise_and(lax.shift_right_logical(bits_i32, np.int32(3)), np.int32(15))
+  mantissa = lax.bitwise_and(bits_i32, np.int32(7))
+  # Normal: float32 exponent field = e - 7 + 127, mantissa's 3 bits at the top of 23.
+  normal_bits = lax.bitwise_or(lax.shift_left(exponent + np.int32(120), np.int32(23)),
+                               lax.shift_left(mantissa, np.int32(20)))
+  normal = lax.bitcast_convert_type(normal_bits, jnp.float32)
+  subnormal = mantissa.astype(jnp.float32) * np.float32(2.0 ** -9)
+  magnitude = jnp.where(exponent == 0, subnormal, normal)
+  value = jnp.where(sign == 1, -magnitude, magnitude)
+  is_nan = lax.bitwise_and(bits_i32, np.int32(0x7F)) == 0x7F
+  return jnp.where(is_nan, np.float32(np.nan), value)
+
+
+# ----------------------------------------------------------------------------------------
+# Host-side helpers.
+# ----------------------------------------------------------------------------------------
+
+MAX_INT_LUT_MULTIPLIER = 64
+
+
+def int_lut_from_lut(lut) -> tuple[np.ndarray, int]:
+  """(16,) float lut -> (int8 lut, multiplier) with int_lut == lut * multiplier exactly.
+
+  The multiplier is the smallest power of two (<= 64) that makes every entry an integer in
+  int8 range (E2M1: 2, E1M2 and E3M0-bias-3: 4, INT4: 1; see notes/interfaces.md).
+  """
+  lut = np.asarray(lut, np.float64)
+  if lut.shape != (16,):
+    raise ValueError(f"lut must have shape (16,), got {lut.shape}")
+  multiplier = 1
+  while multiplier <= MAX_INT_LUT_MULTIPLIER:
+    scaled = lut * multiplier
+    if np.all(scaled == np.round(scaled)) and np.all(np.abs(scaled) <= 127):
+      return scaled.astype(np.int8), multiplier
+    multiplier *= 2
+  raise ValueError(f"lut {lut.tolist()} has no power-of-two integer multiple <= "
+                   f"{MAX_INT_LUT_MULTIPLIER} within int8")

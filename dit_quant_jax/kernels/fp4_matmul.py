@@ -1,0 +1,410 @@
+"""4-bit weight matmuls (HQ-DiT): W4A16, W4A8 (FP8 E4M3 activations) and W4A4 (integer).
+
+Weight layout (notes/interfaces.md, "FP4 / INT4 weights"): 4-bit sign-magnitude codes ``(K, N)``
+packed along K with ``pack_bits(codes, 4, axis=0)`` -> uint8 ``(ceil(K/2), N)``, a 16-entry
+``lut`` and a per-output-channel ``scale (N,)``: ``W[k, n] = lut[code[k, n]] * scale[n]``.
+
+All three kernels tile the output in ``(block_m, block_n)`` and walk K in ``block_k`` steps,
+decoding only the ``(block_k, block_n)`` weight tile (nibble extraction + a gather from the lut).
+The per-channel (and per-token) scales are applied once to the float32 accumulator, so the dot
+runs on unscaled lut values, which 4-bit formats hold exactly in bf16 / int8.
+
+* W4A16: bf16 activations, bf16 ``tl.dot``, float32 accumulation.
+* W4A8: activations are FP8 E4M3 codes ``(M, K)`` with a per-token scale ``(M,)``:
+  ``X[m, k] = fp8[m, k] * x_scale[m]``.  The kernel decodes the FP8 bit patterns to bf16 exactly
+  (integer ops, so it also lowers on A100) and runs a bf16 dot.  On Hopper an fp8 x fp8 dot (or a
+  Mosaic GPU wgmma kernel) could replace ``w4a8_matmul_kernel`` behind the same entry point.
+* W4A4: activations are 4-bit codes packed along K ``(M, ceil(K/2))`` with a per-token scale
+  ``(M,)``; both sides are decoded through *integer* luts (``int_lut = lut * multiplier``, int8)
+  and multiplied with an int8 x int8 -> int32 dot, exact; then ``acc * x_scale[m] * w_scale[n]``
+  (+ bias) in float32, where the scales passed in are already divided by the multipliers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dit_quant_jax.kernels import common
+from dit_quant_jax.quant import packing
+
+CODE_BITS = 4
+LUT_SIZE = 16
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn (OCP FP8 spec)
+STATIC_KERNEL_ARGS = ["block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages",
+                      "interpret", "out_dtype"]
+
+
+def _check_weight(packed_weight, w_scale, lut, k_features, lut_dtype_kind="float"):
+  if packed_weight.ndim != 2 or packed_weight.shape[0] != packing.packed_length(k_features, 4):
+    raise ValueError(f"packed weight must be ({packing.packed_length(k_features, 4)}, N) uint8 for "
+                     f"in_features {k_features}, got shape {packed_weight.shape}")
+  if packed_weight.dtype != jnp.uint8:
+    raise ValueError(f"packed weight must be uint8, got {packed_weight.dtype}")
+  n_features = packed_weight.shape[1]
+  if w_scale.shape != (n_features,):
+    raise ValueError(f"weight scale must have shape ({n_features},), got {w_scale.shape}")
+  if lut.shape != (LUT_SIZE,):
+    raise ValueError(f"lut must have shape ({LUT_SIZE},), got {lut.shape}")
+  if lut_dtype_kind == "int" and lut.dtype != jnp.int8:
+    raise ValueError(f"integer lut must be int8, got {lut.dtype}")
+  return n_features
+
+
+def _check_rows(name, array, m_rows):
+  if array.shape != (m_rows,):
+    raise ValueError(f"{name} must have shape ({m_rows},), got {array.shape}")
+
+
+def _check_bias(bias, n_features):
+  if bias is not None and bias.shape != (n_features,):
+    raise ValueError(f"bias must have shape ({n_features},), got {bias.shape}")
+
+
+def _check_blocks(block_m, block_n, block_k, split_k, min_block_k=common.MIN_BLOCK):
+  common.check_block("block_m", block_m)
+  common.check_block("block_n", block_n)
+  common.check_block("block_k", block_k, minimum=min_block_k)
+  common.check_split_k(split_k)
+
+
+def _tile_coordinates(block_m, block_n, m_rows, n_features):
+  row_start = pl.program_id(0) * block_m
+  col_start = pl.program_id(1) * block_n
+  rows = row_start + jnp.arange(block_m, dtype=jnp.int32)
+  cols = col_start + jnp.arange(block_n, dtype=jnp.int32)
+  return row_start, col_start, rows < m_rows, cols, cols < n_features
+
+
+def _weight_tile(packed_weight_ref, lut_ref, ks, k_mask, cols, col_mask):
+  """(block_k, block_n) lut values of the weight codes (masked entries 0)."""
+  mask = k_mask[:, None] & col_mask[None, :]
+  codes = common.load_packed_codes(packed_weight_ref, CODE_BITS, ks, cols, mask, axis=0)
+  return common.gather(lut_ref, codes, mask)
+
+
+def _scale_and_bias(acc, row_scale, col_scale, bias):
+  """acc * row_scale[:, None] * col_scale[None, :] + bias, in this order (kernel and split-K
+  epilogue alike); row_scale may be None."""
+  if row_scale is not None:
+    acc = acc * row_scale[:, None]
+  return acc * col_scale[None, :] + bias[None, :]
+
+
+def _kernel_epilogue(x_scale_ref, w_scale_ref, bias_ref, row_start, col_start, row_mask,
+                     col_mask, block_m, block_n):
+  """In-kernel epilogue reading this tile's scales and bias (x_scale_ref may be None)."""
+
+  def epilogue(acc):
+    row_scale = None
+    if x_scale_ref is not None:
+      row_scale = common.load_vector(x_scale_ref, row_start, block_m, row_mask)
+    col_scale = common.load_vector(w_scale_ref, col_start, block_n, col_mask)
+    bias = common.load_vector(bias_ref, col_start, block_n, col_mask)
+    return _scale_and_bias(acc.astype(jnp.float32), row_scale, col_scale, bias)
+
+  return epilogue
+
+
+def _bias_or_zeros(bias, n_features):
+  return jnp.zeros((n_features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+
+
+def dequantize_fp4_reference(packed_weight, lut, scale, k_features: int):
+  """Dense (K, N) float32 weight: W[k, n] = lut[code[k, n]] * scale[n]."""
+  codes = packing.unpack_bits(packed_weight, CODE_BITS, k_features, axis=0, dtype=jnp.int32)
+  return lut.astype(jnp.float32)[codes] * scale.astype(jnp.float32)[None, :]
+
+
+# ----------------------------------------------------------------------------------------
+# W4A16
+# ----------------------------------------------------------------------------------------
+
+
+def w4a16_matmul_kernel(x_ref, packed_weight_ref, lut_ref, w_scale_ref, bias_ref, out_ref, *,
+                        block_m: int, block_n: int, block_k: int, split_k: int):
+  """x_ref: (M, K); packed_weight_ref: (ceil(K/2), N) uint8; lut_ref: (16,) bf16;
+  w_scale_ref, bias_ref: (N,) float32; out_ref: (M, N), or (split_k * M, N) float32 partials."""
+  m_rows, k_features = x_ref.shape
+  n_features = out_ref.shape[1]
+  row_start, col_start, row_mask, cols, col_mask = _tile_coordinates(block_m, block_n, m_rows,
+                                                                     n_features)
+
+  def k_step(k_tile, acc):
+    k_start = k_tile * block_k
+    ks = k_start + jnp.arange(block_k, dtype=jnp.int32)
+    k_mask = ks < k_features
+    x_tile = common.load_tile(x_ref, row_start, block_m, k_start, block_k, row_mask, k_mask)
+    weight_tile = _weight_tile(packed_weight_ref, lut_ref, ks, k_mask, cols, col_mask)
+    return acc + jnp.dot(x_tile.astype(jnp.bfloat16), weight_tile.astype(jnp.bfloat16),
+                         preferred_element_type=jnp.float32)
+
+  first, end = common.k_tile_range(k_features, block_k, split_k)
+  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), jnp.float32))
+  epilogue = _kernel_epilogue(None, w_scale_ref, bias_ref, row_start, col_start, row_mask,
+                              col_mask, block_m, block_n)
+  common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
+                     row_start=row_start, col_start=col_start, row_mask=row_mask,
+                     col_mask=col_mask)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_KERNEL_ARGS)
+def w4a16_matmul(x, packed_weight, lut, w_scale, bias=None, *, block_m: int = 64,
+                 block_n: int = 64, block_k: int = 64, split_k: int = 1, num_warps: int = 4,
+                 num_stages: int = 3, interpret: bool = False, out_dtype=None):
+  """x: (M, K) -> (M, N) in out_dtype (default x.dtype).  Weight per module docstring."""
+  if x.ndim != 2:
+    raise ValueError(f"x must be (M, K), got shape {x.shape}")
+  n_features = _check_weight(packed_weight, w_scale, lut, x.shape[1])
+  _check_bias(bias, n_features)
+  _check_blocks(block_m, block_n, block_k, split_k)
+  kernel = functools.partial(w4a16_matmul_kernel, block_m=block_m, block_n=block_n,
+                             block_k=block_k, split_k=split_k)
+  w_scale, bias = w_scale.astype(jnp.float32), _bias_or_zeros(bias, n_features)
+  return common.launch_matmul(
+      kernel, (x, packed_weight, lut.astype(jnp.bfloat16), w_scale, bias), m_rows=x.shape[0],
+      n_features=n_features, out_dtype=out_dtype or x.dtype, acc_dtype=jnp.float32,
+      block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, name="w4a16_matmul",
+      epilogue=lambda acc: _scale_and_bias(acc, None, w_scale, bias))
+
+
+def w4a16_matmul_reference(x, packed_weight, lut, w_scale, bias=None, out_dtype=None):
+  """Plain jnp: full decode, one float32 dot."""
+  weight = dequantize_fp4_reference(packed_weight, lut, w_scale, x.shape[1])
+  y = jnp.dot(x.astype(jnp.float32), weight, precision=lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(out_dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# W4A8 (FP8 E4M3 activations)
+# ----------------------------------------------------------------------------------------
+
+
+def w4a8_matmul_kernel(x_bits_ref, x_scale_ref, packed_weight_ref, lut_ref, w_scale_ref,
+                       bias_ref, out_ref, *, block_m: int, block_n: int, block_k: int,
+                       split_k: int):
+  """x_bits_ref: (M, K) uint8 E4M3 bit patterns; x_scale_ref: (M,) float32; the rest as W4A16."""
+  m_rows, k_features = x_bits_ref.shape
+  n_features = out_ref.shape[1]
+  row_start, col_start, row_mask, cols, col_mask = _tile_coordinates(block_m, block_n, m_rows,
+                                                                     n_features)
+
+  def k_step(k_tile, acc):
+    k_start = k_tile * block_k
+    ks = k_start + jnp.arange(block_k, dtype=jnp.int32)
+    k_mask = ks < k_features
+    x_bits = common.load_tile(x_bits_ref, row_start, block_m, k_start, block_k, row_mask, k_mask)
+    x_tile = common.decode_e4m3_bits(x_bits.astype(jnp.int32))  # exact; bf16 holds E4M3
+    weight_tile = _weight_tile(packed_weight_ref, lut_ref, ks, k_mask, cols, col_mask)
+    return acc + jnp.dot(x_tile.astype(jnp.bfloat16), weight_tile.astype(jnp.bfloat16),
+                         preferred_element_type=jnp.float32)
+
+  first, end = common.k_tile_range(k_features, block_k, split_k)
+  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), jnp.float32))
+  epilogue = _kernel_epilogue(x_scale_ref, w_scale_ref, bias_ref, row_start, col_start, row_mask,
+                              col_mask, block_m, block_n)
+  common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
+                     row_start=row_start, col_start=col_start, row_mask=row_mask,
+                     col_mask=col_mask)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_KERNEL_ARGS)
+def w4a8_matmul(x_fp8, x_scale, packed_weight, lut, w_scale, bias=None, *, block_m: int = 64,
+                block_n: int = 64, block_k: int = 64, split_k: int = 1, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool = False, out_dtype=jnp.float32):
+  """x_fp8: (M, K) float8_e4m3fn, x_scale: (M,) -> (M, N) out_dtype."""
+  if x_fp8.ndim != 2 or x_fp8.dtype != jnp.float8_e4m3fn:
+    raise ValueError(f"x_fp8 must be (M, K) float8_e4m3fn, got {x_fp8.shape} {x_fp8.dtype}")
+  m_rows, k_features = x_fp8.shape
+  _check_rows("x_scale", x_scale, m_rows)
+  n_features = _check_weight(packed_weight, w_scale, lut, k_features)
+  _check_bias(bias, n_features)
+  _check_blocks(block_m, block_n, block_k, split_k)
+  kernel = functools.partial(w4a8_matmul_kernel, block_m=block_m, block_n=block_n,
+                             block_k=block_k, split_k=split_k)
+  x_scale, w_scale = x_scale.astype(jnp.float32), w_scale.astype(jnp.float32)
+  bias = _bias_or_zeros(bias, n_features)
+  operands = (lax.bitcast_convert_type(x_fp8, jnp.uint8), x_scale, packed_weight,
+              lut.astype(jnp.bfloat16), w_scale, bias)
+  return common.launch_matmul(
+      kernel, operands, m_rows=m_rows, n_features=n_features, out_dtype=out_dtype,
+      acc_dtype=jnp.float32, block_m=block_m, block_n=block_n, split_k=split_k,
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret, name="w4a8_matmul",
+      epilogue=lambda acc: _scale_and_bias(acc, x_scale, w_scale, bias))
+
+
+def w4a8_matmul_reference(x_fp8, x_scale, packed_weight, lut, w_scale, bias=None,
+                          out_dtype=jnp.float32):
+  """Plain jnp: X = fp8 * x_scale, full weight decode, one float32 dot."""
+  x = x_fp8.astype(jnp.float32) * x_scale.astype(jnp.float32)[:, None]
+  return w4a16_matmul_reference(x, packed_weight, lut, w_scale, bias, out_dtype=out_dtype)
+
+
+def quantize_fp8_per_token_reference(x):
+  """x: (M, K) -> (float8_e4m3fn (M, K), scale (M,)) with scale = absmax / 448 per row."""
+  x = x.astype(jnp.float32)
+  absmax = jnp.max(jnp.abs(x), axis=1)
+  scale = absmax / FP8_E4M3_MAX
+  safe = jnp.where(scale > 0, scale, 1.0)
+  return (x / safe[:, None]).astype(jnp.float8_e4m3fn), scale
+
+
+# ----------------------------------------------------------------------------------------
+# W4A4 (integer)
+# ----------------------------------------------------------------------------------------
+
+
+def w4a4_matmul_kernel(packed_x_ref, x_scale_ref, x_int_lut_ref, packed_weight_ref,
+                       w_int_lut_ref, w_scale_ref, bias_ref, out_ref, *, k_features: int,
+                       block_m: int, block_n: int, block_k: int, split_k: int):
+  """packed_x_ref: (M, ceil(K/2)) uint8 (codes packed along K); x_scale_ref: (M,) float32;
+  x_int_lut_ref, w_int_lut_ref: (16,) int8; packed_weight_ref: (ceil(K/2), N) uint8;
+  w_scale_ref, bias_ref: (N,) float32; out_ref: (M, N), or (split_k * M, N) int32 partials."""
+  m_rows = packed_x_ref.shape[0]
+  n_features = out_ref.shape[1]
+  row_start, col_start, row_mask, cols, col_mask = _tile_coordinates(block_m, block_n, m_rows,
+                                                                     n_features)
+  rows = row_start + jnp.arange(block_m, dtype=jnp.int32)
+
+  def k_step(k_tile, acc):
+    ks = k_tile * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    k_mask = ks < k_features
+    x_mask = row_mask[:, None] & k_mask[None, :]
+    x_codes = common.load_packed_codes(packed_x_ref, CODE_BITS, ks, rows, x_mask, axis=1)
+    x_int = common.gather(x_int_lut_ref, x_codes, x_mask)  # (block_m, block_k) int8
+    w_int = _weight_tile(packed_weight_ref, w_int_lut_ref, ks, k_mask, cols, col_mask)
+    return acc + jnp.dot(x_int, w_int, preferred_element_type=jnp.int32)
+
+  first, end = common.k_tile_range(k_features, block_k, split_k)
+  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), jnp.int32))
+  epilogue = _kernel_epilogue(x_scale_ref, w_scale_ref, bias_ref, row_start, col_start, row_mask,
+                              col_mask, block_m, block_n)
+  common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
+                     row_start=row_start, col_start=col_start, row_mask=row_mask,
+                     col_mask=col_mask)
+
+
+def _check_w4a4(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias,
+                k_features):
+  if packed_x.ndim != 2 or packed_x.shape[1] != packing.packed_length(k_features, CODE_BITS):
+    raise ValueError(f"packed activations must be (M, {packing.packed_length(k_features, 4)}) "
+                     f"for in_features {k_features}, got shape {packed_x.shape}")
+  if packed_x.dtype != jnp.uint8:
+    raise ValueError(f"packed activations must be uint8, got {packed_x.dtype}")
+  _check_rows("x_scale", x_scale, packed_x.shape[0])
+  if x_int_lut.shape != (LUT_SIZE,) or x_int_lut.dtype != jnp.int8:
+    raise ValueError(f"x_int_lut must be (16,) int8, got {x_int_lut.shape} {x_int_lut.dtype}")
+  n_features = _check_weight(packed_weight, w_scale, w_int_lut, k_features, "int")
+  _check_bias(bias, n_features)
+  return n_features
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_KERNEL_ARGS + ["k_features"])
+def w4a4_matmul(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias=None, *,
+                k_features: int, block_m: int = 64, block_n: int = 64, block_k: int = 64,
+                split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
+                interpret: bool = False, out_dtype=jnp.float32):
+  """packed_x: (M, ceil(K/2)), x_scale: (M,) -> (M, N) out_dtype.
+
+  y[m, n] = (sum_k x_int_lut[xc[m, k]] * w_int_lut[wc[k, n]]) * x_scale[m] * w_scale[n] + b[n],
+  the sum exact in int32 (also across a K split: int32 partials are summed before scaling);
+  k_features (K) is static because ceil(K/2) does not determine it.
+  """
+  n_features = _check_w4a4(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias,
+                           k_features)
+  # int8 MMA instructions reduce over 32 (m16n8k32), hence block_k >= 32.
+  _check_blocks(block_m, block_n, block_k, split_k, min_block_k=32)
+  kernel = functools.partial(w4a4_matmul_kernel, k_features=k_features, block_m=block_m,
+                             block_n=block_n, block_k=block_k, split_k=split_k)
+  x_scale, w_scale = x_scale.astype(jnp.float32), w_scale.astype(jnp.float32)
+  bias = _bias_or_zeros(bias, n_features)
+  operands = (packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias)
+  return common.launch_matmul(
+      kernel, operands, m_rows=packed_x.shape[0], n_features=n_features, out_dtype=out_dtype,
+      acc_dtype=jnp.int32, block_m=block_m, block_n=block_n, split_k=split_k,
+      num_warps=num_warps, num_stages=num_stages, interpret=interpret, name="w4a4_matmul",
+      epilogue=lambda acc: _scale_and_bias(acc.astype(jnp.float32), x_scale, w_scale, bias))
+
+
+def w4a4_int_accumulator_reference(packed_x, x_int_lut, packed_weight, w_int_lut,
+                                   k_features: int):
+  """The exact int32 sum_k x_int[m, k] * w_int[k, n] by full decode (plain jnp)."""
+  x_codes = packing.unpack_bits(packed_x, CODE_BITS, k_features, axis=1, dtype=jnp.int32)
+  w_codes = packing.unpack_bits(packed_weight, CODE_BITS, k_features, axis=0, dtype=jnp.int32)
+  x_int = x_int_lut.astype(jnp.int32)[x_codes]
+  w_int = w_int_lut.astype(jnp.int32)[w_codes]
+  return jnp.dot(x_int, w_int, preferred_element_type=jnp.int32)
+
+
+def w4a4_matmul_reference(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
+                          bias=None, *, k_features: int, out_dtype=jnp.float32):
+  """Plain jnp: exact int32 accumulator, then the same float scaling as the kernel."""
+  _check_w4a4(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias, k_features)
+  acc = w4a4_int_accumulator_reference(packed_x, x_int_lut, packed_weight, w_int_lut, k_features)
+  y = acc.astype(jnp.float32) * x_scale.astype(jnp.float32)[:, None]
+  y = y * w_scale.astype(jnp.float32)[None, :]
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)[None, :]
+  return y.astype(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# Dispatchers
+# ----------------------------------------------------------------------------------------
+
+
+def _options(m_rows, n_features, k_features, kernel_options, min_block_k=32):
+  options = common.default_matmul_blocks(m_rows, n_features, k_features, min_block_k)
+  options.update(kernel_options)
+  return options
+
+
+def w4a16_linear(x, packed_weight, lut, w_scale, bias=None, *, impl: str = "auto",
+                 **kernel_options):
+  """x: (..., K) -> (..., N) in x.dtype; Pallas on GPU, reference elsewhere (see common)."""
+  x2d, lead = common.flatten_rows(x, x.shape[-1])
+  use_pallas, interpret = common.resolve_impl(impl)
+  if use_pallas:
+    options = _options(x2d.shape[0], packed_weight.shape[1], x2d.shape[1], kernel_options)
+    y = w4a16_matmul(x2d, packed_weight, lut, w_scale, bias, interpret=interpret, **options)
+  else:
+    y = w4a16_matmul_reference(x2d, packed_weight, lut, w_scale, bias)
+  return y.reshape(lead + (y.shape[-1],))
+
+
+def w4a8_linear(x_fp8, x_scale, packed_weight, lut, w_scale, bias=None, *, impl: str = "auto",
+                out_dtype=jnp.float32, **kernel_options):
+  """x_fp8: (..., K) float8_e4m3fn, x_scale: (...,) -> (..., N)."""
+  x2d, lead = common.flatten_rows(x_fp8, x_fp8.shape[-1], "x_fp8")
+  scale1d = x_scale.reshape(-1)
+  use_pallas, interpret = common.resolve_impl(impl)
+  if use_pallas:
+    options = _options(x2d.shape[0], packed_weight.shape[1], x2d.shape[1], kernel_options)
+    y = w4a8_matmul(x2d, scale1d, packed_weight, lut, w_scale, bias, interpret=interpret,
+                    out_dtype=out_dtype, **options)
+  else:
+    y = w4a8_matmul_reference(x2d, scale1d, packed_weight, lut, w_scale, bias, out_dtype)
+  return y.reshape(lead + (y.shape[-1],))
+
+
+def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale, bias=None, *,
+                k_features: int, impl: str = "auto", out_dtype=jnp.float32, **kernel_options):
+  """packed_x: (..., ceil(K/2)), x_scale: (...,) -> (..., N)."""
+  x2d, lead = common.flatten_rows(packed_x, packed_x.shape[-1], "packed_x")
+  scale1d = x_scale.reshape(-1)
+  use_pallas, interpret = common.resolve_impl(impl)
+  if use_pallas:
+    options = _options(x2d.shape[0], packed_weight.shape[1], k_features, kernel_options)
+    y = w4a4_matmul(x2d, scale1d, x_int_lut, packed_weight, w_int_lut, w_scale, bias,
+                    k_features=k_features, interpret=interpret, out_dtype=out_dtype, **options)
+  else:
+    y = w4a4_matmul_reference(x2d, scale1d, x_int_lut, packed_weight, w_int_lut, w_scale, bias,
+                              k_features=k_features, out_dtype=out_dtype)
+  return y.reshape(lead + (y.shape[-1],))
