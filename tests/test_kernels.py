@@ -55,19 +55,21 @@ def random_fp4_weight(rng, k_features, n_features):
 # ------------------------------------------------------------------------------- VQ
 
 
-@pytest.mark.parametrize("m_rows,k_features,n_features,n_codewords,sub_dim", [
-    (37, 96, 48, 64, 4),    # 6-bit indices (straddle bytes), ragged M and N
-    (32, 64, 32, 256, 2),   # 8-bit indices, every dimension a multiple of the blocks
-    (8, 96, 32, 8, 3),      # 3-bit indices, sub-vectors not aligned with K tiles
+@pytest.mark.parametrize("m_rows,k_features,n_features,n_codewords,sub_dim,split_k", [
+    (37, 96, 48, 64, 4, 2),   # 6-bit indices (straddle bytes), ragged M and N, K split 2 + 1 tiles
+    (32, 64, 32, 256, 2, 1),  # 8-bit indices, every dimension a multiple of the blocks
+    (8, 96, 32, 8, 3, 1),     # 3-bit indices, sub-vectors not aligned with K tiles
 ])
-def test_vq_matmul_matches_reference(m_rows, k_features, n_features, n_codewords, sub_dim):
+def test_vq_matmul_matches_reference(m_rows, k_features, n_features, n_codewords, sub_dim,
+                                     split_k):
   rng = rng_for("vq", m_rows, k_features, n_codewords)
   x = jnp.asarray(rng.standard_normal((m_rows, k_features)), jnp.bfloat16)
   codebook = jnp.asarray(rng.standard_normal((n_codewords, sub_dim)), jnp.float32)
   indices = rng.integers(0, n_codewords, (k_features // sub_dim, n_features))
   packed = jnp.asarray(packing.pack_bits(indices, packing.index_bits(n_codewords), axis=0))
   bias = jnp.asarray(rng.standard_normal(n_features), jnp.float32)
-  y = vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **SMALL_BLOCKS)
+  y = vq.vq_matmul(x, codebook, packed, bias, split_k=split_k, interpret=INTERPRET,
+                   **SMALL_BLOCKS)
   assert y.shape == (m_rows, n_features) and y.dtype == jnp.bfloat16
   reference = vq.vq_matmul_reference(x, codebook, packed, bias)
   assert rel_max_error(y, reference) < BF16_REL_TOL
@@ -121,7 +123,7 @@ def test_w4a8_matches_reference(fp4_problem):
   lut = jnp.asarray(lut_of(E1M2))
   x_fp8, x_scale = fm.quantize_fp8_per_token_reference(p["x"])
   y = fm.w4a8_matmul(x_fp8, x_scale, p["packed_weight"], lut, p["w_scale"], p["bias"],
-                     interpret=INTERPRET, **SMALL_BLOCKS)
+                     split_k=2, interpret=INTERPRET, **SMALL_BLOCKS)
   reference = fm.w4a8_matmul_reference(x_fp8, x_scale, p["packed_weight"], lut, p["w_scale"],
                                        p["bias"])
   # FP8 values and lut entries are exact in bf16: only the float32 summation order differs.
@@ -129,7 +131,8 @@ def test_w4a8_matches_reference(fp4_problem):
 
 
 def test_w4a4_integer_accumulator_is_exact(fp4_problem):
-  """Unit scales and a zero bias expose the int32 accumulator: it must equal an int64 sum."""
+  """Unit scales and a zero bias expose the int32 accumulator (here summed over a K split of
+  2 + 1 tiles): it must equal an int64 sum."""
   p, rng = fp4_problem, fp4_problem["rng"]
   m_rows, k_features = p["x"].shape
   x_codes = rng.integers(0, 16, (m_rows, k_features))
@@ -140,13 +143,15 @@ def test_w4a4_integer_accumulator_is_exact(fp4_problem):
   ones_m, ones_n = jnp.ones((m_rows,), jnp.float32), jnp.ones((n_features,), jnp.float32)
   args = (packed_x, ones_m, jnp.asarray(x_int_lut), p["packed_weight"], jnp.asarray(w_int_lut),
           ones_n, jnp.zeros((n_features,), jnp.float32))
-  y = fm.w4a4_matmul(*args, k_features=k_features, interpret=INTERPRET, **SMALL_BLOCKS)
+  y = fm.w4a4_matmul(*args, k_features=k_features, split_k=2, interpret=INTERPRET,
+                     **SMALL_BLOCKS)
   expected = x_int_lut.astype(np.int64)[x_codes] @ w_int_lut.astype(np.int64)[p["w_codes"]]
   np.testing.assert_array_equal(np.asarray(y), expected.astype(np.float32))
   # Same compiled kernel with real scales and bias vs the reference's float epilogue.
   x_scale = jnp.asarray(rng.uniform(0.1, 1.0, m_rows), jnp.float32)
   args = args[:1] + (x_scale,) + args[2:5] + (p["w_scale"], p["bias"])
-  y = fm.w4a4_matmul(*args, k_features=k_features, interpret=INTERPRET, **SMALL_BLOCKS)
+  y = fm.w4a4_matmul(*args, k_features=k_features, split_k=2, interpret=INTERPRET,
+                     **SMALL_BLOCKS)
   reference = fm.w4a4_matmul_reference(*args, k_features=k_features)
   np.testing.assert_allclose(y, reference, rtol=1e-6, atol=1e-5)
 
@@ -311,6 +316,16 @@ def test_dispatch_routes_and_flattens_leading_dims():
   assert packed.shape == (2, 3, 32) and scale.shape == (2, 3)
 
 
+def test_default_blocks_split_k_for_few_programs():
+  few = common.default_matmul_blocks(16, 1152, 1152)  # adaLN-like: 18 column tiles only
+  assert few["split_k"] > 1 and few["block_m"] == 16
+  many = common.default_matmul_blocks(16384, 4608, 1152)
+  assert many["split_k"] == 1 and many["block_m"] == many["block_n"] == 128
+  for options in (few, many):
+    for name in ("block_m", "block_n", "block_k"):
+      common.check_block(name, options[name])
+
+
 # ------------------------------------------------------------------------------- Triton IR
 
 TRITON_CUSTOM_CALL = getattr(plgpu, "CUSTOM_CALL_TARGET_NAME", "__gpu$xla.gpu.triton")
@@ -335,6 +350,8 @@ def _triton_cases():
       "vq8": (lambda *a: vq.vq_matmul(*a, **blocks),
               (x, jnp.ones((256, 2)), jnp.zeros((64, n_features), jnp.uint8), bias)),
       "w4a16": (lambda *a: fm.w4a16_matmul(*a, **blocks), (x, packed_weight, lut, w_scale, bias)),
+      "w4a16_split_k": (lambda *a: fm.w4a16_matmul(*a, split_k=2, **blocks),
+                        (x, packed_weight, lut, w_scale, bias)),
       "w4a8": (lambda *a: fm.w4a8_matmul(*a, **blocks),
                (x_fp8, x_scale, packed_weight, lut, w_scale, bias)),
       "w4a4": (lambda *a: fm.w4a4_matmul(*a, k_features=k_features, **blocks),
@@ -344,8 +361,8 @@ def _triton_cases():
   }
 
 
-@pytest.mark.parametrize("name", ["vq6", "vq8", "w4a16", "w4a8", "w4a4", "act_quant",
-                                  "act_quant_transform"])
+@pytest.mark.parametrize("name", ["vq6", "vq8", "w4a16", "w4a16_split_k", "w4a8", "w4a4",
+                                  "act_quant", "act_quant_transform"])
 def test_kernel_lowers_to_triton(name):
   fn, args = _triton_cases()[name]
   exported = jax.export.export(

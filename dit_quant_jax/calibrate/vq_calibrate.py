@@ -54,7 +54,6 @@ class CalibrationSpec:
 
   layers: tuple  # ((path, (K, N)), ...)
   block_indices: tuple  # blocks holding at least one calibrated layer
-  steps: int
   optimizer: str
   codebook_lr: float
   logits_lr: float
@@ -96,7 +95,7 @@ def make_spec(config, soft: Mapping[str, vq4dit.SoftVQWeight]) -> CalibrationSpe
     raise ValueError("block-wise calibration needs at least one quantized layer inside blocks_i")
   return CalibrationSpec(
       layers=tuple((p, tuple(int(s) for s in w.shape)) for p, w in soft.items()),
-      block_indices=block_indices, steps=int(config.steps), optimizer=str(config.optimizer),
+      block_indices=block_indices, optimizer=str(config.optimizer),
       codebook_lr=float(config.codebook_lr), logits_lr=float(config.logits_lr),
       rmsprop_decay=float(config.rmsprop_decay), optimizer_eps=float(config.optimizer_eps),
       lambda_r=float(config.lambda_r), regularizer=str(config.regularizer),
@@ -123,12 +122,13 @@ def make_optimizer(spec: CalibrationSpec) -> optax.GradientTransformation:
 
 
 # --------------------------------------------------------------------------- state
-def init_state(soft: Mapping[str, vq4dit.SoftVQWeight], spec: CalibrationSpec, seed: int) -> dict:
+def init_state(soft: Mapping[str, vq4dit.SoftVQWeight], spec: CalibrationSpec, seed: int,
+               steps: int) -> dict:
   trainable = {state_key(p): {f: getattr(w, f) for f in TRAINABLE_FIELDS} for p, w in soft.items()}
   assignment = {state_key(p): {f: getattr(w, f) for f in ASSIGNMENT_FIELDS} for p, w in soft.items()}
   return dict(trainable=trainable, assignment=assignment, opt_state=make_optimizer(spec).init(trainable),
               step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
-              loss_history=jnp.full((spec.steps,), jnp.nan, jnp.float32))
+              loss_history=jnp.full((steps,), jnp.nan, jnp.float32))
 
 
 def soft_weights(trainable, assignment, spec: CalibrationSpec) -> dict:
@@ -180,8 +180,10 @@ def train_step(state, fp_params, batch, *, model, spec: CalibrationSpec):
         f: jnp.where(do_freeze, getattr(frozen, f), getattr(soft, f)) for f in ASSIGNMENT_FIELDS}
   frozen_fraction = jnp.stack([jnp.mean(assignment[state_key(p)]["frozen"].astype(jnp.float32))
                                for p in spec.paths])
+  # loss_history is filled in by the host loop (its length, the step count, stays out of the
+  # compiled step so that runs of different lengths share one compilation).
   new_state = dict(trainable=trainable, assignment=assignment, opt_state=opt_state, step=step,
-                   rng=state["rng"], loss_history=state["loss_history"].at[state["step"]].set(loss))
+                   rng=state["rng"], loss_history=state["loss_history"])
   metrics = dict(loss=loss, block_mse=block_mse, regularizer=reg, frozen_fraction=frozen_fraction)
   return new_state, metrics
 
@@ -262,7 +264,8 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
   spec = make_spec(config, soft)
   data = _check_calib_inputs(calib_inputs)
   batch_size = None if config.batch_size in (None, 0) else int(config.batch_size)
-  state = init_state(soft, spec, int(config.seed))
+  num_steps = int(config.steps)
+  state = init_state(soft, spec, int(config.seed), num_steps)
   manager = _manager(workdir, int(config.get("checkpoints_to_keep", 2))) if workdir else None
   if manager is not None and manager.latest_step() is not None:
     state = _restore(manager, state)
@@ -280,19 +283,22 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
   checkpoint_every = int(config.checkpoint_every)
   start_time = time.perf_counter()
   metrics = None
-  for step in range(start_step, spec.steps):
+  loss_history = np.asarray(state["loss_history"]).copy()
+  for step in range(start_step, num_steps):
     batch = jax.device_put(select_batch(data, step, rng, batch_size), batch_sharding)
     state, metrics = train_step(state, fp_params, batch, model=model, spec=spec)
+    loss_history[step] = float(metrics["loss"])
+    state["loss_history"] = jnp.asarray(loss_history)
     done = step + 1
-    if done % log_every == 0 or done == spec.steps:
+    if done % log_every == 0 or done == num_steps:
       host = jax.device_get(metrics)
       elapsed = time.perf_counter() - start_time
-      eta = elapsed / (done - start_step) * (spec.steps - done)
+      eta = elapsed / (done - start_step) * (num_steps - done)
       fractions = " ".join(f"{f:.3f}" for f in host["frozen_fraction"])
       logging.info("VQ calibration step %d/%d loss %.4e block_mse %.4e reg %.4e frozen[mean %.3f] "
-                   "ETA %.0fs | frozen per layer: %s", done, spec.steps, host["loss"], host["block_mse"],
+                   "ETA %.0fs | frozen per layer: %s", done, num_steps, host["loss"], host["block_mse"],
                    host["regularizer"], float(np.mean(host["frozen_fraction"])), eta, fractions)
-    if manager is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == spec.steps):
+    if manager is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == num_steps):
       _save(manager, state)
     if callback is not None:
       callback(done, jax.device_get(metrics))
@@ -300,7 +306,7 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
   seconds = time.perf_counter() - start_time
   softs = soft_weights(state["trainable"], state["assignment"], spec)
   report = dict(
-      steps=spec.steps, resumed_from_step=start_step, seconds=seconds,
+      steps=num_steps, resumed_from_step=start_step, seconds=seconds,
       loss_curve=np.asarray(state["loss_history"]).tolist(),
       frozen_fraction={p: float(s.frozen_fraction()) for p, s in softs.items()})
   return softs, report

@@ -15,6 +15,7 @@ Checkpoint layout (one folder, ~1 MB):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -72,6 +73,12 @@ def check_images(images, what: str = "images") -> np.ndarray:
   return images.astype(np.float32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _inference(module: FashionMNISTClassifier, params, images: jax.Array):
+  """Compiled once per architecture and batch shape (modules with equal fields hash equal)."""
+  return module.apply({"params": params}, images, train=False)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Classifier:
   """A module with its params, and batched numpy inference."""
@@ -79,10 +86,6 @@ class Classifier:
   module: FashionMNISTClassifier
   params: Any
   metadata: dict = dataclasses.field(default_factory=dict)
-
-  def __post_init__(self):
-    apply = jax.jit(lambda params, x: self.module.apply({"params": params}, x, train=False))
-    object.__setattr__(self, "_apply", apply)
 
   def features_and_logits(self, images, batch_size: int = 500):
     """images: (N, 32, 32, 1) in [-1, 1] -> (features (N, feature_dim), logits (N, classes)) float32.
@@ -98,7 +101,7 @@ class Classifier:
       valid = batch.shape[0]
       if valid < batch_size:
         batch = np.concatenate([batch, np.zeros((batch_size - valid,) + INPUT_SHAPE, np.float32)])
-      batch_features, batch_logits = self._apply(self.params, batch)
+      batch_features, batch_logits = _inference(self.module, self.params, batch)
       features.append(np.asarray(batch_features)[:valid])
       logits.append(np.asarray(batch_logits)[:valid])
     if not features:

@@ -37,6 +37,7 @@ import dataclasses
 import functools
 import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -169,31 +170,14 @@ def int_format(bits: int) -> Format:
 # ----------------------------------------------------------------------------- rounding
 def magnitude_index(x, fmt: Format | str):
   """Index (int32) of the grid magnitude nearest to |x| (ties to even, saturating)."""
-  fmt = get_format(fmt)
-  a = jnp.abs(jnp.asarray(x, jnp.float32))
-  mids = jnp.asarray(fmt.midpoints)
-  below = jnp.searchsorted(mids, a, side="left")  # midpoints strictly below |x|
-  at_or_below = jnp.searchsorted(mids, a, side="right")
-  tie = at_or_below > below  # |x| is exactly a midpoint between index `below` and `below + 1`
-  idx = jnp.where(tie & (below % 2 == 1), below + 1, below)
-  return idx.astype(jnp.int32)
+  return _magnitude_index(jnp.asarray(x, jnp.float32), get_format(fmt).name)
 
 
 def quantize_to_grid(x, fmt: Format | str):
   """x (any shape, in grid units) -> nearest representable value (float32), ties to even.
 
   NaN inputs are not supported (they saturate to the max magnitude)."""
-  fmt = get_format(fmt)
-  x = jnp.asarray(x, jnp.float32)
-  if fmt.kind == "int":
-    # round() is round-half-to-even, identical to the grid rule on the integer grid.
-    return jnp.clip(jnp.round(x), -fmt.max_value, fmt.max_value)
-  if fmt.name == "fp8_e4m3":
-    # The hardware cast rounds to nearest-even; clip first since it does not saturate.
-    clipped = jnp.clip(x, -fmt.max_value, fmt.max_value)
-    return clipped.astype(jnp.float8_e4m3fn).astype(jnp.float32)
-  mags = jnp.asarray(fmt.magnitudes_array)
-  return jnp.sign(x) * mags[magnitude_index(x, fmt)]
+  return _quantize_to_grid(jnp.asarray(x, jnp.float32), get_format(fmt).name)
 
 
 def encode(x, fmt: Format | str):
@@ -201,10 +185,7 @@ def encode(x, fmt: Format | str):
   fmt = get_format(fmt)
   if fmt.bits > 8:
     raise ValueError(f"encode supports codes of at most 8 bits, {fmt.name} has {fmt.bits}")
-  x = jnp.asarray(x, jnp.float32)
-  idx = magnitude_index(x, fmt)
-  sign = ((x < 0) & (idx > 0)).astype(jnp.int32)
-  return ((sign << (fmt.bits - 1)) | idx).astype(jnp.uint8)
+  return _encode(jnp.asarray(x, jnp.float32), fmt.name)
 
 
 def decode(codes, fmt: Format | str, dtype=jnp.float32):
@@ -215,11 +196,8 @@ def decode(codes, fmt: Format | str, dtype=jnp.float32):
 
 def fake_quantize(x, fmt: Format | str, scale):
   """x -> scale * round_to_grid(x / scale); ``scale`` broadcasts against x (zeros -> 1)."""
-  fmt = get_format(fmt)
   x = jnp.asarray(x)
-  scale = jnp.asarray(scale, jnp.float32)
-  safe = jnp.where(scale > 0, scale, 1.0)
-  return (quantize_to_grid(x.astype(jnp.float32) / safe, fmt) * safe).astype(x.dtype)
+  return _fake_quantize(x, jnp.asarray(scale, jnp.float32), get_format(fmt).name)
 
 
 def absmax_scale(absmax, fmt: Format | str, clip_ratio=1.0):
@@ -228,3 +206,43 @@ def absmax_scale(absmax, fmt: Format | str, clip_ratio=1.0):
   scale = jnp.asarray(absmax, jnp.float32) * clip_ratio / fmt.max_value
   return jnp.where(scale > 0, scale, 1.0)
 
+
+# One compiled function per (format, shape) rather than one per primitive in eager mode.
+@functools.partial(jax.jit, static_argnums=1)
+def _magnitude_index(x, name):
+  fmt = get_format(name)
+  a = jnp.abs(x)
+  mids = jnp.asarray(fmt.midpoints)
+  below = jnp.searchsorted(mids, a, side="left")  # midpoints strictly below |x|
+  at_or_below = jnp.searchsorted(mids, a, side="right")
+  tie = at_or_below > below  # |x| is exactly a midpoint between index `below` and `below + 1`
+  idx = jnp.where(tie & (below % 2 == 1), below + 1, below)
+  return idx.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _quantize_to_grid(x, name):
+  fmt = get_format(name)
+  if fmt.kind == "int":
+    # round() is round-half-to-even, identical to the grid rule on the integer grid.
+    return jnp.clip(jnp.round(x), -fmt.max_value, fmt.max_value)
+  if fmt.name == "fp8_e4m3":
+    # The hardware cast rounds to nearest-even; clip first since it does not saturate.
+    clipped = jnp.clip(x, -fmt.max_value, fmt.max_value)
+    return clipped.astype(jnp.float8_e4m3fn).astype(jnp.float32)
+  mags = jnp.asarray(fmt.magnitudes_array)
+  return jnp.sign(x) * mags[_magnitude_index(x, name)]
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _encode(x, name):
+  fmt = get_format(name)
+  idx = _magnitude_index(x, name)
+  sign = ((x < 0) & (idx > 0)).astype(jnp.int32)
+  return ((sign << (fmt.bits - 1)) | idx).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fake_quantize(x, scale, name):
+  safe = jnp.where(scale > 0, scale, 1.0)
+  return (_quantize_to_grid(x.astype(jnp.float32) / safe, name) * safe).astype(x.dtype)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -111,6 +112,13 @@ def apply(x, signs, block):
   if signs.shape != (k,) or block.shape != (a, a) or k % a:
     raise ValueError(f"transform (signs {tuple(signs.shape)}, block {tuple(block.shape)}) does "
                      f"not match an input with {k} features")
+  return _apply(x, jnp.asarray(signs), jnp.asarray(block))
+
+
+@jax.jit
+def _apply(x, signs, block):
+  k = x.shape[-1]
+  a = block.shape[0]
   b = k // a
   lead = x.shape[:-1]
   xs = (x * signs.astype(x.dtype)).reshape(lead + (a, b))

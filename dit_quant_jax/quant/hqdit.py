@@ -48,6 +48,7 @@ the probabilities).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional
 
@@ -62,6 +63,11 @@ from dit_quant_jax.quant.qtensor import (ActivationQuantizer, QuantizedWeight,
 
 SELECT_METHODS = ("ratio", "mse")
 ATTN_QUANT_NAMES = ("q_quant", "k_quant", "v_quant", "probs_quant")
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _pack_codes(codes, bits):
+  return packing.pack_bits(codes, bits, axis=0)
 
 
 # ------------------------------------------------------------------------------ pytree types
@@ -103,7 +109,7 @@ class FP4Weight(QuantizedWeight):
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != (codes.shape[1],):
       raise ValueError(f"scale of shape {scale.shape} does not match {codes.shape[1]} outputs")
-    packed = packing.pack_bits(codes.astype(jnp.uint32), fmt.bits, axis=0)
+    packed = _pack_codes(codes.astype(jnp.uint32), fmt.bits)
     weight = cls(packed_codes=packed, scale=scale, shape=tuple(int(d) for d in codes.shape),
                  format_name=fmt.name, **fields)
     weight.validate()
@@ -403,16 +409,27 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   weight = FP4Weight.from_codes(codes, scales, wfmt, **fields)
 
   # errors: weight (original basis) and layer output on calibration rows
-  effective = weight.effective_kernel()
-  report["weight_rel_error"] = float(jnp.linalg.norm(effective - kernel) /
-                                     jnp.maximum(jnp.linalg.norm(kernel), 1e-30))
+  report["weight_rel_error"] = float(_weight_error(weight, kernel))
   if stats is not None:
-    x = jnp.asarray(stats.samples, jnp.float32)
-    ref = x @ kernel
-    out = weight.linear(x, None)
-    report["output_rel_error"] = float(jnp.linalg.norm(out - ref) /
-                                       jnp.maximum(jnp.linalg.norm(ref), 1e-30))
+    report["output_rel_error"] = float(_output_error(weight, kernel,
+                                                     jnp.asarray(stats.samples, jnp.float32)))
   return weight, report
+
+
+def _relative(diff, ref):
+  return jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
+
+
+@jax.jit
+def _weight_error(weight, kernel):
+  return _relative(weight.effective_kernel() - kernel, kernel)
+
+
+@jax.jit
+def _output_error(weight, kernel, x):
+  """||q-layer(x) - x @ W|| / ||x @ W|| with the layer's activation quantization included."""
+  ref = jnp.dot(x, kernel, precision=jax.lax.Precision.HIGHEST)
+  return _relative(weight.linear(x, None) - ref, ref)
 
 
 def _attention_modules(paths) -> list[str]:
