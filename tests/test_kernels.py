@@ -242,7 +242,7 @@ def test_act_quant_without_transform_ragged_and_ties():
     near_tie = allowed_code_mismatch(x64, np.abs(x64).max(axis=1) / E2M1[-1], E2M1)
     assert np.all((codes == codes_ref) | near_tie)
   np.testing.assert_array_equal(codes[3, :8], [7, 0, 8 + 2, 2, 8 + 4, 4, 6, 8 + 6])
-  assert scale[5] == 0 and not np.any(codes[5])
+  assert scale[5] == 1 and not np.any(codes[5])  # all-zero row: scale 1, codes 0
   # Dequantized activations are within half a grid step (at most 1.0 * scale for E2M1).
   dequantized = aq.dequantize_activations_reference(packed, scale, lut_of(E2M1), k_features)
   assert np.all(np.abs(dequantized - x) <= 1.0 * np.asarray(scale)[:, None] + 1e-6)
@@ -254,7 +254,9 @@ def random_orthogonal(rng, n):
 
 
 def test_act_quant_with_transform():
+  """bf16 input, random orthogonal A and B, clip ratio 0.8 (the largest values saturate)."""
   rng = rng_for("act_quant_transform")
+  clip_ratio = 0.8
   m_rows, a_size, b_size = 20, 3, 32
   k_features = a_size * b_size
   signs = rng.choice([-1.0, 1.0], k_features)
@@ -262,20 +264,22 @@ def test_act_quant_with_transform():
   x = rng.standard_normal((m_rows, k_features))
   transform = tuple(jnp.asarray(t, jnp.float32) for t in (signs, a_matrix, b_matrix))
   packed, scale = aq.act_quant(jnp.asarray(x, jnp.bfloat16), transform, magnitudes=INT4,
-                               block_m=16, interpret=INTERPRET)
+                               clip_ratio=clip_ratio, block_m=16, interpret=INTERPRET)
   packed_ref, scale_ref = aq.act_quant_reference(jnp.asarray(x, jnp.bfloat16), transform,
-                                                 magnitudes=INT4)
+                                                 magnitudes=INT4, clip_ratio=clip_ratio)
   # Transform in float64: x diag(signs) kron(A, B).
   x_bf16 = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
   y64 = (x_bf16 * signs) @ np.kron(a_matrix, b_matrix)
-  scale64 = np.abs(y64).max(axis=1) / INT4[-1]
+  scale64 = clip_ratio * np.abs(y64).max(axis=1) / INT4[-1]
   np.testing.assert_allclose(scale, scale64, rtol=1e-5)
   np.testing.assert_allclose(scale_ref, scale64, rtol=1e-5)
   codes = packing.unpack_bits(np.asarray(packed), 4, k_features, axis=1)
   codes_ref = packing.unpack_bits(np.asarray(packed_ref), 4, k_features, axis=1)
   near_tie = allowed_code_mismatch(y64, scale64, INT4)
   assert np.all((codes == codes_ref) | near_tie)
-  index64 = nearest_even_numpy(np.abs(y64) / scale64[:, None], INT4)
+  v64 = np.abs(y64) / scale64[:, None]
+  assert np.any(v64 > INT4[-1] + 0.5)  # clipped values exist, and saturate to magnitude 7
+  index64 = nearest_even_numpy(v64, INT4)
   expected = np.where((y64 < 0) & (index64 > 0), index64 + 8, index64)
   assert np.all((codes == expected) | near_tie)
 

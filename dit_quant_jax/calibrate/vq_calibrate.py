@@ -124,8 +124,10 @@ def make_optimizer(spec: CalibrationSpec) -> optax.GradientTransformation:
 # --------------------------------------------------------------------------- state
 def init_state(soft: Mapping[str, vq4dit.SoftVQWeight], spec: CalibrationSpec, seed: int,
                steps: int) -> dict:
-  trainable = {state_key(p): {f: getattr(w, f) for f in TRAINABLE_FIELDS} for p, w in soft.items()}
-  assignment = {state_key(p): {f: getattr(w, f) for f in ASSIGNMENT_FIELDS} for p, w in soft.items()}
+  # Copies: train_step donates the state, which must not delete the caller's arrays.
+  trainable = {state_key(p): {f: jnp.array(getattr(w, f)) for f in TRAINABLE_FIELDS} for p, w in soft.items()}
+  assignment = {state_key(p): {f: jnp.array(getattr(w, f)) for f in ASSIGNMENT_FIELDS}
+                for p, w in soft.items()}
   return dict(trainable=trainable, assignment=assignment, opt_state=make_optimizer(spec).init(trainable),
               step=jnp.zeros((), jnp.int32), rng=jax.random.PRNGKey(seed),
               loss_history=jnp.full((steps,), jnp.nan, jnp.float32))

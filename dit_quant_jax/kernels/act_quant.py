@@ -5,8 +5,9 @@ For x: (M, K) the kernel produces what ``fp4_matmul.w4a4_matmul`` consumes:
 1. optional transform (notes/interfaces.md, "Hadamard / orthogonal transform"):
    ``xq[m, i*b + j] = sum_{i', j'} x[m, i'*b + j'] * signs[i'*b + j'] * A[i', i] * B[j', j]``,
    i.e. ``xq = x @ diag(signs) @ kron(A, B)`` with A: (a, a), B: (b, b), K = a * b;
-2. per-token scale ``s[m] = max_k |xq[m, k]| / magnitudes[-1]`` (absmax maps to the format's
-   largest magnitude);
+2. per-token scale ``s[m] = clip_ratio * max_k |xq[m, k]| / magnitudes[-1]`` (the clipped
+   absmax maps to the format's largest magnitude; an all-zero row gets s = 1, as
+   ``quant.formats.absmax_scale``);
 3. codes: magnitude index = nearest of the 8 sorted ``magnitudes`` to ``|xq| / s``, ties to the
    even index (round-to-nearest-even on the format grid: the index's low bit is the mantissa's
    low bit for E2M1 / E1M2 and the integer's for INT4); values past the largest magnitude
@@ -77,9 +78,8 @@ def _check_transform(transform, k_features):
 
 
 def _quantize_codes(y, scale, midpoints):
-  """y: (r, c) float32, scale: (r,) -> int32 sign-magnitude codes (module docstring, step 3)."""
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  v = jnp.abs(y) / safe_scale[:, None]
+  """y: (r, c) float32, scale: (r,) > 0 -> int32 sign-magnitude codes (module doc, step 3)."""
+  v = jnp.abs(y) / scale[:, None]
   magnitude_index = jnp.zeros(y.shape, jnp.int32)
   for t, mid in enumerate(midpoints):
     # Between magnitudes t and t+1 a tie goes to whichever index is even.
@@ -89,12 +89,17 @@ def _quantize_codes(y, scale, midpoints):
   return jnp.where(negative, magnitude_index + SIGN_BIT, magnitude_index)
 
 
+def _token_scale(absmax, magnitudes, clip_ratio):
+  scale = absmax * np.float32(clip_ratio) / np.float32(magnitudes[-1])
+  return jnp.where(scale > 0, scale, 1.0)
+
+
 def _pack_pair(even_codes, odd_codes):
   return lax.bitwise_or(even_codes, lax.shift_left(odd_codes, np.int32(4))).astype(jnp.uint8)
 
 
-def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, block_m: int,
-                     block_k: int):
+def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, clip_ratio: float,
+                     block_m: int, block_k: int):
   """No transform.  x_ref: (M, K); packed_ref: (M, ceil(K/2)) uint8; scale_ref: (M,) float32."""
   m_rows, k_features = x_ref.shape
   packed_cols = packed_ref.shape[1]
@@ -111,7 +116,7 @@ def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, block_m
     return jnp.maximum(absmax, jnp.max(jnp.abs(tile.astype(jnp.float32)), axis=1))
 
   absmax = lax.fori_loop(0, n_tiles, absmax_step, jnp.zeros((block_m,), jnp.float32))
-  scale = absmax / np.float32(magnitudes[-1])
+  scale = _token_scale(absmax, magnitudes, clip_ratio)
   plgpu.store(scale_ref.at[pl.ds(row_start, block_m)], scale, mask=row_mask)
   midpoints = _midpoints(magnitudes)
 
@@ -131,8 +136,8 @@ def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, block_m
 
 
 def act_quant_transform_kernel(x_ref, signs_ref, a_ref, b_even_ref, b_odd_ref, packed_ref,
-                               scale_ref, *, magnitudes: tuple, block_m: int,
-                               transform_dtype):
+                               scale_ref, *, magnitudes: tuple, clip_ratio: float,
+                               block_m: int, transform_dtype):
   """With transform.  x_ref: (M, K); signs_ref: (K,) float32; a_ref: (a, a) float32;
   b_even_ref, b_odd_ref: (b, b/2) (columns 0::2 and 1::2 of B); outputs as act_quant_kernel."""
   m_rows, k_features = x_ref.shape
@@ -169,7 +174,7 @@ def act_quant_transform_kernel(x_ref, signs_ref, a_ref, b_even_ref, b_odd_ref, p
     return jnp.maximum(absmax, block_max)
 
   absmax = lax.fori_loop(0, a_size, absmax_step, jnp.zeros((block_m,), jnp.float32))
-  scale = absmax / np.float32(magnitudes[-1])
+  scale = _token_scale(absmax, magnitudes, clip_ratio)
   plgpu.store(scale_ref.at[pl.ds(row_start, block_m)], scale, mask=row_mask)
   midpoints = _midpoints(magnitudes)
 
@@ -184,15 +189,17 @@ def act_quant_transform_kernel(x_ref, signs_ref, a_ref, b_even_ref, b_odd_ref, p
   lax.fori_loop(0, a_size, quantize_step, 0)
 
 
-@functools.partial(jax.jit, static_argnames=["magnitudes", "block_m", "block_k", "num_warps",
-                                             "num_stages", "interpret", "transform_dtype"])
-def act_quant(x, transform=None, *, magnitudes: tuple, block_m: int = 16, block_k: int = 128,
-              num_warps: int = 4, num_stages: int = 2, interpret: bool = False,
-              transform_dtype=jnp.float32):
+@functools.partial(jax.jit, static_argnames=["magnitudes", "clip_ratio", "block_m", "block_k",
+                                             "num_warps", "num_stages", "interpret",
+                                             "transform_dtype"])
+def act_quant(x, transform=None, *, magnitudes: tuple, clip_ratio: float = 1.0,
+              block_m: int = 16, block_k: int = 128, num_warps: int = 4, num_stages: int = 2,
+              interpret: bool = False, transform_dtype=jnp.float32):
   """x: (M, K), transform: None or (signs (K,), A (a, a), B (b, b)) ->
   (packed codes (M, ceil(K/2)) uint8, scale (M,) float32).
 
-  magnitudes: the format's 8 sorted magnitudes (static).  block_k: row tile width without a
+  magnitudes: the format's 8 sorted magnitudes (static); clip_ratio: fraction of the row absmax
+  mapped to the largest magnitude (static, HQ-DiT's activation clipping).  block_k: row tile width without a
   transform (with one, the tile is b wide: b must be a power of two >= 32).  transform_dtype:
   float32 (IEEE dot, the default) or bfloat16 (tensor cores; codes may then differ from the
   reference at near-ties).
@@ -208,8 +215,8 @@ def act_quant(x, transform=None, *, magnitudes: tuple, block_m: int = 16, block_
   sizes = _check_transform(transform, k_features)
   if sizes is None:
     common.check_block("block_k", block_k, minimum=2 * common.MIN_BLOCK)
-    kernel = functools.partial(act_quant_kernel, magnitudes=magnitudes, block_m=block_m,
-                               block_k=block_k)
+    kernel = functools.partial(act_quant_kernel, magnitudes=magnitudes,
+                               clip_ratio=float(clip_ratio), block_m=block_m, block_k=block_k)
     operands = (x,)
   else:
     _, b_size = sizes
@@ -217,7 +224,8 @@ def act_quant(x, transform=None, *, magnitudes: tuple, block_m: int = 16, block_
     signs, a_matrix, b_matrix = transform
     b_matrix = b_matrix.astype(jnp.float32)
     kernel = functools.partial(act_quant_transform_kernel, magnitudes=magnitudes,
-                               block_m=block_m, transform_dtype=transform_dtype)
+                               clip_ratio=float(clip_ratio), block_m=block_m,
+                               transform_dtype=transform_dtype)
     operands = (x, signs.astype(jnp.float32), a_matrix.astype(jnp.float32), b_matrix[:, 0::2],
                 b_matrix[:, 1::2])
   return pl.pallas_call(
@@ -242,10 +250,10 @@ def transform_reference(x, transform):
 
 
 def nearest_even_codes_reference(y, scale, magnitudes):
-  """Codes by explicit nearest-magnitude search (ties -> even index): y (M, K), scale (M,)."""
+  """Codes by explicit nearest-magnitude search (ties -> even index, saturating):
+  y (M, K), scale (M,) > 0."""
   grid = jnp.asarray(magnitudes, jnp.float32)
-  safe_scale = jnp.where(scale > 0, scale, 1.0)
-  v = jnp.abs(y) / safe_scale[:, None]
+  v = jnp.abs(y) / scale[:, None]
   distance = jnp.abs(v[..., None] - grid)  # (M, K, 8)
   nearest = distance == jnp.min(distance, axis=-1, keepdims=True)
   even = (jnp.arange(NUM_MAGNITUDES) % 2) == 0
@@ -255,12 +263,12 @@ def nearest_even_codes_reference(y, scale, magnitudes):
   return jnp.where((y < 0) & (magnitude_index > 0), magnitude_index + SIGN_BIT, magnitude_index)
 
 
-def act_quant_reference(x, transform=None, *, magnitudes: tuple):
+def act_quant_reference(x, transform=None, *, magnitudes: tuple, clip_ratio: float = 1.0):
   """Plain jnp version of :func:`act_quant` (same outputs)."""
   magnitudes = check_magnitudes(magnitudes)
   _check_transform(transform, x.shape[1])
   y = x.astype(jnp.float32) if transform is None else transform_reference(x, transform)
-  scale = jnp.max(jnp.abs(y), axis=1) / np.float32(magnitudes[-1])
+  scale = _token_scale(jnp.max(jnp.abs(y), axis=1), magnitudes, clip_ratio)
   codes = nearest_even_codes_reference(y, scale, magnitudes)
   return packing.pack_bits(codes, CODE_BITS, axis=1), scale
 
@@ -271,8 +279,8 @@ def dequantize_activations_reference(packed, scale, lut, k_features: int):
   return jnp.asarray(lut, jnp.float32)[codes] * scale[:, None]
 
 
-def quantize_activations(x, magnitudes, transform=None, *, impl: str = "auto",
-                         **kernel_options):
+def quantize_activations(x, magnitudes, transform=None, *, clip_ratio: float = 1.0,
+                         impl: str = "auto", **kernel_options):
   """Dispatcher: x: (..., K) -> (packed (..., ceil(K/2)) uint8, scale (...,) float32)."""
   x2d, lead = common.flatten_rows(x, x.shape[-1])
   magnitudes = check_magnitudes(magnitudes)
@@ -281,8 +289,9 @@ def quantize_activations(x, magnitudes, transform=None, *, impl: str = "auto",
     options = dict(block_m=common.block_size_for(x2d.shape[0], 16, 32),
                    block_k=common.block_size_for(x2d.shape[1], 32, 128))
     options.update(kernel_options)
-    packed, scale = act_quant(x2d, transform, magnitudes=magnitudes, interpret=interpret,
-                              **options)
+    packed, scale = act_quant(x2d, transform, magnitudes=magnitudes, clip_ratio=clip_ratio,
+                              interpret=interpret, **options)
   else:
-    packed, scale = act_quant_reference(x2d, transform, magnitudes=magnitudes)
+    packed, scale = act_quant_reference(x2d, transform, magnitudes=magnitudes,
+                                        clip_ratio=clip_ratio)
   return packed.reshape(lead + (packed.shape[-1],)), scale.reshape(lead)

@@ -70,6 +70,11 @@ def _pack_codes(codes, bits):
   return packing.pack_bits(codes, bits, axis=0)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _unpack_codes(packed, bits, rows):
+  return packing.unpack_bits(packed, bits, rows, axis=0)
+
+
 # ------------------------------------------------------------------------------ pytree types
 @register_quantized_type
 @struct.dataclass
@@ -136,7 +141,7 @@ class FP4Weight(QuantizedWeight):
 
   def codes(self) -> jax.Array:
     """(K, N) uint8 codes."""
-    return packing.unpack_bits(self.packed_codes, self.bits, self.shape[0], axis=0)
+    return _unpack_codes(self.packed_codes, self.bits, self.shape[0])
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The stored (K, N) kernel (Q^T W when the Hadamard is folded in)."""

@@ -1,0 +1,104 @@
+"""One entry point for every quantization method: params pytree -> quantized params pytree.
+
+``quantize(model, params, qconfig)`` builds the zero-data calibration set the method asks
+for (the FP model's own sampling trajectory, ``qconfig.calib``), runs the method and returns
+``(qparams, report)``.  Methods (``qconfig.method``):
+
+  fp       identity (the reference row)
+  vq4dit   VQ4DiT (configs/vq4dit.py): k-means codebooks, candidate ratios, calibration;
+           with ``calibration.steps == 0`` the "k-means only" ablation
+  hqdit    HQ-DiT and the RTN/FP4/INT baselines (configs/hqdit.py)
+
+The report always carries ``method``, ``wall_time_s`` (quantization, calibration set
+included) and ``size`` (:func:`model_size`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import logging
+
+from dit_quant_jax.calibrate.trajectory import random_calibration_set
+from dit_quant_jax.diffusion import create_diffusion
+from dit_quant_jax.quant.qtensor import QuantizedWeight, is_quantized
+
+METHODS = ("fp", "vq4dit", "hqdit")
+
+
+def method_of(qconfig) -> str:
+  method = qconfig.get("method")
+  if method is None:
+    raise ValueError("quantization config has no 'method' field; expected one of " + str(METHODS))
+  if method not in METHODS:
+    raise ValueError(f"unknown quantization method {method!r}; expected one of {METHODS}")
+  return method
+
+
+def calibration_inputs(model, params, calib_cfg, seed_offset: int = 0):
+  """The FP trajectory described by a config's ``calib`` block (see calibrate/trajectory.py)."""
+  diffusion = create_diffusion(calib_cfg.timestep_respacing, learn_sigma=model.learn_sigma)
+  rng = jax.random.PRNGKey(int(calib_cfg.seed) + seed_offset)
+  return random_calibration_set(model, params, diffusion, int(calib_cfg.num_samples), rng,
+                                cfg_scale=calib_cfg.get("cfg_scale"),
+                                sampler=calib_cfg.get("sampler", "ddpm"))
+
+
+def quantize(model, params, qconfig, workdir: Optional[str] = None):
+  """-> (qparams, report).  ``workdir`` holds resumable calibration state (VQ4DiT)."""
+  method = method_of(qconfig)
+  start = time.perf_counter()
+  if method == "fp":
+    qparams, report = params, {}
+  else:
+    calib = None
+    needs_calib = (method == "hqdit") or int(qconfig.calibration.steps) > 0
+    if needs_calib:
+      logging.info("collecting the FP calibration trajectory (%d samples, %s steps)",
+                   qconfig.calib.num_samples, qconfig.calib.timestep_respacing)
+      calib = calibration_inputs(model, params, qconfig.calib)
+    if method == "vq4dit":
+      from dit_quant_jax.quant import vq4dit
+      if calib is None:
+        qparams, report = vq4dit.kmeans_only(params, qconfig)
+      else:
+        qparams, report = vq4dit.quantize_from_config(model, params, qconfig, calib, workdir=workdir)
+    else:
+      from dit_quant_jax.quant import hqdit
+      qparams, report = hqdit.quantize_from_config(model, params, qconfig, calib)
+  report = dict(report)
+  report["method"] = method
+  report["setting"] = qconfig.get("name", method)
+  report["wall_time_s"] = time.perf_counter() - start
+  report["size"] = model_size(qparams)
+  return qparams, report
+
+
+def model_size(params) -> dict:
+  """Stored bytes of a (possibly quantized) params pytree.
+
+  Dense arrays count their nbytes; quantized nodes their ``nbytes_breakdown()``, summed by
+  component (e.g. codebook, assignments, codes, scales).  ``total_mb`` is in 2**20 bytes.
+  """
+  by_component: dict[str, int] = {}
+  dense = 0
+  for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_quantized):
+    if isinstance(leaf, QuantizedWeight):
+      for name, nbytes in leaf.nbytes_breakdown().items():
+        by_component[name] = by_component.get(name, 0) + int(nbytes)
+    elif is_quantized(leaf):  # activation quantizers: their few scalars
+      dense += sum(int(np.asarray(x).nbytes) for x in jax.tree_util.tree_leaves(leaf))
+    else:
+      dense += int(np.dtype(leaf.dtype).itemsize * np.prod(np.shape(leaf)))
+  total = dense + sum(by_component.values())
+  return dict(total_bytes=total, total_mb=total / 2**20, dense_bytes=dense,
+              quantized_components=by_component)
+
+
+def config_to_dict(config: Any) -> dict:
+  """A JSON-friendly dict of an ml_collections config (for reports and checkpoint metadata)."""
+  import json
+  return json.loads(config.to_json_best_effort())

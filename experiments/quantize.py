@@ -1,0 +1,32 @@
+"""Quantize a DiT checkpoint with any method config; write the quantized params + a json report.
+
+  python experiments/quantize.py --model=checkpoints/fmnist_dit \
+      --config=configs/vq4dit.py:w2 --output=runs/quant/vq4dit_w2
+  python experiments/quantize.py --config=configs/hqdit.py:w4a4 --config.gptq.enabled=False ...
+
+The calibration state is checkpointed under <output>/calib_state and resumed after a kill.
+The output is an orbax checkpoint (<output>/params) that sample.py and reproduce.py read.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dit_quant_jax import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Quantization config (method:setting).")
+_MODEL = flags.DEFINE_string("model", "checkpoints/fmnist_dit", "FP DiT checkpoint (orbax).")
+_OUTPUT = flags.DEFINE_string("output", None, "Output directory.")
+_REUSE = flags.DEFINE_bool("reuse", True, "Return an existing complete output unchanged.")
+flags.mark_flags_as_required(["config", "output"])
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.INFO)
+  report = pipeline.quantize_checkpoint(_MODEL.value, _CONFIG.value, _OUTPUT.value, reuse=_REUSE.value)
+  logging.info("quantized (%s) in %.1f s: %.3f MB", report.get("setting"),
+               report.get("wall_time_s", float("nan")), report["size"]["total_mb"])
+
+
+if __name__ == "__main__":
+  app.run(main)
