@@ -1,0 +1,85 @@
+"""The main job (``make demo``): every method on the embedded default, one table.
+
+  python experiments/reproduce.py                               # default: ~10 min on 2 CPU cores
+  python experiments/reproduce.py --config=configs/reproduce.py:full   # publication settings
+  python experiments/reproduce.py --config.sampling.per_class=50        # any override
+
+Rows name a quantization config spec (file:arg) plus dotted overrides; every row gets the
+same noise and labels.  Quantized checkpoints are reused from quant_dir when present.
+"""
+
+import ml_collections
+
+
+def _row(key, name, spec, w_bits, a_bits, **overrides):
+  return ml_collections.ConfigDict(dict(key=key, name=name, spec=spec, w_bits=w_bits,
+                                        a_bits=a_bits, overrides=overrides))
+
+
+def rows():
+  return [
+      _row("fp", "FP32", "fp", 32, 32),
+      # Weight-only rows (the VQ4DiT table).
+      _row("rtn_int3w", "RTN INT3 (W)", "configs/hqdit.py:int3w", 3, 32),
+      _row("rtn_int2w", "RTN INT2 (W)", "configs/hqdit.py:int2w", 2, 32),
+      _row("kmeans_w3", "VQ k-means W3", "configs/vq4dit.py:kmeans_w3", 3, 32),
+      _row("kmeans_w2", "VQ k-means W2", "configs/vq4dit.py:kmeans_w2", 2, 32),
+      _row("vq4dit_w3", "VQ4DiT W3", "configs/vq4dit.py:w3", 3, 32),
+      _row("vq4dit_w2", "VQ4DiT W2", "configs/vq4dit.py:w2", 2, 32),
+      # Weight + activation rows (the HQ-DiT table).
+      _row("int8", "RTN INT W8A8", "configs/hqdit.py:int8", 8, 8),
+      _row("int4", "RTN INT W4A4", "configs/hqdit.py:int4", 4, 4),
+      _row("fp4_noh", "FP4 W4A4 (max, no Hadamard)", "configs/hqdit.py:fp4_noh", 4, 4),
+      _row("int4_had", "INT4 W4A4 + Hadamard", "configs/hqdit.py:int4_had", 4, 4),
+      _row("hqdit_w4a8", "HQ-DiT W4A8", "configs/hqdit.py:w4a8", 4, 8),
+      _row("hqdit_w4a4", "HQ-DiT W4A4", "configs/hqdit.py:w4a4", 4, 4),
+      # Neither paper: VQ W2 weights with FP4 activations.
+      _row("vq_w2a4", "VQ4DiT W2 + FP4 A4", "configs/vq4dit.py:w2a4", 2, 4),
+  ]
+
+
+def get_config(arg: str = "default"):
+  c = ml_collections.ConfigDict()
+  c.model = "checkpoints/fmnist_dit"  # FP checkpoint (orbax, from experiments/train.py --export)
+  c.results_dir = "results"
+  c.quant_dir = "runs/reproduce/quant"  # quantized checkpoints, reused across runs
+  c.reuse = True
+  c.command = "make demo"
+  c.rows = rows()
+
+  c.sampling = ml_collections.ConfigDict()
+  c.sampling.per_class = 25  # 250 samples per method
+  c.sampling.respacing = "ddim25"
+  c.sampling.sampler = "ddim"
+  c.sampling.eta = 0.0
+  c.sampling.cfg_scale = 3.0
+  c.sampling.seed = 0
+  c.sampling.batch_size = 250
+
+  # Applied to every quantization config that has the field (keeps the default job short).
+  c.calibration_overrides = ml_collections.ConfigDict({
+      "calibration.steps": 150,      # VQ4DiT optimisation steps (paper-scale: see 'full')
+      "calib.num_samples": 8,        # trajectory images for calibration
+  })
+  c.grid_per_class = 10
+  c.grid_scale = 2
+
+  if arg == "full":
+    c.sampling.per_class = 1000  # 10k samples
+    c.calibration_overrides = ml_collections.ConfigDict({"calibration.steps": 1000})
+    c.results_dir = "results_full"
+    c.quant_dir = "runs/reproduce_full/quant"
+    c.command = "python experiments/reproduce.py --config=configs/reproduce.py:full"
+  elif arg == "tiny":  # tests: tiny model, a few samples, every code path
+    c.sampling.per_class = 1
+    c.sampling.respacing = "ddim3"
+    c.sampling.batch_size = 10
+    c.calibration_overrides = ml_collections.ConfigDict({
+        "calibration.steps": 2, "calib.num_samples": 2, "calib.timestep_respacing": "ddim3",
+        "kmeans.num_iters": 3})
+    c.grid_per_class = 1
+    c.grid_scale = 1
+    c.command = "pytest tests/test_reproduce.py"
+  elif arg != "default":
+    raise ValueError(f"unknown reproduce config {arg!r}; expected default, full or tiny")
+  return c
