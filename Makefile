@@ -28,7 +28,7 @@ test: venv dataset
 	$(PY) -m pytest tests
 
 demo: venv dataset
-	$(PY) experiments/demo.py
+	$(PY) experiments/reproduce.py
 
 clean:
 	rm -rf $(VENV)

@@ -43,13 +43,14 @@ def test_channel_scales():
 
 @pytest.mark.parametrize("fmt_name", ["int4", "e2m1", "e3m0"])
 def test_clip_search_picks_the_mse_optimal_candidate(fmt_name):
-  """Planted: column 0 is a dense Gaussian with one huge outlier (clipping pays), column 1
-  sits exactly on the max-scaled grid (no clipping: zero error at ratio 1)."""
+  """Planted: column 0 is a Gaussian with one 6-sigma outlier (clipping pays on the uniform
+  INT4 grid), column 1 sits exactly on the max-scaled grid (zero error only at ratio 1),
+  column 2 is Laplace.  Every column's choice must equal the float64 brute force."""
   rng = np.random.default_rng(1)
   k = 256
   fmt = formats.get_format(fmt_name)
   col0 = rng.standard_normal(k)
-  col0[5] = 60.0
+  col0[5] = 6.0
   grid = np.asarray(fmt.lut[: fmt.num_codes], np.float64)
   col1 = rng.choice(grid, k) * 0.3
   col1[0] = fmt.max_value * 0.3
@@ -61,7 +62,8 @@ def test_clip_search_picks_the_mse_optimal_candidate(fmt_name):
   expected = ratios[np.argmin(errors, axis=0)]
   np.testing.assert_allclose(np.asarray(chosen), expected)
   assert float(chosen[1]) == 1.0
-  assert float(chosen[0]) < 1.0
+  if fmt_name == "int4":
+    assert float(chosen[0]) < 1.0
   np.testing.assert_allclose(np.asarray(scales),
                              expected * np.abs(kernel).max(0) / fmt.max_value, rtol=1e-6)
 
