@@ -208,23 +208,29 @@ def test_ratio_regularizers():
     vq4dit.ratio_regularizer(soft, "entropy")
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_model_and_params():
+  """DiT-S/4 at 16x16x1, 10 classes, depth 2, hidden 64; random weights everywhere
+  (adaLN-Zero init would make every block the identity)."""
   model = dit.create_model("DiT-S/4", input_size=16, in_channels=1, num_classes=10, depth=2,
                            hidden_size=64, num_heads=4)
-  params = dit.init_params(model, jax.random.PRNGKey(0))
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
-  # Random weights everywhere (adaLN-Zero init would make every block the identity).
-  params = jax.tree_util.tree_unflatten(
-      treedef, [leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
+  params = jax.jit(lambda key: dit.init_params(model, key))(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(
+      lambda leaf: jnp.asarray(np.asarray(leaf) + 0.05 * rng.normal(size=leaf.shape), jnp.float32), params)
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model, params = tiny_model_and_params()
   rng = np.random.default_rng(0)
   inputs = (jnp.asarray(rng.normal(size=(2, 16, 16, 1)), jnp.float32), jnp.array([3, 900]), jnp.array([1, 10]))
-  return model, params, inputs
+  apply = jax.jit(lambda p, x, t, y: model.apply({"params": p}, x, t, y))
+  return apply, params, inputs
 
 
 def test_model_apply_with_vq_params(tiny):
-  model, params, (x, t, y) = tiny
+  apply, params, (x, t, y) = tiny
   rng = np.random.default_rng(3)
   weights = {}
   for path in rules.select_layers(params, rules.DIT_BLOCK_LINEARS):
@@ -235,15 +241,15 @@ def test_model_apply_with_vq_params(tiny):
   assert len(weights) == 10
   quantized = vq4dit.replace_kernels(params, weights)
   dense = vq4dit.replace_kernels(params, {p: w.dequantize() for p, w in weights.items()})
-  out_q = model.apply({"params": quantized}, x, t, y)
-  out_d = model.apply({"params": dense}, x, t, y)
+  out_q = apply(quantized, x, t, y)
+  out_d = apply(dense, x, t, y)
   assert out_q.shape == (2, 16, 16, 2)
   np.testing.assert_allclose(np.asarray(out_q), np.asarray(out_d), rtol=1e-5, atol=1e-6)
-  assert not np.allclose(np.asarray(out_q), np.asarray(model.apply({"params": params}, x, t, y)), atol=1e-3)
+  assert not np.allclose(np.asarray(out_q), np.asarray(apply(params, x, t, y)), atol=1e-3)
 
 
 def test_kmeans_only_on_tiny_model(tiny):
-  model, params, (x, t, y) = tiny
+  apply, params, (x, t, y) = tiny
   config = load_config("kmeans_w2")
   config.layer_patterns = [r"blocks_\d+/attn/proj"]  # one layer shape: one k-means compilation
   config.codebook_size = 16
@@ -265,7 +271,7 @@ def test_kmeans_only_on_tiny_model(tiny):
   assert report["sizes"]["codebook_bytes"] == 2 * 16 * 4 * 4
   # 2 layers x (64/4 = 16 sub-vectors of 4-bit indices = 8 bytes) x 64 columns.
   assert report["sizes"]["assignments_bytes"] == 2 * 8 * 64
-  out = model.apply({"params": qparams}, x, t, y)
+  out = apply(qparams, x, t, y)
   assert np.all(np.isfinite(np.asarray(out)))
 
 

@@ -234,7 +234,7 @@ def train_classifier(config, log: Callable[[str], None] = print) -> tuple[Classi
   total_steps = steps_per_epoch * config.num_epochs
   schedule = optax.cosine_decay_schedule(config.learning_rate, total_steps)
   optimizer = optax.adamw(schedule, weight_decay=config.weight_decay)
-  opt_state = optimizer.init(params)
+  opt_state = jax.jit(optimizer.init)(params)
 
   def loss_fn(params, images, labels, dropout_rng):
     _, logits = module.apply({"params": params}, images, train=True, rngs={"dropout": dropout_rng})

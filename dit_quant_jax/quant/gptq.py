@@ -53,14 +53,14 @@ def gptq_quantize(kernel, hessian, fmt, scales, *, damp: float = DEFAULT_DAMP,
   if damp < 0:
     raise ValueError(f"damp must be non-negative, got {damp}")
   block_size = int(min(block_size, k))
-  dequant = _gptq(kernel, hessian, scales, fmt.name, float(damp), block_size, bool(act_order))
+  dequant = _gptq(kernel, hessian, scales, jnp.float32(damp), fmt.name, block_size, bool(act_order))
   safe = jnp.where(scales > 0, scales, 1.0)
   codes = formats.encode(dequant / safe[None, :], fmt)
   return codes, dequant
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
-def _gptq(kernel, hessian, scales, fmt_name, damp, block_size, act_order):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6))
+def _gptq(kernel, hessian, scales, damp, fmt_name, block_size, act_order):
   k, n = kernel.shape
   safe_scales = jnp.where(scales > 0, scales, 1.0)
   w = kernel.T  # (N, K): rows are output channels, columns the inputs GPTQ walks over
