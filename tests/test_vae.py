@@ -2,6 +2,9 @@
 its converter's checks, its batched/sharded helpers and its output shapes at 256 / 512."""
 
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -284,6 +287,33 @@ def test_decode_latents_batches_shards_and_clips(tiny):
     vae.decode_latents(params, latents[..., :3], TINY, 2)
   with pytest.raises(TypeError, match="Mesh or NamedSharding"):
     vae.decode_latents(params, latents, TINY, 2, sharding="data")
+
+
+_MULTI_DEVICE_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    from jax.sharding import Mesh
+    from dit_quant_jax.models import vae
+    assert len(jax.devices()) == 4, jax.devices()
+    config = vae.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+    params = vae.init_vae_params(config, jax.random.PRNGKey(0))
+    latents = np.random.default_rng(0).standard_normal((6, 4, 4, 4)).astype(np.float32)
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    params_at, batch_at = vae._placements(mesh, 4)
+    shards = jax.device_put(latents[:4], batch_at).addressable_shards
+    assert sorted(s.data.shape for s in shards) == [(1, 4, 4, 4)] * 4  # one image per device
+    sharded = vae.decode_latents(params, latents, config, 4, sharding=mesh)
+    plain = vae.decode_latents(params, latents, config, 6)
+    np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-5)
+    print("OK")
+""")
+
+
+def test_decode_latents_shards_over_several_devices():
+  """Four host devices (XLA flag, so in a fresh process): each batch is split four ways."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
 
 
 def test_encode_images_mean_and_posterior_sample(tiny):

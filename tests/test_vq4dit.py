@@ -236,11 +236,11 @@ def test_model_apply_with_vq_params(tiny):
   for path in rules.select_layers(params, rules.DIT_BLOCK_LINEARS):
     k_in, n_out = rules.get_path(params, path + "/kernel").shape
     codebook = rng.normal(scale=0.05, size=(16, 4)).astype(np.float32)
-    weights[path] = vq4dit.VQWeight.from_indices(codebook, jnp.asarray(rng.integers(0, 16, (k_in // 4, n_out))),
+    weights[path] = vq4dit.VQWeight.from_indices(codebook, rng.integers(0, 16, (k_in // 4, n_out)),
                                                  (k_in, n_out))
   assert len(weights) == 10
   quantized = vq4dit.replace_kernels(params, weights)
-  dense = vq4dit.replace_kernels(params, {p: w.dequantize() for p, w in weights.items()})
+  dense = vq4dit.replace_kernels(params, jax.jit(lambda ws: {p: w.dequantize() for p, w in ws.items()})(weights))
   out_q = apply(quantized, x, t, y)
   out_d = apply(dense, x, t, y)
   assert out_q.shape == (2, 16, 16, 2)

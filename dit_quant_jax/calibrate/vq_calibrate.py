@@ -280,7 +280,7 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
     fp_params = jax.device_put(fp_params, replicated)
 
   start_step = int(state["step"])
-  rng = state["rng"]
+  rng = np.asarray(state["rng"])  # a host copy: train_step donates the state's buffers
   log_every = max(1, int(config.log_every))
   checkpoint_every = int(config.checkpoint_every)
   start_time = time.perf_counter()

@@ -5,7 +5,16 @@ d-dimensional sub-vectors of one layer's weight, up to 1.3M of them for DiT-XL/2
 layer (4608 x 1152 at d = 4).  Distances are computed in row chunks so that memory stays
 bounded by ``chunk_elements`` floats per step, independent of the number of points.
 
+Nearest-centroid search uses the matmul form |c|^2 - 2 x.c (fast on every backend); where the
+exact order matters (candidate codewords) a short list from it is re-ranked with exact
+differences, and objectives are always computed from exact differences.  k-means++ seeding
+runs on a random subset of at most ``seeding_sample`` points; Lloyd iterations use all points.
+
 Deterministic for a seed: seeding draws from ``jax.random``; the Lloyd loop has no randomness.
+
+Measured on the shared 2-core CPU of the project (jax 0.10.2): DiT-XL/2 fc1 (1152 x 4608,
+1.33M sub-vectors, d = 4, k = 256): seeding + final assignment ~3 s CPU, ~1.3 s CPU per Lloyd
+iteration, so ~140 s CPU for the public code's 100 iterations.
 
 Empty clusters: after an update step, every cluster that received no point is moved onto one
 of the points farthest from their current centroid (the i-th empty cluster gets the i-th

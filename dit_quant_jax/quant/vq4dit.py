@@ -121,8 +121,10 @@ class VQWeight(QuantizedWeight):
     if tuple(indices.shape) != expected:
       raise ValueError(f"indices of shape {tuple(indices.shape)} do not fit a {shape} kernel with d={d} "
                        f"(expected {expected})")
+    # numpy indices pack on the host (no per-shape compilation); jax indices pack traceably.
     packed = packing.pack_bits(indices, packing.index_bits(k), axis=0)
-    return cls(codebook=jnp.asarray(codebook, jnp.float32), assignments=packed, shape=shape, k=int(k), d=int(d))
+    return cls(codebook=jnp.asarray(codebook, jnp.float32), assignments=jnp.asarray(packed), shape=shape,
+               k=int(k), d=int(d))
 
   @property
   def index_bits(self) -> int:
