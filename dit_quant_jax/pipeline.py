@@ -71,23 +71,28 @@ def noise_and_labels(model, per_class: int, seed: int):
   return noise, labels
 
 
-def _mesh() -> Mesh:
+def device_mesh() -> Mesh:
+  """A 1-D mesh named 'data' over all local devices (batch sharding)."""
   return Mesh(np.array(jax.devices()), ("data",))
 
 
 def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler: str = "ddim",
              eta: float = 0.0, cfg_scale: Optional[float] = None, seed: int = 0,
-             batch_size: int = 256, return_outputs: bool = False,
+             batch_size: int = 256, return_outputs: bool = False, clip: Optional[bool] = None,
              progress: Optional[Callable[[str], None]] = None):
   """Sample x_0 for every (noise, label) pair, in batches, sharded over local devices.
 
-  Returns images (N, H, W, C) clipped to [-1, 1] (float32 numpy); with ``return_outputs``
+  Returns images (N, H, W, C) (float32 numpy), clipped to [-1, 1] for pixel-space models
+  (``clip`` None: clip unless the model is a 4-channel latent model, whose latents the
+  official sampler leaves unclipped for the VAE); with ``return_outputs``
   also the raw model outputs at every step (S, N, H, W, C_out), for per-step paired MSE.
   DDPM noise for batch b comes from fold_in(PRNGKey(seed), b): reproducible across methods.
   """
   diffusion = create_diffusion(respacing, learn_sigma=model.learn_sigma)
+  if clip is None:
+    clip = model.in_channels != 4
   model_fn = sampling.cfg_model_fn(model, cfg_scale)
-  mesh = _mesh()
+  mesh = device_mesh()
   n = noise.shape[0]
   images, outputs = [], []
   start_time = time.time()
@@ -110,7 +115,8 @@ def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler
       outputs.append(np.asarray(traj["out"])[:, :valid])
     else:
       x0 = result
-    images.append(np.clip(np.asarray(x0)[:valid], -1.0, 1.0))
+    x0 = np.asarray(x0)[:valid]
+    images.append(np.clip(x0, -1.0, 1.0) if clip else x0)
     if progress is not None:
       done = start + valid
       elapsed = time.time() - start_time

@@ -170,4 +170,5 @@ def export_ema(config, state: TrainState, path: str, extra: Optional[dict] = Non
   model = build_model(config)
   metadata = dict(training_config=json.loads(config.to_json_best_effort()),
                   step=int(state.step), **(extra or {}))
-  ckpt_lib.save_checkpoint(path, jax.device_get(state.ema_params), model.config_dict(), metadata)
+  ckpt_lib.save_checkpoint(path, jax.device_get(state.ema_params), model.config_dict(), metadata,
+                           overwrite=True)

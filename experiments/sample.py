@@ -28,6 +28,9 @@ _CFG = flags.DEFINE_float("cfg_scale", 3.0, "Classifier-free guidance scale (1 =
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initial noise and DDPM noise.")
 _BATCH = flags.DEFINE_integer("batch_size", 256, "Images per sampling batch.")
 _SCORE = flags.DEFINE_bool("score", True, "Compute metrics (Fashion-MNIST models).")
+_VAE = flags.DEFINE_string("vae", "", "Latent-space models: SD VAE weights (diffusers folder, "
+                           ".safetensors or .bin) to decode latents into images.")
+_VAE_BATCH = flags.DEFINE_integer("vae_batch_size", 32, "Latents per VAE decoding batch.")
 flags.mark_flags_as_required(["output"])
 
 
@@ -44,10 +47,20 @@ def main(argv):
   result = pipeline.generate(model, params, noise, labels, return_outputs=paired, **kwargs)
   images, outputs = result if paired else (result, None)
   os.makedirs(_OUTPUT.value, exist_ok=True)
+  if _VAE.value:
+    import numpy as np
+    from dit_quant_jax.models import convert_vae, vae
+    np.savez(os.path.join(_OUTPUT.value, "latents.npz"), arr_0=images, arr_1=labels)
+    vae_config = vae.VAEConfig.sd_vae()
+    vae_params = convert_vae.load_vae_params(_VAE.value, vae_config)
+    images = vae.decode_latents(vae_params, images, vae_config, _VAE_BATCH.value,
+                                sharding=pipeline.device_mesh())
+  elif model.in_channels == 4:
+    raise ValueError("this is a latent-space model: pass --vae=<SD VAE weights> to decode its samples")
   writers.write_sample_grid(os.path.join(_OUTPUT.value, "grid.png"), images[:, ...], labels,
                             num_classes=model.num_classes, per_class=min(_PER_CLASS.value, 16))
   writers.write_adm_npz(os.path.join(_OUTPUT.value, "samples.npz"), images, labels)
-  if _SCORE.value:
+  if _SCORE.value and not _VAE.value:
     fp_images = fp_outputs = None
     if paired:
       fp_model, fp_params, _ = pipeline.load_dit(_FP_MODEL.value)

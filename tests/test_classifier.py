@@ -132,7 +132,12 @@ def test_evaluate_samples_real_versus_noise(shipped, real_cache, tmp_path):
   noise = np.random.default_rng(8).uniform(-1, 1, train_images.shape).astype(np.float32)
   noise_scores = evaluate.evaluate_samples(noise, train_labels, shipped, real_cache)
   assert noise_scores["fd"] > 10 * real_scores["fd"]
-  assert noise_scores["precision"] < 0.1 and noise_scores["class_acc"] < 0.3
+  assert noise_scores["class_acc"] < 0.3 and noise_scores["is"] < 1.5
+  # The classifier maps all noise to one tight feature cluster (mostly "Bag"): no real image is
+  # near the fake manifold (recall ~0), while some noise lands in the large k-NN balls of real
+  # outliers, so precision drops well below the real samples' but not to 0.
+  assert noise_scores["recall"] < 0.05
+  assert noise_scores["precision"] < real_scores["precision"] - 0.2
 
   # The glue agrees with the metrics applied by hand.
   real = real_cache.get(shipped)

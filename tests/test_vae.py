@@ -252,6 +252,13 @@ def test_load_safetensors_bin_and_folder(tiny, tmp_path):
   save_file({k: v.astype(np.float16) for k, v in state_dict.items()}, str(fp16_path))
   half = convert_vae.load_vae_params(str(fp16_path), TINY)
   assert half["decoder"]["conv_out"]["kernel"].dtype == jnp.float32
+  from safetensors.torch import save_file as save_torch_file
+  bf16_path = tmp_path / "bf16.safetensors"
+  save_torch_file({k: v.bfloat16() for k, v in model.state_dict().items()}, str(bf16_path))
+  loaded = convert_vae.load_vae_state_dict(str(bf16_path))
+  key = "decoder.conv_in.weight"
+  assert loaded[key].dtype == np.float32
+  np.testing.assert_array_equal(loaded[key], model.state_dict()[key].bfloat16().float().numpy())
   (tmp_path / "weights.ckpt").write_bytes(b"")
   with pytest.raises(ValueError, match="unknown VAE weights format"):
     convert_vae.load_vae_state_dict(str(tmp_path / "weights.ckpt"))
@@ -295,8 +302,11 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from dit_quant_jax.models import vae
     assert len(jax.devices()) == 4, jax.devices()
     config = vae.VAEConfig(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
-    params = vae.init_vae_params(config, jax.random.PRNGKey(0))
-    latents = np.random.default_rng(0).standard_normal((6, 4, 4, 4)).astype(np.float32)
+    shapes = jax.eval_shape(lambda: vae.init_vae_params(config, jax.random.PRNGKey(0)))
+    rng = np.random.default_rng(0)  # (random init through jax compiles slowly on CPU)
+    params = jax.tree_util.tree_map(
+        lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    latents = rng.standard_normal((6, 4, 4, 4)).astype(np.float32)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     params_at, batch_at = vae._placements(mesh, 4)
     shards = jax.device_put(latents[:4], batch_at).addressable_shards

@@ -19,8 +19,8 @@ After every ``freeze_every`` updates, sub-vectors whose largest ratio passes
 switches to hard assignments (``quant.vq4dit.update_freezing``).
 
 The whole state (trainable values, optimiser state, candidates and frozen masks, step, RNG,
-loss history) is checkpointed with orbax every ``checkpoint_every`` steps and restored from
-``workdir`` on start, so a killed and restarted run ends exactly where an uninterrupted one
+loss history) is checkpointed with orbax (``utils/checkpoint.py`` save_state) to
+``workdir/vq_calibration`` every ``checkpoint_every`` steps and restored from there on start, so a killed and restarted run ends exactly where an uninterrupted one
 does (every step is a deterministic function of the state).
 """
 
@@ -30,7 +30,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_quant_jax.calibrate import blocks as blocks_lib
 from dit_quant_jax.quant import vq4dit
+from dit_quant_jax.utils import checkpoint as checkpoint_lib
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 TRAINABLE_FIELDS = ("codebook", "ratio_logits")
@@ -167,7 +168,11 @@ def loss_and_grads(state, fp_params, batch, *, model, spec):
 
 @functools.partial(jax.jit, static_argnames=("model", "spec"), donate_argnames=("state",))
 def train_step(state, fp_params, batch, *, model, spec: CalibrationSpec):
-  """One optimisation step + freezing.  batch: (x (B,H,W,C), t (B,), y (B,)).  -> (state, metrics)."""
+  """One optimisation step + freezing.  batch: (x (B,H,W,C), t (B,), y (B,)).  -> (state, metrics).
+
+  state: the calibration state without ``loss_history`` (the host loop keeps that, so that
+  runs of different lengths share one compilation).
+  """
   (loss, (block_mse, reg)), grads = loss_and_grads(state, fp_params, batch, model=model, spec=spec)
   tx = make_optimizer(spec)
   updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
@@ -182,10 +187,8 @@ def train_step(state, fp_params, batch, *, model, spec: CalibrationSpec):
         f: jnp.where(do_freeze, getattr(frozen, f), getattr(soft, f)) for f in ASSIGNMENT_FIELDS}
   frozen_fraction = jnp.stack([jnp.mean(assignment[state_key(p)]["frozen"].astype(jnp.float32))
                                for p in spec.paths])
-  # loss_history is filled in by the host loop (its length, the step count, stays out of the
-  # compiled step so that runs of different lengths share one compilation).
   new_state = dict(trainable=trainable, assignment=assignment, opt_state=opt_state, step=step,
-                   rng=state["rng"], loss_history=state["loss_history"])
+                   rng=state["rng"])
   metrics = dict(loss=loss, block_mse=block_mse, regularizer=reg, frozen_fraction=frozen_fraction)
   return new_state, metrics
 
@@ -224,30 +227,21 @@ def _shardings(batch_size: int):
 
 
 # ---------------------------------------------------------------------- checkpoints
-def _manager(workdir: str, max_to_keep: int = 2):
-  import orbax.checkpoint as ocp
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "vq_calibration")), options=options)
+CHECKPOINT_SUBDIR = "vq_calibration"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
 def has_checkpoint(workdir: Optional[str]) -> bool:
-  if workdir is None or not os.path.isdir(os.path.join(workdir, "vq_calibration")):
-    return False
-  return _manager(workdir).latest_step() is not None
+  return workdir is not None and checkpoint_lib.latest_step(checkpoint_dir(workdir)) is not None
 
 
-def _save(manager, state) -> None:
-  import orbax.checkpoint as ocp
-  manager.save(int(state["step"]), args=ocp.args.StandardSave(state))
-  manager.wait_until_finished()
-
-
-def _restore(manager, state):
-  import orbax.checkpoint as ocp
-  step = manager.latest_step()
+def _restore(workdir: str, state):
   abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                     state)
-  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  restored = checkpoint_lib.restore_state(checkpoint_dir(workdir), abstract)
   # Keep the exact pytree structure of `state` (optax NamedTuples, dicts).
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(state),
                                       jax.tree_util.tree_leaves(restored))
@@ -268,9 +262,9 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
   batch_size = None if config.batch_size in (None, 0) else int(config.batch_size)
   num_steps = int(config.steps)
   state = init_state(soft, spec, int(config.seed), num_steps)
-  manager = _manager(workdir, int(config.get("checkpoints_to_keep", 2))) if workdir else None
-  if manager is not None and manager.latest_step() is not None:
-    state = _restore(manager, state)
+  keep = int(config.get("checkpoints_to_keep", 2))
+  if has_checkpoint(workdir):
+    state = _restore(workdir, state)
     logging.info("VQ calibration: resumed from %s at step %d", workdir, int(state["step"]))
 
   effective_batch = batch_size or data["x"].shape[1]
@@ -284,13 +278,13 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
   log_every = max(1, int(config.log_every))
   checkpoint_every = int(config.checkpoint_every)
   start_time = time.perf_counter()
-  metrics = None
   loss_history = np.asarray(state["loss_history"]).copy()
   for step in range(start_step, num_steps):
     batch = jax.device_put(select_batch(data, step, rng, batch_size), batch_sharding)
-    state, metrics = train_step(state, fp_params, batch, model=model, spec=spec)
+    step_state = {key: value for key, value in state.items() if key != "loss_history"}
+    state, metrics = train_step(step_state, fp_params, batch, model=model, spec=spec)
     loss_history[step] = float(metrics["loss"])
-    state["loss_history"] = jnp.asarray(loss_history)
+    state["loss_history"] = loss_history.copy()  # host numpy; saved with the checkpoints
     done = step + 1
     if done % log_every == 0 or done == num_steps:
       host = jax.device_get(metrics)
@@ -300,8 +294,8 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], calib_i
       logging.info("VQ calibration step %d/%d loss %.4e block_mse %.4e reg %.4e frozen[mean %.3f] "
                    "ETA %.0fs | frozen per layer: %s", done, num_steps, host["loss"], host["block_mse"],
                    host["regularizer"], float(np.mean(host["frozen_fraction"])), eta, fractions)
-    if manager is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == num_steps):
-      _save(manager, state)
+    if workdir is not None and checkpoint_every > 0 and (done % checkpoint_every == 0 or done == num_steps):
+      checkpoint_lib.save_state(checkpoint_dir(workdir), done, state, keep=keep)
     if callback is not None:
       callback(done, jax.device_get(metrics))
 

@@ -104,7 +104,7 @@ def _to_numpy(value) -> np.ndarray:
       value = value.float()
     value = value.numpy()
   array = np.asarray(value)
-  if not np.issubdtype(array.dtype, np.floating):
+  if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # bfloat16 (ml_dtypes) included
     raise CheckpointMismatchError(f"expected a floating-point tensor, got dtype {array.dtype}")
   return array.astype(np.float32, copy=False)
 

@@ -347,11 +347,12 @@ def init_vae_params(config: VAEConfig, rng: jax.Array) -> dict:
   """Random params (flax default initialisers) for ``AutoencoderKL(config)``.
 
   Initialised on one image of the smallest valid size (f x f), so shapes are the same for
-  every image size.  Wrap in ``jax.eval_shape`` for shapes only.
+  every image size.  Wrap in ``jax.eval_shape`` for shapes only.  (XLA compiles the many
+  random initialisers slowly on CPU, tens of seconds: load converted weights instead.)
   """
   f = config.downsample_factor
   x = jnp.zeros((1, f, f, config.in_channels), jnp.float32)
-  return AutoencoderKL(config).init(rng, x)["params"]
+  return jax.jit(AutoencoderKL(config).init)(rng, x)["params"]  # one compile, not op by op
 
 
 # --------------------------------------------------------------------- batched helpers

@@ -207,14 +207,19 @@ def absmax_scale(absmax, fmt: Format | str, clip_ratio=1.0):
   return jnp.where(scale > 0, scale, 1.0)
 
 
+_COMPARE_ALL_MAX = 16
+
 # One compiled function per (format, shape) rather than one per primitive in eager mode.
 @functools.partial(jax.jit, static_argnums=1)
 def _magnitude_index(x, name):
   fmt = get_format(name)
   a = jnp.abs(x)
   mids = jnp.asarray(fmt.midpoints)
-  below = jnp.searchsorted(mids, a, side="left")  # midpoints strictly below |x|
-  at_or_below = jnp.searchsorted(mids, a, side="right")
+  # Few thresholds (4-bit: 7): compare against all, cheap to compile and run; long grids
+  # (FP8: 126) use the logarithmic scan to avoid a 126x broadcast.
+  method = "compare_all" if len(fmt.midpoints) <= _COMPARE_ALL_MAX else "scan"
+  below = jnp.searchsorted(mids, a, side="left", method=method)  # midpoints strictly below |x|
+  at_or_below = jnp.searchsorted(mids, a, side="right", method=method)
   tie = at_or_below > below  # |x| is exactly a midpoint between index `below` and `below + 1`
   idx = jnp.where(tie & (below % 2 == 1), below + 1, below)
   return idx.astype(jnp.int32)

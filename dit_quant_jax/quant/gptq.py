@@ -53,10 +53,7 @@ def gptq_quantize(kernel, hessian, fmt, scales, *, damp: float = DEFAULT_DAMP,
   if damp < 0:
     raise ValueError(f"damp must be non-negative, got {damp}")
   block_size = int(min(block_size, k))
-  dequant = _gptq(kernel, hessian, scales, jnp.float32(damp), fmt.name, block_size, bool(act_order))
-  safe = jnp.where(scales > 0, scales, 1.0)
-  codes = formats.encode(dequant / safe[None, :], fmt)
-  return codes, dequant
+  return _gptq(kernel, hessian, scales, jnp.float32(damp), fmt.name, block_size, bool(act_order))
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6))
@@ -115,7 +112,9 @@ def _gptq(kernel, hessian, scales, damp, fmt_name, block_size, act_order):
   q = q[:, :k]
   if act_order:
     q = q[:, jnp.argsort(perm)]
-  return q.T
+  dequant = q.T
+  codes = formats.encode(dequant / safe_scales[None, :], fmt_name)
+  return codes, dequant
 
 
 def layer_output_error(kernel, dequantized, inputs) -> float:
