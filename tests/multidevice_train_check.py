@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -78,8 +79,16 @@ def main():
   state_many, info_many = run_on(mesh_many, config, model, host_state, batches)
   state_one, info_one = run_on(mesh_one, config, model, host_state, batches)
 
-  adam_many = [s for s in jax.tree_util.tree_leaves(state_many.opt_state)]
-  adam_one = [s for s in jax.tree_util.tree_leaves(state_one.opt_state)]
+  # trainer.train must refuse a batch that does not split evenly over the devices.
+  indivisible = tiny_config()
+  indivisible.batch_size = NUM_DEVICES + 2
+  with tempfile.TemporaryDirectory() as workdir:
+    try:
+      trainer.train(indivisible, workdir, batches[0][0], batches[0][1])
+      indivisible_error = ""
+    except ValueError as e:
+      indivisible_error = str(e)
+
   result = dict(
       device_count=jax.device_count(),
       mesh_sizes=[mesh_many.size, mesh_one.size],
@@ -88,10 +97,11 @@ def main():
       steps=[int(state_many.step), int(state_one.step)],
       max_param_diff=max_abs_diff(state_many.params, state_one.params),
       max_ema_diff=max_abs_diff(state_many.ema_params, state_one.ema_params),
-      max_opt_state_diff=max_abs_diff(adam_many, adam_one),
+      max_opt_state_diff=max_abs_diff(state_many.opt_state, state_one.opt_state),
       max_param_change=max_abs_diff(state_one.params, host_state.params),
       rng_equal=bool(np.array_equal(np.asarray(state_many.rng), np.asarray(state_one.rng))),
       loss=[[m["loss"] for m in info_many["metrics"]], [m["loss"] for m in info_one["metrics"]]],
+      indivisible_batch_error=indivisible_error,
   )
   print(json.dumps(result))
 

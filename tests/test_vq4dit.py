@@ -251,11 +251,12 @@ def test_model_apply_with_vq_params(tiny):
 def test_kmeans_only_on_tiny_model(tiny):
   apply, params, (x, t, y) = tiny
   config = load_config("kmeans_w2")
-  config.layer_patterns = [r"blocks_\d+/attn/proj"]  # one layer shape: one k-means compilation
+  # One layer shape (the one test_vq_calibrate also uses): one k-means compilation.
+  config.layer_patterns = [r"blocks_\d+/mlp/fc1"]
   config.codebook_size = 16
   config.kmeans.num_iters = 15
   qparams, report = vq4dit.kmeans_only(params, config)
-  assert set(report["layers"]) == {"blocks_0/attn/proj", "blocks_1/attn/proj"}
+  assert set(report["layers"]) == {"blocks_0/mlp/fc1", "blocks_1/mlp/fc1"}
   for path, layer_report in report["layers"].items():
     weight = rules.get_path(qparams, path + "/kernel")
     assert isinstance(weight, vq4dit.VQWeight) and weight.k == 16 and weight.d == 4
@@ -269,8 +270,8 @@ def test_kmeans_only_on_tiny_model(tiny):
     picked = np.take_along_axis(sq, np.asarray(weight.indices())[..., None], -1)[..., 0]
     np.testing.assert_allclose(picked, sq.min(-1), rtol=1e-5, atol=1e-9)
   assert report["sizes"]["codebook_bytes"] == 2 * 16 * 4 * 4
-  # 2 layers x (64/4 = 16 sub-vectors of 4-bit indices = 8 bytes) x 64 columns.
-  assert report["sizes"]["assignments_bytes"] == 2 * 8 * 64
+  # 2 layers x (64/4 = 16 sub-vectors of 4-bit indices = 8 bytes) x 256 columns.
+  assert report["sizes"]["assignments_bytes"] == 2 * 8 * 256
   out = apply(qparams, x, t, y)
   assert np.all(np.isfinite(np.asarray(out)))
 

@@ -25,7 +25,7 @@ def test_sample_grid_rows_are_classes(tmp_path):
   height, width, gap = 6, 5, 2
   images = rng.uniform(-1, 1, (9, height, width, 1))
   labels = np.array([2, 0, 2, 1, 0, 2, 2, 1, 0])
-  grid = writers.sample_grid(images, labels, num_classes=4, gap=gap)
+  grid = writers.sample_grid(images, labels, num_classes=4, gap=gap, include_empty_rows=True)
   per_class = 4  # class 2 has 4 samples
   assert grid.shape == (4 * (height + gap) + gap, per_class * (width + gap) + gap, 1)
   pixels = writers.to_uint8(images)
@@ -36,9 +36,14 @@ def test_sample_grid_rows_are_classes(tmp_path):
   # Class 3 has no samples: its row is all gap colour, as is the last cell of row 0.
   assert np.all(grid[gap + 3 * (height + gap):] == writers.GRID_GAP_VALUE)
   assert np.all(grid[gap:gap + height, gap + 3 * (width + gap):] == writers.GRID_GAP_VALUE)
+  # By default only classes with samples get rows: (classes 5 and 9 of 1000) -> 2 rows.
+  sparse = writers.sample_grid(images[:5], np.array([9, 5, 9, 9, 5]), num_classes=1000, gap=gap)
+  assert sparse.shape == (2 * (height + gap) + gap, 3 * (width + gap) + gap, 1)
+  np.testing.assert_array_equal(sparse[gap:gap + height, gap:gap + width], pixels[1])  # class 5 first
+  np.testing.assert_array_equal(sparse[2 * gap + height:2 * gap + 2 * height, gap:gap + width], pixels[0])
 
   path = writers.write_sample_grid(str(tmp_path / "sub" / "grid.png"), images, labels, num_classes=4,
-                                   gap=gap, scale=3)
+                                   gap=gap, scale=3, include_empty_rows=True)
   with Image.open(path) as image:
     assert image.format == "PNG" and image.mode == "L"
     assert image.size == (3 * grid.shape[1], 3 * grid.shape[0])  # PIL size is (width, height)

@@ -39,12 +39,15 @@ def _check_nhwc(images, what: str) -> np.ndarray:
 
 
 def sample_grid(images, labels, num_classes: Optional[int] = None, per_class: Optional[int] = None,
-                gap: int = 2) -> np.ndarray:
-  """Arrange samples one row per class (row c holds the samples labelled c, in input order).
+                gap: int = 2, include_empty_rows: bool = False) -> np.ndarray:
+  """Arrange samples one row per class, classes ascending, each row's samples in input order.
 
-  images: (N, H, W, C) in [-1, 1]; labels: (N,) ints in [0, num_classes).  num_classes
-  defaults to max(label) + 1, per_class (columns) to the largest class count; rows with fewer
-  samples are left as gap colour.  Returns the grid as uint8 (rows*(H+gap)+gap, cols*(W+gap)+gap, C).
+  images: (N, H, W, C) in [-1, 1]; labels: (N,) ints in [0, num_classes) (num_classes defaults
+  to max(label) + 1).  Rows are the classes present in ``labels``; with include_empty_rows
+  every class in [0, num_classes) gets a row (row c = class c), blank when it has no sample
+  (keep it False for 1000-class models).  per_class (columns) defaults to the largest class
+  count; missing cells are gap colour.
+  Returns uint8 (rows * (H + gap) + gap, per_class * (W + gap) + gap, C).
   """
   images = _check_nhwc(images, "sample_grid")
   labels = np.asarray(labels).astype(np.int64)
@@ -58,21 +61,23 @@ def sample_grid(images, labels, num_classes: Optional[int] = None, per_class: Op
                      f"[{labels.min()}, {labels.max()}]")
   counts = np.bincount(labels, minlength=num_classes)
   per_class = int(counts.max()) if per_class is None else per_class
+  row_classes = np.arange(num_classes) if include_empty_rows else np.flatnonzero(counts)
   pixels = to_uint8(images)
   _, height, width, channels = pixels.shape
-  grid = np.full((num_classes * (height + gap) + gap, per_class * (width + gap) + gap, channels),
+  grid = np.full((len(row_classes) * (height + gap) + gap, per_class * (width + gap) + gap, channels),
                  GRID_GAP_VALUE, np.uint8)
-  for label in range(num_classes):
+  for row, label in enumerate(row_classes):
     for column, index in enumerate(np.flatnonzero(labels == label)[:per_class]):
-      top, left = gap + label * (height + gap), gap + column * (width + gap)
+      top, left = gap + row * (height + gap), gap + column * (width + gap)
       grid[top:top + height, left:left + width] = pixels[index]
   return grid
 
 
 def write_sample_grid(path: str, images, labels, num_classes: Optional[int] = None,
-                      per_class: Optional[int] = None, gap: int = 2, scale: int = 1) -> str:
+                      per_class: Optional[int] = None, gap: int = 2, scale: int = 1,
+                      include_empty_rows: bool = False) -> str:
   """Write :func:`sample_grid` as a PNG (each pixel repeated ``scale`` times); returns path."""
-  grid = sample_grid(images, labels, num_classes, per_class, gap)
+  grid = sample_grid(images, labels, num_classes, per_class, gap, include_empty_rows)
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)  # uint8: "L" or "RGB"

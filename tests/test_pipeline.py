@@ -1,0 +1,109 @@
+"""End to end: quantize.py / sample.py, the reproduce pipeline, sweeps, multi-device equivalence.
+
+Runs on a tiny random DiT (tests/tiny_model.py) and a few samples, with the shipped classifier.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dit_quant_jax import config_spec, reproduce, sweep
+from tiny_model import save_tiny_checkpoint
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+  return save_tiny_checkpoint(str(tmp_path_factory.mktemp("tiny") / "dit"))
+
+
+def _run(args, env=None, timeout=600):
+  result = subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=timeout)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+  return result
+
+
+def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
+  config = config_spec.load("configs/reproduce.py:tiny")
+  config.model = tiny_ckpt
+  config.results_dir = str(tmp_path / "results")
+  config.quant_dir = str(tmp_path / "quant")
+  keep = {"fp", "rtn_int2w", "vq4dit_w2", "hqdit_w4a4", "vq_w2a4"}
+  config.rows = [r for r in config.rows if r.key in keep]
+  messages = []
+  rows = reproduce.run(config, progress=messages.append)
+  assert [r["key"] for r in rows] == [r.key for r in config.rows]
+  by_key = {r["key"]: r for r in rows}
+  assert np.isinf(by_key["fp"]["paired_psnr"])  # FP against itself
+  for key in keep - {"fp"}:
+    assert np.isfinite(by_key[key]["paired_psnr"]), key
+    assert by_key[key]["size_mb"] < by_key["fp"]["size_mb"], key
+  for name in ("results.md", "results.json", "grids_side_by_side.png", "quality_vs_bits.png"):
+    assert os.path.getsize(os.path.join(config.results_dir, name)) > 0, name
+  table = open(os.path.join(config.results_dir, "results.md")).read()
+  assert "VQ4DiT W2" in table and "HQ-DiT W4A4" in table
+  assert any("ETA" in m or "elapsed" in m for m in messages)  # progress is reported
+  # A second run reuses the quantized checkpoints on disk (no re-quantization).
+  mtime = os.path.getmtime(os.path.join(config.quant_dir, "vq4dit_w2", "report.json"))
+  reproduce.run(config, progress=lambda m: None)
+  assert os.path.getmtime(os.path.join(config.quant_dir, "vq4dit_w2", "report.json")) == mtime
+
+
+def test_sweep_launcher_and_aggregator(tiny_ckpt, tmp_path):
+  definition = config_spec.load("configs/sweeps.py:tiny")
+  definition.model = tiny_ckpt
+  runs = sweep.expand(definition)
+  assert [r["name"] for r in runs] == ["int8_cal", "kmeans_w3_cal"]
+  assert runs[0]["overrides"] == {"calib.num_samples": 2, "calib.timestep_respacing": "ddim3"}
+  paths = sweep.run_sweep(definition, str(tmp_path), progress=lambda m: None)
+  for path in paths:
+    result = json.load(open(path))
+    assert result["metrics"]["num_samples"] == 10
+  table = sweep.aggregate(str(tmp_path))
+  assert "int8_cal" in table and "kmeans_w3_cal" in table
+  assert open(tmp_path / "table.md").read() == table
+
+
+def test_config_spec_errors():
+  with pytest.raises(FileNotFoundError, match="no_such.py"):
+    config_spec.load("configs/no_such.py:x")
+  with pytest.raises(KeyError, match="calibration.nope"):
+    config_spec.load("configs/vq4dit.py:w2", {"calibration.nope": 1})
+  with pytest.raises(ValueError, match="unknown"):
+    config_spec.load("configs/hqdit.py:w5a5")
+
+
+def test_quantize_and_sample_scripts(tiny_ckpt, tmp_path):
+  out = tmp_path / "q"
+  _run(["experiments/quantize.py", f"--model={tiny_ckpt}", "--config=configs/hqdit.py:int8",
+        "--config.calib.num_samples=2", "--config.calib.timestep_respacing=ddim3", f"--output={out}"])
+  report = json.load(open(out / "report.json"))
+  assert report["method"] == "hqdit" and report["setting"] == "int8"
+  samples = tmp_path / "s"
+  _run(["experiments/sample.py", f"--model={out}/params", f"--fp_model={tiny_ckpt}",
+        "--per_class=1", "--steps=3", f"--output={samples}"])
+  metrics = json.load(open(samples / "metrics.json"))
+  assert len(metrics["per_step_output_mse"]) == 3 and np.isfinite(metrics["paired_psnr"])
+  npz = np.load(samples / "samples.npz")
+  assert npz["arr_0"].shape == (10, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
+  assert os.path.getsize(samples / "grid.png") > 0
+
+
+def test_multi_device_equals_single_device(tmp_path):
+  results = {}
+  for devices in (1, 4):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    out = tmp_path / f"d{devices}.npz"
+    _run([os.path.join(TESTS, "multidevice_pipeline_check.py"), str(out)], env=env)
+    results[devices] = np.load(out)
+  assert int(results[4]["devices"]) == 4 and int(results[1]["devices"]) == 1
+  np.testing.assert_allclose(results[4]["images"], results[1]["images"], atol=2e-5)
+  np.testing.assert_allclose(results[4]["traj_x"], results[1]["traj_x"], atol=2e-5)
