@@ -159,3 +159,42 @@ def write_json(path: str, payload: dict) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as f:
     json.dump(_jsonable(payload), f, indent=1)
+
+
+# ----------------------------------------------------------------------------- large runs
+def sample_adm_shards(model, params, noise_labels, output_dir: str, *, shard_size: int,
+                      decode: Optional[Callable] = None, progress: Callable[[str], None] = logging.info,
+                      **generate_kwargs) -> str:
+  """Sample a large set in resumable shards and merge them into ``output_dir``/samples.npz.
+
+  noise_labels: (noise (N, ...), labels (N,)).  Each shard of ``shard_size`` samples is
+  written to ``shards/shard_<i>.npz`` (uint8 NHWC under arr_0, labels under arr_1) as soon
+  as it is done, and skipped when present, so a killed run resumes.  ``decode`` maps
+  samples to images in [-1, 1] (the VAE for latent models).  Returns the merged npz path.
+  """
+  from dit_quant_jax.eval import writers
+  noise, labels = noise_labels
+  shard_dir = os.path.join(output_dir, "shards")
+  os.makedirs(shard_dir, exist_ok=True)
+  num_shards = -(-noise.shape[0] // shard_size)
+  started = time.time()
+  for index in range(num_shards):
+    path = os.path.join(shard_dir, f"shard_{index:05d}.npz")
+    if os.path.exists(path):
+      continue
+    sl = slice(index * shard_size, (index + 1) * shard_size)
+    samples = generate(model, params, noise[sl], labels[sl], **generate_kwargs)
+    images = decode(samples) if decode is not None else samples
+    writers.write_adm_npz(path + ".tmp.npz", images, labels[sl])
+    os.replace(path + ".tmp.npz", path)  # atomic: a shard on disk is complete
+    elapsed = time.time() - started
+    progress(f"shard {index + 1}/{num_shards} done, {elapsed:.0f} s, "
+             f"ETA {elapsed / (index + 1) * (num_shards - index - 1):.0f} s")
+  arrays, shard_labels = [], []
+  for index in range(num_shards):
+    with np.load(os.path.join(shard_dir, f"shard_{index:05d}.npz")) as shard:
+      arrays.append(shard["arr_0"])
+      shard_labels.append(shard["arr_1"])
+  merged = os.path.join(output_dir, "samples.npz")
+  np.savez(merged, arr_0=np.concatenate(arrays), arr_1=np.concatenate(shard_labels))
+  return merged
