@@ -107,3 +107,25 @@ def test_multi_device_equals_single_device(tmp_path):
   assert int(results[4]["devices"]) == 4 and int(results[1]["devices"]) == 1
   np.testing.assert_allclose(results[4]["images"], results[1]["images"], atol=2e-5)
   np.testing.assert_allclose(results[4]["traj_x"], results[1]["traj_x"], atol=2e-5)
+
+
+def test_adm_shards_resume_and_config(tmp_path):
+  from tiny_model import tiny_model_and_params
+  from dit_quant_jax import pipeline
+  model, params = tiny_model_and_params()
+  noise, labels = pipeline.noise_and_labels(model, 1, seed=0)
+  kwargs = dict(shard_size=4, respacing="ddim2", sampler="ddim", cfg_scale=2.0, batch_size=4,
+                progress=lambda m: None)
+  merged = pipeline.sample_adm_shards(model, params, (noise, labels), str(tmp_path), **kwargs)
+  first = np.load(merged)["arr_0"]
+  assert first.shape == (10, 32, 32, 3) and first.dtype == np.uint8
+  shards = sorted(os.listdir(tmp_path / "shards"))
+  assert len(shards) == 3
+  os.remove(tmp_path / "shards" / shards[1])  # as if killed before shard 1 was written
+  merged = pipeline.sample_adm_shards(model, params, (noise, labels), str(tmp_path), **kwargs)
+  np.testing.assert_array_equal(np.load(merged)["arr_0"], first)
+  np.testing.assert_array_equal(np.load(merged)["arr_1"], labels)
+  c = config_spec.load("configs/dit_xl2.py:512-100-4.0-10k")
+  assert (c.expected_input_size, c.respacing, c.cfg_scale, c.num_samples) == (64, "100", 4.0, 10_000)
+  with pytest.raises(ValueError, match="bad DiT-XL/2 setting"):
+    config_spec.load("configs/dit_xl2.py:256-30-1.5-50k")
