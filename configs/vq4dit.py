@@ -7,6 +7,8 @@ arg (``--config=configs/vq4dit.py:w2``):
   kmeans_w2   w2 codebooks and nearest-codeword assignments, no calibration (ablation row).
   kmeans_w3   likewise for w3.
   kmeans_w4   likewise for w4.
+  w2a4        w2 weights with dynamic per-token FP4 (E2M1) activations: the combination
+              neither paper tried (activations quantized on the fly in VQWeight.linear).
   tiny        w2 with a short calibration, for smoke tests on small models.
 Any other (k, d) is a matter of setting ``codebook_size`` and ``subvector_dim``.
 """
@@ -19,7 +21,7 @@ from dit_quant_jax.quant import rules
 
 # (codebook_size k, subvector_dim d) of each bit width.
 BIT_SETTINGS = {"w2": (256, 4), "w3": (64, 2), "w4": (256, 2)}
-SETTINGS = ("w2", "w3", "w4", "kmeans_w2", "kmeans_w3", "kmeans_w4", "tiny")
+SETTINGS = ("w2", "w3", "w4", "kmeans_w2", "kmeans_w3", "kmeans_w4", "w2a4", "tiny")
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -61,6 +63,11 @@ def _base() -> ml_collections.ConfigDict:
 
   # The FP sampling trajectory that calibration runs on (calibrate/trajectory.py), built by
   # the experiment script: num_samples images, their inputs at every sampling step.
+  # Activation quantization of the VQ layers' inputs (dynamic, per token); None = FP.
+  c.act = ml_collections.ConfigDict()
+  c.act.format = ml_collections.FieldReference(None, field_type=str)  # e.g. 'e2m1', 'e1m2', 'int4'
+  c.act.clip_ratio = 1.0  # per-token scale = clip_ratio * absmax / format max
+
   c.calib = ml_collections.ConfigDict()
   c.calib.num_samples = 4  # public code: 4 random classes per trajectory
   c.calib.timestep_respacing = "50"  # public code: 50 DDPM sampling steps
@@ -75,7 +82,9 @@ def get_config(arg: str = "w2") -> ml_collections.ConfigDict:
     raise ValueError(f"unknown VQ4DiT setting {arg!r}; known: {SETTINGS}")
   c = _base()
   c.name = arg
-  bits = arg.replace("kmeans_", "") if arg != "tiny" else "w2"
+  bits = arg.replace("kmeans_", "") if arg not in ("tiny", "w2a4") else "w2"
+  if arg == "w2a4":
+    c.act.format = "e2m1"
   c.codebook_size, c.subvector_dim = BIT_SETTINGS[bits]
   if arg.startswith("kmeans_"):
     c.calibration.steps = 0  # k-means only: nearest codeword, no calibration

@@ -28,6 +28,7 @@ NUM_DEVICES = 4
 # Step 0 runs at learning rate 0 (linear warmup from 0), so a single step would leave the
 # params untouched; 3 steps make the comparison bite.
 NUM_STEPS = 3
+PARAM_STD = 0.05
 
 
 def tiny_config():
@@ -67,9 +68,17 @@ def main():
   if len(devices) < NUM_DEVICES:
     raise SystemExit(f"need {NUM_DEVICES} devices (set XLA_FLAGS=--xla_force_host_platform_device_count="
                      f"{NUM_DEVICES} before importing jax), found {len(devices)}")
-  host_state = jax.device_get(trainer.init_state(config, model, jax.random.PRNGKey(config.seed)))
-  size = model.input_size
+  # The state's structure from init_state (traced only: no eager init), filled with random
+  # params (not the adaLN-Zero init, whose zero gates would leave most gradients at zero) and
+  # the optimizer's initial zeros.
+  shapes = jax.eval_shape(lambda key: trainer.init_state(config, model, key),
+                          jax.random.PRNGKey(config.seed))
   rng = np.random.default_rng(5)
+  params = jax.tree_util.tree_map(
+      lambda s: (PARAM_STD * rng.standard_normal(s.shape)).astype(s.dtype), shapes.params)
+  host_state = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes).replace(
+      params=params, ema_params=params, rng=np.asarray(jax.random.PRNGKey(config.seed)))
+  size = model.input_size
   batches = [(rng.uniform(-1, 1, (config.batch_size, size, size, model.in_channels)).astype(np.float32),
               rng.integers(0, model.num_classes, config.batch_size).astype(np.int32))
              for _ in range(NUM_STEPS)]

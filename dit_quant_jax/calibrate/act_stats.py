@@ -87,33 +87,44 @@ def collect_layer_stats(model, params, calib_inputs: Mapping, paths: Optional[Se
       take = min(samples_per_step, rows.shape[0])
       pick = jax.random.choice(jax.random.fold_in(key, i), rows.shape[0], (take,), replace=False)
       entry = dict(channel_absmax=jnp.max(jnp.abs(rows), axis=0), samples=rows[pick],
-                   rows=jnp.asarray(rows.shape[0], jnp.int32))
+                   rows=jnp.asarray(rows.shape[0], jnp.int32), top=jnp.max(jnp.abs(rows)))
       if hessian:
         entry["xtx"] = jnp.dot(rows.T, rows, precision=jax.lax.Precision.HIGHEST)
       out[path] = entry
     return out
 
   step_fn = jax.jit(step_reduce)
+
+  @jax.jit
+  def accumulate(running, out):
+    # Running max / sum stay on the device; only the sampled rows travel each step.
+    merged = {}
+    for path in paths:
+      entry = dict(channel_absmax=jnp.maximum(running[path]["channel_absmax"],
+                                              out[path]["channel_absmax"]))
+      if hessian:
+        entry["xtx"] = running[path]["xtx"] + out[path]["xtx"]
+      merged[path] = entry
+    return merged
+
   key = jax.random.PRNGKey(seed)
-  acc = {p: dict(absmax=None, step=np.zeros((steps,), np.float64), samples=[], xtx=None, rows=0)
-         for p in paths}
+  running = None
+  acc = {p: dict(step=np.zeros((steps,), np.float64), samples=[], rows=0) for p in paths}
   for s in range(steps):
     for c0, c1 in chunks:
       key, sub = jax.random.split(key)
       out = step_fn(params, jnp.asarray(calib_inputs["x"][s, c0:c1]),
                     jnp.asarray(calib_inputs["t"][s, c0:c1]),
                     jnp.asarray(calib_inputs["y"][s, c0:c1]), sub)
-      out = jax.device_get(out)
+      reduced = {p: {k: v for k, v in out[p].items() if k in ("channel_absmax", "xtx")} for p in paths}
+      running = reduced if running is None else accumulate(running, reduced)
+      small = jax.device_get({p: {k: out[p][k] for k in ("top", "samples", "rows")} for p in paths})
       for path in paths:
-        entry, layer = out[path], acc[path]
-        absmax = np.asarray(entry["channel_absmax"], np.float64)
-        layer["absmax"] = absmax if layer["absmax"] is None else np.maximum(layer["absmax"], absmax)
-        layer["step"][s] = max(layer["step"][s], float(absmax.max()))
+        entry, layer = small[path], acc[path]
+        layer["step"][s] = max(layer["step"][s], float(entry["top"]))
         layer["samples"].append(np.asarray(entry["samples"]))
         layer["rows"] += int(entry["rows"])
-        if hessian:
-          xtx = np.asarray(entry["xtx"], np.float64)
-          layer["xtx"] = xtx if layer["xtx"] is None else layer["xtx"] + xtx
+  running = jax.device_get(running)
   rng = np.random.default_rng(seed)
   timesteps = np.asarray(calib_inputs["t"])[:, 0]
   stats = {}
@@ -125,8 +136,9 @@ def collect_layer_stats(model, params, calib_inputs: Mapping, paths: Optional[Se
     num_rows = layer["rows"]
     hess = None
     if hessian:
-      hess = (2.0 * layer["xtx"] / max(num_rows, 1)).astype(np.float32)
-    stats[path] = LayerStats(layer["absmax"].astype(np.float32), layer["step"].astype(np.float32),
+      hess = (2.0 * np.asarray(running[path]["xtx"], np.float64) / max(num_rows, 1)).astype(np.float32)
+    absmax = np.asarray(running[path]["channel_absmax"], np.float32)
+    stats[path] = LayerStats(absmax, layer["step"].astype(np.float32),
                              timesteps, samples.astype(np.float32), hess, num_rows)
   return stats
 

@@ -278,7 +278,7 @@ class DiT(nn.Module):
 
   def block_module(self) -> DiTBlock:
     """A standalone DiTBlock with this model's hyperparameters (for block-wise calibration)."""
-    return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype)
+    return DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, dtype=self.dtype, parent=None)
 
   def setup(self):
     if self.input_size % self.patch_size:

@@ -66,6 +66,11 @@ def quantize(model, params, qconfig, workdir: Optional[str] = None):
         qparams, report = vq4dit.kmeans_only(params, qconfig)
       else:
         qparams, report = vq4dit.quantize_from_config(model, params, qconfig, calib, workdir=workdir)
+      act = qconfig.get("act")
+      if act is not None and act.get("format"):
+        qparams = jax.tree_util.tree_map(
+            lambda w: w.with_activation_quant(act.format, act.clip_ratio)
+            if isinstance(w, vq4dit.VQWeight) else w, qparams, is_leaf=is_quantized)
     else:
       from dit_quant_jax.quant import hqdit
       qparams, report = hqdit.quantize_from_config(model, params, qconfig, calib)

@@ -347,7 +347,13 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   if stats is not None and stats.in_features != k:
     raise ValueError(f"calibration stats have {stats.in_features} input features, kernel {k}")
   samples = None if stats is None else jnp.asarray(stats.samples, jnp.float32)
-  hessian = None if stats is None or stats.hessian is None else jnp.asarray(stats.hessian)
+  use_gptq = bool(_get(gcfg, "enabled", False))
+  hessian = None
+  if use_gptq:
+    if stats is None or stats.hessian is None:
+      raise ValueError("GPTQ is enabled but no calibration Hessian was collected for this layer "
+                       "(pass calibration statistics collected with hessian=True)")
+    hessian = jnp.asarray(stats.hessian, jnp.float32)
 
   # 1. Hadamard
   transform = None
@@ -369,9 +375,6 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   report["weight_clip_ratio_mean"] = float(jnp.mean(chosen))
 
   # 4. codes: GPTQ or round-to-nearest
-  use_gptq = bool(_get(gcfg, "enabled", False))
-  if use_gptq and hessian is None:
-    raise ValueError("GPTQ is enabled but no calibration Hessian was collected for this layer")
   if use_gptq:
     codes, _ = gptq.gptq_quantize(stored_kernel, hessian, wfmt, scales,
                                   damp=float(_get(gcfg, "damp", gptq.DEFAULT_DAMP)),
@@ -387,6 +390,8 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
     raise ValueError(f"unknown activation granularity {granularity!r}; known: per_token, per_tensor")
   absmax = None
   if stats is not None:
+    # Range of the quantized input over all timesteps: the channel absmax when there is no
+    # transform; with the Hadamard only the kept rows are seen in the rotated basis.
     absmax = float(np.max(np.abs(np.asarray(samples)))) if transform is not None else \
         float(np.max(stats.channel_absmax))
     report["act_drift"] = stats.drift
@@ -430,8 +435,8 @@ def _relative(diff, ref) -> float:
 
 
 def _attention_modules(paths) -> list[str]:
-  return sorted({p[: -len("/qkv")] for p in paths if p.endswith("attn/qkv")},
-                key=rules._natural_key)
+  """Attention modules owning a selected qkv layer, in the (natural) order of ``paths``."""
+  return list(dict.fromkeys(p[: -len("/qkv")] for p in paths if p.endswith("attn/qkv")))
 
 
 def quantize_params(params, model=None, config=None, calib: Optional[Mapping] = None):

@@ -109,6 +109,10 @@ class VQWeight(QuantizedWeight):
   shape: tuple = struct.field(pytree_node=False)  # (in_features, out_features)
   k: int = struct.field(pytree_node=False)
   d: int = struct.field(pytree_node=False)
+  # Optional dynamic per-token activation quantization of the layer input (the W2A4
+  # combination: VQ weights with 4-bit FP activations); None keeps activations in FP.
+  act_format: Optional[str] = struct.field(pytree_node=False, default=None)
+  act_clip_ratio: float = struct.field(pytree_node=False, default=1.0)
 
   @classmethod
   def from_indices(cls, codebook, indices, shape) -> "VQWeight":
@@ -138,6 +142,21 @@ class VQWeight(QuantizedWeight):
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     subvectors = jnp.take(self.codebook, self.indices(), axis=0)  # (S, N, d)
     return subvectors_to_kernel(subvectors).astype(dtype)
+
+  def linear(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+    """x: (..., K) -> (..., N): the Pallas VQ kernel on GPU (the dense weight is never
+    materialised), the plain-jnp reference elsewhere (kernels/vq_matmul.py)."""
+    from dit_quant_jax.kernels import vq_matmul  # kernels know nothing of quant; no cycle
+    if self.act_format is not None:
+      from dit_quant_jax.quant import rtn
+      x = rtn.per_token_fake_quant(x, self.act_format, self.act_clip_ratio).astype(x.dtype)
+    return vq_matmul.vq_linear(x, self.codebook.astype(x.dtype), self.assignments, bias)
+
+  def with_activation_quant(self, act_format: Optional[str], clip_ratio: float = 1.0) -> "VQWeight":
+    if act_format is not None:
+      from dit_quant_jax.quant import formats
+      formats.get_format(act_format)  # clear error for unknown formats
+    return self.replace(act_format=act_format, act_clip_ratio=float(clip_ratio))
 
   def nbytes_breakdown(self) -> Mapping[str, int]:
     return {"codebook": _nbytes(self.codebook), "assignments": _nbytes(self.assignments)}
