@@ -128,6 +128,13 @@ def f64(x):
 
 
 # ------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _full_precision_matmuls():
+  """float32 matmuls without TF32/bf16 passes (GPU), so DiT outputs compare at 1e-5."""
+  with jax.default_matmul_precision("highest"):
+    yield
+
+
 @pytest.fixture(scope="module")
 def base():
   return create_diffusion("")
