@@ -11,9 +11,10 @@ same noise and labels.  Quantized checkpoints are reused from quant_dir when pre
 import ml_collections
 
 
-def _row(key, name, spec, w_bits, a_bits, **overrides):
+def _row(key, name, spec, w_bits, a_bits, overrides=()):
+  """overrides: ((dotted.path, value), ...) applied to this row's quantization config."""
   return ml_collections.ConfigDict(dict(key=key, name=name, spec=spec, w_bits=w_bits,
-                                        a_bits=a_bits, overrides=overrides))
+                                        a_bits=a_bits, overrides=tuple(overrides)))
 
 
 def rows():
@@ -56,17 +57,18 @@ def get_config(arg: str = "default"):
   c.sampling.seed = 0
   c.sampling.batch_size = 250
 
-  # Applied to every quantization config that has the field (keeps the default job short).
-  c.calibration_overrides = ml_collections.ConfigDict({
-      "calibration.steps": 150,      # VQ4DiT optimisation steps (paper-scale: see 'full')
-      "calib.num_samples": 8,        # trajectory images for calibration
-  })
+  # ((dotted.path, value), ...) applied to every quantization config that has the field
+  # (keeps the default job short).
+  c.calibration_overrides = (
+      ("calibration.steps", 150),  # VQ4DiT optimisation steps (paper-scale: see 'full')
+      ("calib.num_samples", 8),  # trajectory images for calibration
+  )
   c.grid_per_class = 10
   c.grid_scale = 2
 
   if arg == "full":
     c.sampling.per_class = 1000  # 10k samples
-    c.calibration_overrides = ml_collections.ConfigDict({"calibration.steps": 1000})
+    c.calibration_overrides = (("calibration.steps", 1000),)
     c.results_dir = "results_full"
     c.quant_dir = "runs/reproduce_full/quant"
     c.command = "python experiments/reproduce.py --config=configs/reproduce.py:full"
@@ -74,9 +76,9 @@ def get_config(arg: str = "default"):
     c.sampling.per_class = 1
     c.sampling.respacing = "ddim3"
     c.sampling.batch_size = 10
-    c.calibration_overrides = ml_collections.ConfigDict({
-        "calibration.steps": 2, "calib.num_samples": 2, "calib.timestep_respacing": "ddim3",
-        "kmeans.num_iters": 3})
+    c.calibration_overrides = (
+        ("calibration.steps", 2), ("calib.num_samples", 2), ("calib.timestep_respacing", "ddim3"),
+        ("kmeans.num_iters", 3), ("gptq.enabled", False))
     c.grid_per_class = 1
     c.grid_scale = 1
     c.command = "pytest tests/test_reproduce.py"

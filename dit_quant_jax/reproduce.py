@@ -46,11 +46,10 @@ def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
       report = dict(method="fp", wall_time_s=0.0, size=_dense_size(fp_params))
       images, outputs = fp_images, fp_outputs
     else:
-      qconfig = config_spec.load(row.spec, dict(row.get("overrides", {})))
-      if config.get("calibration_overrides"):
-        for dotted, value in config.calibration_overrides.items():
-          if _has_dotted(qconfig, dotted):
-            config_spec.set_dotted(qconfig, dotted, value)
+      qconfig = config_spec.load(row.spec, dict(row.get("overrides", ())))
+      for dotted, value in config.get("calibration_overrides", ()):
+        if _has_dotted(qconfig, dotted):
+          config_spec.set_dotted(qconfig, dotted, value)
       out_dir = os.path.join(config.quant_dir, row.key)
       report = pipeline.quantize_checkpoint(config.model, qconfig, out_dir, reuse=config.reuse)
       model, qparams, _ = pipeline.load_dit(os.path.join(out_dir, "params"))
