@@ -420,6 +420,20 @@ def test_training_losses_and_frozen_mean(base, rand):
   assert np.abs(f64(grad[..., 1:])).max() > 0  # the variance channels learn from VB only
 
 
+def test_training_losses_call_the_model_with_original_timesteps(rand):
+  spaced = create_diffusion("ddim25")
+  t = np.array([0, 5, 24])
+  seen_t = []
+
+  def model_fn(x_t, t_model):
+    seen_t.append(np.asarray(t_model))
+    return jnp.zeros(x_t.shape[:-1] + (2,), jnp.float32)
+
+  x0 = jnp.asarray(rand.uniform(-1, 1, (3, 4, 4, 1)), jnp.float32)
+  spaced.training_losses(model_fn, x0, jnp.asarray(t), jnp.asarray(rand.standard_normal(x0.shape)))
+  np.testing.assert_array_equal(seen_t[0], 40 * t)  # ddim25 keeps every 40th step
+
+
 # ------------------------------------------------------------------------ sampler steps
 def test_ddpm_step_matches_numpy(base, rand):
   tab = ref_tables(ref_linear_betas(1000))

@@ -159,13 +159,52 @@ class FP4Weight(QuantizedWeight):
                                      self.act_clip_ratio, self.act_scale)
 
   def linear(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
-    """x: (..., K) -> (..., N): online transform, activation fake-quant, dequantized dot."""
+    """x: (..., K) -> (..., N): online transform, activation quantization, matmul.
+
+    On GPU (kernels.common.resolve_impl), 4-bit weights run the Pallas kernels from their
+    packed form: W4A16 for weight-only, the fused act-quant kernel + exact INT8-tensor-core
+    W4A4 for 4-bit per-token activations, W4A8 for FP8 per-token activations.  Elsewhere
+    (and for other settings) the plain-jnp path: dequantized weight, fake-quantized input.
+    """
+    from dit_quant_jax.kernels import common
+    if (self.bits == 4 and self.act_granularity in ("none", "per_token")
+        and common.resolve_impl("auto")[0]):
+      return self._kernel_linear(x, bias).astype(x.dtype)
     dtype = x.dtype
     xq = self.quantize_activation(self.transform_input(x.astype(jnp.float32)))
     y = jnp.dot(xq.astype(dtype), self.dequantize(dtype))
     if bias is not None:
       y = y + bias.astype(y.dtype)
     return y
+
+  def _kernel_linear(self, x, bias):
+    """The Pallas path (kernels/fp4_matmul.py, kernels/act_quant.py); see linear()."""
+    from dit_quant_jax.kernels import act_quant, fp4_matmul
+    w_fmt = self.fmt
+    if self.act_granularity == "none":
+      return fp4_matmul.w4a16_linear(self.transform_input(x), self.packed_codes, w_fmt.lut,
+                                     self.scale, bias)
+    a_fmt = formats.get_format(self.act_format)
+    if a_fmt.bits == 4:
+      transform = None
+      if self.hadamard_signs is not None:
+        b = self.shape[0] // self.hadamard_block.shape[0]
+        walsh = hadamard.fwht(jnp.eye(b, dtype=jnp.float32), axis=-1)  # H_b / sqrt(b)
+        transform = (self.hadamard_signs, self.hadamard_block, walsh)
+      packed_x, x_scale = act_quant.quantize_activations(
+          x, a_fmt.magnitudes, transform, clip_ratio=self.act_clip_ratio)
+      return fp4_matmul.w4a4_linear(
+          packed_x, x_scale / a_fmt.multiplier, jnp.asarray(a_fmt.int_lut, jnp.int8),
+          self.packed_codes, jnp.asarray(w_fmt.int_lut, jnp.int8), self.scale / w_fmt.multiplier,
+          bias, k_features=self.shape[0])
+    if a_fmt.name == "fp8_e4m3":
+      xt = self.transform_input(x.astype(jnp.float32))
+      x2d = xt.reshape(-1, xt.shape[-1])
+      x_fp8, x_scale = fp4_matmul.quantize_fp8_per_token_reference(x2d)
+      y = fp4_matmul.w4a8_linear(x_fp8, x_scale, self.packed_codes, w_fmt.lut, self.scale, bias)
+      return y.reshape(x.shape[:-1] + (self.shape[1],))
+    xq = self.quantize_activation(self.transform_input(x.astype(jnp.float32)))
+    return fp4_matmul.w4a16_linear(xq.astype(x.dtype), self.packed_codes, w_fmt.lut, self.scale, bias)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel in the original basis, Q @ dequantize() (for error reports)."""
