@@ -14,7 +14,7 @@ One GPU call checks and times everything:
    shape, so a timed-out run still leaves its rows).
 
 ``bench_dit_step`` (one DiT-XL/2 sampling step per variant, time and peak device memory) takes
-callables; the lead wires the FP / VQ W2 / HQ-DiT W4A4 models into ``dit_step_variants``.
+callables; ``dit_step_variants`` builds the FP bf16 / VQ W2 / HQ-DiT W4A4 DiT-XL/2 steps.
 """
 
 from __future__ import annotations
@@ -374,14 +374,64 @@ def bench_dit_step(variants: Mapping[str, tuple[Callable, tuple]], *, warmup: in
   return rows
 
 
-def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
-  """LEAD: return {"fp_bf16": ..., "vq_w2": ..., "hqdit_w4a4": ...} (see bench_dit_step).
+def _random_quantized_params(params, kind: str, seed: int = 0):
+  """Replace every DiT-block linear kernel by a random quantized weight in the real layout
+  (timing and memory do not depend on the values; k-means on XL/2 would take minutes)."""
+  from dit_quant_jax.quant import formats, hadamard, hqdit, rules, vq4dit
+  rng = np.random.default_rng(seed)
+  out = params
+  for index, path in enumerate(rules.select_layers(params)):
+    k_in, n_out = rules.get_path(params, path + "/kernel").shape
+    if kind == "vq_w2":  # k = 256, d = 4: 2 bits per weight
+      codebook = rng.standard_normal((256, 4)).astype(np.float32) * 0.02
+      indices = rng.integers(0, 256, (k_in // 4, n_out))
+      weight = vq4dit.VQWeight.from_indices(codebook, indices, (k_in, n_out))
+    else:  # HQ-DiT W4A4: E2M1 weights, Hadamard, per-token E2M1 activations
+      transform = hadamard.make_transform(k_in, seed + index)
+      codes = rng.integers(0, 16, (k_in, n_out)).astype(np.uint8)
+      weight = hqdit.FP4Weight.from_codes(
+          codes, np.full((n_out,), 0.01, np.float32), "e2m1",
+          hadamard_signs=transform.signs, hadamard_block=transform.block,
+          hadamard_seed=transform.seed, act_format="e2m1", act_granularity="per_token")
+    out = rules.set_path(out, path + "/kernel", weight)
+  return out
 
-  Empty until the quantized weight types (quant/vq4dit.py, quant/hqdit.py) are wired to the
-  kernels; the report then gets a "DiT-XL/2 step" table.
-  """
-  del smoke
-  return {}
+
+def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
+  """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
+  sees 16), for FP bf16, VQ W2 and HQ-DiT W4A4 with random weights in the real shapes.
+  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
+  from dit_quant_jax.diffusion import create_diffusion, sampling
+  from dit_quant_jax.models import dit
+  if smoke:
+    model = dit.create_model("DiT-S/8", input_size=16, depth=1, hidden_size=128, num_heads=2,
+                             num_classes=10, dtype=jnp.bfloat16)
+  else:
+    model = dit.create_model("DiT-XL/2", input_size=32, num_classes=1000, dtype=jnp.bfloat16)
+  params = jax.jit(lambda key: dit.init_params(model, key))(jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(  # non-zero adaLN / final layer, as after training
+      lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+  diffusion = create_diffusion("250")
+  model_fn = sampling.cfg_model_fn(model, 1.5)
+  batch = 8
+  x = jax.random.normal(jax.random.PRNGKey(2), (batch, model.input_size, model.input_size,
+                                                model.in_channels), jnp.bfloat16)
+  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  t = jnp.full((batch,), 125, jnp.int32)
+  noise = jax.random.normal(jax.random.PRNGKey(3), x.shape, jnp.float32)
+
+  @jax.jit
+  def step(step_params, x, t, labels, noise):
+    out = model_fn(x, diffusion.model_timesteps(t), step_params, labels)
+    x_next, _ = diffusion.p_sample_step(out.astype(jnp.float32), x.astype(jnp.float32), t, noise)
+    return x_next
+
+  variants = {}
+  for name in ("vq_w2", "hqdit_w4a4"):
+    variants[name] = (step, (_random_quantized_params(params, name), x, t, labels, noise))
+  bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+  variants["fp_bf16"] = (step, (bf16, x, t, labels, noise))
+  return variants
 
 
 # ----------------------------------------------------------------------------------------
