@@ -47,9 +47,7 @@ def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
       images, outputs = fp_images, fp_outputs
     else:
       qconfig = config_spec.load(row.spec, dict(row.get("overrides", ())))
-      for dotted, value in config.get("calibration_overrides", ()):
-        if _has_dotted(qconfig, dotted):
-          config_spec.set_dotted(qconfig, dotted, value)
+      _apply_shared_overrides(qconfig, config.get("calibration_overrides", ()))
       out_dir = os.path.join(config.quant_dir, row.key)
       report = pipeline.quantize_checkpoint(config.model, qconfig, out_dir, reuse=config.reuse)
       model, qparams, _ = pipeline.load_dit(os.path.join(out_dir, "params"))
@@ -69,6 +67,17 @@ def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
     _write_outputs(config, rows, fp_model, labels)
   progress(f"done in {time.time() - started:.0f} s; table in {config.results_dir}/results.md")
   return rows
+
+
+def _apply_shared_overrides(qconfig, overrides) -> None:
+  """Set each (dotted, value) the config has; a row without calibration (k-means only,
+  ``calibration.steps == 0``) keeps it off."""
+  for dotted, value in overrides:
+    if not _has_dotted(qconfig, dotted):
+      continue
+    if dotted == "calibration.steps" and int(qconfig.calibration.steps) == 0:
+      continue
+    config_spec.set_dotted(qconfig, dotted, value)
 
 
 def _has_dotted(config, dotted: str) -> bool:
