@@ -35,7 +35,7 @@ def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
   config.model = tiny_ckpt
   config.results_dir = str(tmp_path / "results")
   config.quant_dir = str(tmp_path / "quant")
-  keep = {"fp", "rtn_int2w", "vq4dit_w2", "hqdit_w4a4", "vq_w2a4"}
+  keep = {"fp", "rtn_int2w", "kmeans_w2", "vq4dit_w2", "hqdit_w4a4", "vq_w2a4"}
   config.rows = [r for r in config.rows if r.key in keep]
   messages = []
   rows = reproduce.run(config, progress=messages.append)
@@ -50,6 +50,10 @@ def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
   table = open(os.path.join(config.results_dir, "results.md")).read()
   assert "VQ4DiT W2" in table and "HQ-DiT W4A4" in table
   assert any("ETA" in m or "elapsed" in m for m in messages)  # progress is reported
+  # The shared calibration overrides leave the k-means-only row uncalibrated.
+  reports = {key: json.load(open(os.path.join(config.quant_dir, key, "report.json")))
+             for key in ("kmeans_w2", "vq4dit_w2")}
+  assert reports["kmeans_w2"]["calibration"] is None and reports["vq4dit_w2"]["calibration"]
   # A second run reuses the quantized checkpoints on disk (no re-quantization).
   mtime = os.path.getmtime(os.path.join(config.quant_dir, "vq4dit_w2", "report.json"))
   reproduce.run(config, progress=lambda m: None)
