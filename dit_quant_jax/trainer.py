@@ -106,7 +106,7 @@ def make_train_step(config, model, mesh: Mesh):
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step, config)
     ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1 - decay) * p, state.ema_params, params)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
                       rng=rng), metrics
 
@@ -133,16 +133,17 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices")
   os.makedirs(workdir, exist_ok=True)
-  state = init_state(config, model, jax.random.PRNGKey(config.seed))
+  state = jax.jit(lambda key: init_state(config, model, key))(jax.random.PRNGKey(config.seed))
   state_dir = os.path.join(workdir, "state")
+  curve_path = os.path.join(workdir, "training_curve.jsonl")
   start = ckpt_lib.latest_step(state_dir)
   if start is not None:
     state = ckpt_lib.restore_state(state_dir, state, step=start)
+    _truncate_curve(curve_path, start)
     logging.info("resumed from step %d", start)
   state = jax.device_put(state, NamedSharding(mesh, P()))
   train_step = make_train_step(config, model, mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
-  curve_path = os.path.join(workdir, "training_curve.jsonl")
   step = int(state.step)
   t_start, step_start = time.time(), step
   while step < config.num_steps:
@@ -163,6 +164,16 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       ckpt_lib.save_state(state_dir, step, state, keep=config.get("keep_checkpoints", 2))
   return state
+
+
+def _truncate_curve(path: str, last_step: int) -> None:
+  """Drop curve rows logged after the checkpoint being resumed (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  with open(path, "w") as f:
+    f.writelines(rows)
 
 
 def export_ema(config, state: TrainState, path: str, extra: Optional[dict] = None) -> None:

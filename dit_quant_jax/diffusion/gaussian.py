@@ -256,10 +256,21 @@ class GaussianDiffusion:
     return terms
 
 
+def create_diffusion(timestep_respacing: Union[str, Sequence[int], None] = "",
+                     noise_schedule: str = "linear", learn_sigma: bool = True,
+                     diffusion_steps: int = 1000) -> GaussianDiffusion:
+  """As the official ``create_diffusion``: respaced for sampling, "" or None for all steps.
+
+  timestep_respacing: "250", "ddim50", "10,15,20" or a sequence of section counts.  Cached:
+  equal arguments give the same (hashable) object, so jit reuses its compilations.
+  """
+  if timestep_respacing is not None and not isinstance(timestep_respacing, str):
+    timestep_respacing = ",".join(str(int(c)) for c in timestep_respacing)
+  return _create_diffusion(timestep_respacing, noise_schedule, learn_sigma, diffusion_steps)
+
+
 @functools.lru_cache(maxsize=None)
-def create_diffusion(timestep_respacing: Union[str, None] = "", noise_schedule: str = "linear",
-                     learn_sigma: bool = True, diffusion_steps: int = 1000) -> GaussianDiffusion:
-  """As the official ``create_diffusion``: respaced for sampling, "" or None for all steps."""
+def _create_diffusion(timestep_respacing, noise_schedule, learn_sigma, diffusion_steps):
   base = GaussianDiffusion(get_named_beta_schedule(noise_schedule, diffusion_steps), learn_sigma)
   if not timestep_respacing:
     return base
