@@ -133,3 +133,14 @@ def test_adm_shards_resume_and_config(tmp_path):
   assert (c.expected_input_size, c.respacing, c.cfg_scale, c.num_samples) == (64, "100", 4.0, 10_000)
   with pytest.raises(ValueError, match="bad DiT-XL/2 setting"):
     config_spec.load("configs/dit_xl2.py:256-30-1.5-50k")
+
+
+def test_readme_results_block_is_regenerated(tmp_path):
+  readme = tmp_path / "README.md"
+  readme.write_text("intro\n<!-- RESULTS:BEGIN -->\nold table\n<!-- RESULTS:END -->\noutro\n")
+  reproduce.update_readme(str(readme), "| new | table |\n")
+  assert readme.read_text() == ("intro\n<!-- RESULTS:BEGIN -->\n| new | table |\n"
+                                "<!-- RESULTS:END -->\noutro\n")
+  readme.write_text("no markers")
+  with pytest.raises(ValueError, match="RESULTS"):
+    reproduce.update_readme(str(readme), "x")
