@@ -198,3 +198,15 @@ def sample_adm_shards(model, params, noise_labels, output_dir: str, *, shard_siz
   merged = os.path.join(output_dir, "samples.npz")
   np.savez(merged, arr_0=np.concatenate(arrays), arr_1=np.concatenate(shard_labels))
   return merged
+
+
+def maybe_initialize_distributed() -> bool:
+  """Multi-host: ``jax.distributed.initialize()`` when the environment names a coordinator
+  (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects with DIT_QUANT_DISTRIBUTED=1).
+  The sharded code then spans every host's devices.  Returns whether it initialized."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("DIT_QUANT_DISTRIBUTED") == "1":
+    jax.distributed.initialize()
+    logging.info("jax.distributed initialized: process %d of %d, %d devices", jax.process_index(),
+                 jax.process_count(), jax.device_count())
+    return True
+  return False

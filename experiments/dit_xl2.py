@@ -25,6 +25,7 @@ flags.mark_flag_as_required("output")
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  pipeline.maybe_initialize_distributed()
   c = _CONFIG.value
   model_path = c.model
   if c.quant_spec:

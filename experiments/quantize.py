@@ -23,6 +23,7 @@ flags.mark_flags_as_required(["config", "output"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  pipeline.maybe_initialize_distributed()
   report = pipeline.quantize_checkpoint(_MODEL.value, _CONFIG.value, _OUTPUT.value, reuse=_REUSE.value)
   logging.info("quantized (%s) in %.1f s: %.3f MB", report.get("setting"),
                report.get("wall_time_s", float("nan")), report["size"]["total_mb"])

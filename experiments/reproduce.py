@@ -6,7 +6,7 @@
 from absl import app, logging
 from ml_collections import config_flags
 
-from dit_quant_jax import reproduce
+from dit_quant_jax import pipeline, reproduce
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Reproduce config.")
 
@@ -14,6 +14,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/reproduce.py", "Rep
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  pipeline.maybe_initialize_distributed()
   reproduce.run(_CONFIG.value)
 
 

@@ -37,6 +37,7 @@ flags.mark_flags_as_required(["output"])
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  pipeline.maybe_initialize_distributed()
   model, params, _ = pipeline.load_dit(_MODEL.value)
   noise, labels = pipeline.noise_and_labels(model, _PER_CLASS.value, _SEED.value)
   respacing = ("ddim" + _STEPS.value) if (_SAMPLER.value == "ddim" and _STEPS.value.isdigit()) else _STEPS.value

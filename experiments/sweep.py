@@ -9,7 +9,7 @@ Resumable: runs with a result.json are skipped.  Ends by printing the aggregated
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_quant_jax import sweep
+from dit_quant_jax import pipeline, sweep
 
 _SWEEP = config_flags.DEFINE_config_file("sweep", "configs/sweeps.py:tiny", "Sweep definition.")
 _OUTPUT = flags.DEFINE_string("output", None, "Sweep directory.")
@@ -19,6 +19,7 @@ flags.mark_flag_as_required("output")
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  pipeline.maybe_initialize_distributed()
   sweep.run_sweep(_SWEEP.value, _OUTPUT.value)
   print(sweep.aggregate(_OUTPUT.value))
 
