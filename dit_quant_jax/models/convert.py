@@ -62,17 +62,24 @@ class CheckpointMismatchError(ValueError):
 
 
 # -------------------------------------------------------------------------------- keys
-def official_key_to_path(key: str) -> tuple[str, ...]:
-  """``blocks.3.attn.qkv.weight`` -> ``('blocks_3', 'attn', 'qkv', 'kernel')``."""
-  parts = key.split(".")
+def join_numeric_indices(parts, key: str, error_cls=ValueError) -> list[str]:
+  """PyTorch module path parts -> Flax module names: ``['blocks', '3', 'attn']`` ->
+  ``['blocks_3', 'attn']`` (ModuleList / Sequential indices join their parent's name)."""
   modules: list[str] = []
-  for part in parts[:-1]:
+  for part in parts:
     if part.isdigit():
       if not modules:
-        raise ValueError(f"official key {key!r} starts with a numeric index")
+        raise error_cls(f"checkpoint key {key!r} starts with a numeric index")
       modules[-1] = f"{modules[-1]}_{part}"
     else:
       modules.append(part)
+  return modules
+
+
+def official_key_to_path(key: str) -> tuple[str, ...]:
+  """``blocks.3.attn.qkv.weight`` -> ``('blocks_3', 'attn', 'qkv', 'kernel')``."""
+  parts = key.split(".")
+  modules = join_numeric_indices(parts[:-1], key)
   leaf = parts[-1]
   if not modules:  # top-level parameter, e.g. pos_embed
     return (leaf,)

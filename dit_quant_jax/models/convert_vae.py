@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from dit_quant_jax.models.convert import CheckpointMismatchError
+from dit_quant_jax.models.convert import CheckpointMismatchError, join_numeric_indices
 from dit_quant_jax.models.vae import VAEConfig, init_vae_params
 
 # Older diffusers (before the Attention refactor, ~0.14) -> current attention layer names.
@@ -60,14 +60,7 @@ def diffusers_key_to_module_path(key: str) -> tuple[tuple[str, ...], str]:
   """``decoder.up_blocks.0.resnets.1.conv1.weight`` ->
   ``(('decoder', 'up_blocks_0', 'resnets_1', 'conv1'), 'weight')``; ``to_out.0`` -> ``to_out``."""
   parts = canonical_key(key).split(".")
-  modules: list[str] = []
-  for part in parts[:-1]:
-    if part.isdigit():
-      if not modules:
-        raise CheckpointMismatchError(f"checkpoint key {key!r} starts with a numeric index")
-      modules[-1] = f"{modules[-1]}_{part}"
-    else:
-      modules.append(part)
+  modules = join_numeric_indices(parts[:-1], key, CheckpointMismatchError)
   if modules and modules[-1] == "to_out_0":  # diffusers: to_out = [Linear, Dropout]
     modules[-1] = "to_out"
   return tuple(modules), parts[-1]
