@@ -111,6 +111,8 @@ def test_multi_device_equals_single_device(tmp_path):
   assert int(results[4]["devices"]) == 4 and int(results[1]["devices"]) == 1
   np.testing.assert_allclose(results[4]["images"], results[1]["images"], atol=2e-5)
   np.testing.assert_allclose(results[4]["traj_x"], results[1]["traj_x"], atol=2e-5)
+  np.testing.assert_allclose(results[4]["vq_losses"], results[1]["vq_losses"], rtol=1e-4)
+  np.testing.assert_allclose(results[4]["vq_kernel"], results[1]["vq_kernel"], atol=1e-5)
 
 
 def test_adm_shards_resume_and_config(tmp_path):
