@@ -25,7 +25,7 @@ dataset:
 	fi
 
 test: venv dataset
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=30 tests
 
 demo: venv dataset
 	$(PY) experiments/reproduce.py
