@@ -115,16 +115,20 @@ def _permute_shape(shape, perm) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------ arrays
-def _to_numpy(value) -> np.ndarray:
-  """numpy / jax array or torch tensor (any device, bf16 included) -> float32 numpy."""
+def to_numpy(value, require_float: bool = False) -> np.ndarray:
+  """numpy / jax array or torch tensor (any device, bf16 included) -> numpy, floating
+  dtypes (ml_dtypes' bfloat16 too) as float32.  ``require_float``: a non-float tensor is a
+  CheckpointMismatchError (checkpoints whose every tensor is a weight, e.g. the VAE)."""
   if hasattr(value, "detach"):  # torch.Tensor, without importing torch
     value = value.detach().cpu()
     if value.is_floating_point():
       value = value.float()
     value = value.numpy()
   array = np.asarray(value)
-  if np.issubdtype(array.dtype, np.floating):
-    array = array.astype(np.float32)
+  if jnp.issubdtype(array.dtype, jnp.floating):
+    return array.astype(np.float32, copy=False)
+  if require_float:
+    raise CheckpointMismatchError(f"expected a floating-point tensor, got dtype {array.dtype}")
   return array
 
 
@@ -155,7 +159,7 @@ def params_from_official(state_dict: Mapping[str, Any], model: Optional[dit_lib.
   flat = {}
   for key, value in state_dict.items():
     path = official_key_to_path(key)
-    array = _to_numpy(value)
+    array = to_numpy(value)
     perm = _to_flax_perm(path, array.ndim)
     if perm is not None:
       array = np.transpose(array, perm)
@@ -175,7 +179,7 @@ def params_to_official(params) -> dict[str, np.ndarray]:
     if is_quantized(value):
       raise TypeError(f"{'/'.join(path)} holds a quantized {type(value).__name__}; only dense "
                       "params convert to the official layout")
-    array = _to_numpy(value)
+    array = to_numpy(value)
     if path[-1] == "kernel":
       if array.ndim not in _TO_OFFICIAL_PERM:
         raise ValueError(f"{'/'.join(path)}: kernel of rank {array.ndim} has no official layout")

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from dit_quant_jax.models.convert import CheckpointMismatchError, join_numeric_indices
+from dit_quant_jax.models.convert import CheckpointMismatchError, join_numeric_indices, to_numpy
 from dit_quant_jax.models.vae import VAEConfig, init_vae_params
 
 # Older diffusers (before the Attention refactor, ~0.14) -> current attention layer names.
@@ -89,17 +89,6 @@ def _flax_to_torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, .
 
 
 # ------------------------------------------------------------------------------ arrays
-def _to_numpy(value) -> np.ndarray:
-  """numpy array or torch tensor (any device and float dtype) -> float32 numpy."""
-  if hasattr(value, "detach"):  # torch.Tensor, without importing torch
-    value = value.detach().cpu()
-    if value.is_floating_point():
-      value = value.float()
-    value = value.numpy()
-  array = np.asarray(value)
-  if not jax.numpy.issubdtype(array.dtype, jax.numpy.floating):  # bfloat16 (ml_dtypes) included
-    raise CheckpointMismatchError(f"expected a floating-point tensor, got dtype {array.dtype}")
-  return array.astype(np.float32, copy=False)
 
 
 def expected_shapes(config: VAEConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -167,7 +156,7 @@ def params_from_diffusers(state_dict: Mapping[str, Any], config: VAEConfig) -> d
       raise CheckpointMismatchError(
           f"checkpoint key {key!r} has shape {shape}, model expects {want} for {arch}")
     try:
-      array = _to_numpy(value)
+      array = to_numpy(value, require_float=True)
     except CheckpointMismatchError as e:
       raise CheckpointMismatchError(f"checkpoint key {key!r}: {e}") from None
     if flax_leaf == "kernel":
@@ -238,7 +227,7 @@ def load_vae_state_dict(path: str) -> dict[str, np.ndarray]:
   for key, value in state_dict.items():
     if not hasattr(value, "shape"):
       raise ValueError(f"{path}: entry {key!r} is not a tensor; not a VAE state dict")
-    out[key] = _to_numpy(value)
+    out[key] = to_numpy(value, require_float=True)
   return out
 
 
