@@ -27,7 +27,7 @@ FP4_CANDIDATES = ("e1m2", "e2m1", "e3m0")
 
 def _hqdit_base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "hqdit"  # dispatch key of quant/api.py
+  c.method = "hqdit"  # dispatch key of dit_quant_jax/api.py
   c.name = "w4a4"
   # Regexes on linear-layer paths (quant/rules.py); default: every linear inside the DiT
   # blocks (qkv, proj, fc1, fc2, adaLN); embedders and final layer stay FP.

@@ -26,7 +26,7 @@ SETTINGS = ("w2", "w3", "w4", "kmeans_w2", "kmeans_w3", "kmeans_w4", "w2a4", "ti
 
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.method = "vq4dit"  # dispatch key of quant/api.py
+  c.method = "vq4dit"  # dispatch key of dit_quant_jax/api.py
   c.name = "w2"
   # Regexes on linear-layer paths (quant/rules.py); default: every linear inside the DiT
   # blocks (qkv, proj, fc1, fc2, adaLN); embedders and final layer stay FP.

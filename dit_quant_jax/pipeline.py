@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dit_quant_jax.diffusion import create_diffusion, sampling
 from dit_quant_jax.models import dit
-from dit_quant_jax.quant import api as quant_api
+from dit_quant_jax import api as quant_api
 from dit_quant_jax.utils import checkpoint as ckpt_lib
 
 

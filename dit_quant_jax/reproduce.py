@@ -90,7 +90,7 @@ def _has_dotted(config, dotted: str) -> bool:
 
 
 def _dense_size(params) -> dict:
-  from dit_quant_jax.quant.api import model_size
+  from dit_quant_jax.api import model_size
   return model_size(params)
 
 

@@ -10,7 +10,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from tiny_model import tiny_model_and_params  # noqa: E402
 
 from dit_quant_jax import config_spec, pipeline  # noqa: E402
-from dit_quant_jax.quant import api  # noqa: E402
+from dit_quant_jax import api  # noqa: E402
 from dit_quant_jax.calibrate.trajectory import random_calibration_set  # noqa: E402
 from dit_quant_jax.diffusion import create_diffusion  # noqa: E402
 

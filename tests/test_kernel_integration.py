@@ -10,7 +10,7 @@ import pytest
 from dit_quant_jax import config_spec
 from dit_quant_jax.diffusion import create_diffusion, sampling
 from dit_quant_jax.kernels import common
-from dit_quant_jax.quant import api
+from dit_quant_jax import api
 from tiny_model import tiny_model_and_params
 
 ON_GPU = jax.default_backend() == "gpu"

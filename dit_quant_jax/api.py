@@ -1,5 +1,8 @@
 """One entry point for every quantization method: params pytree -> quantized params pytree.
 
+This module sits above both ``quant/`` (the quantizers) and ``calibrate/`` (trajectories,
+calibration loops): it imports them, and neither imports it.
+
 ``quantize(model, params, qconfig)`` builds the zero-data calibration set the method asks
 for (the FP model's own sampling trajectory, ``qconfig.calib``), runs the method and returns
 ``(qparams, report)``.  Methods (``qconfig.method``):
