@@ -52,6 +52,9 @@ def get_config(arg: str = "default"):
   c.command = "make demo"
   c.readme = "README.md"  # its RESULTS markers get the table; "" leaves it alone
   c.rows = rows()
+  # Comma-separated row keys to run (e.g. "fp,kmeans_w2"); "" runs every row.  The FP row is
+  # always sampled (paired metrics need it) but only listed when selected.
+  c.only = ""
 
   c.sampling = ml_collections.ConfigDict()
   c.sampling.per_class = 25  # 250 samples per method

@@ -25,8 +25,23 @@ TABLE_COLUMNS = ("Method", "W/A", "Size (MB)", "FD ↓", "IS ↑", "Class acc �
                  "Recall ↑", "PSNR vs FP ↑", "Quant. time (s)")
 
 
+def selected_rows(config) -> list:
+  """The rows of ``config.rows`` named by ``config.only`` (comma-separated keys; "" = all).
+
+  An unknown key is an error listing the known ones."""
+  only = [k.strip() for k in str(config.get("only") or "").split(",") if k.strip()]
+  if not only:
+    return list(config.rows)
+  known = [row.key for row in config.rows]
+  unknown = [k for k in only if k not in known]
+  if unknown:
+    raise ValueError(f"--config.only names unknown rows {unknown}; known rows: {','.join(known)}")
+  return [row for row in config.rows if row.key in only]
+
+
 def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
-  """Run every row; returns the list of row results (also written under config.results_dir)."""
+  """Run every selected row; returns the list of row results (also written under config.results_dir)."""
+  selected = selected_rows(config)
   os.makedirs(config.results_dir, exist_ok=True)
   grid_dir = os.path.join(config.results_dir, "grids")
   os.makedirs(grid_dir, exist_ok=True)
@@ -40,8 +55,8 @@ def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
   fp_images, fp_outputs = pipeline.generate(fp_model, fp_params, noise, labels, return_outputs=True,
                                             progress=progress, **sample_kwargs)
   rows = []
-  for index, row in enumerate(config.rows):
-    progress(f"[{index + 1}/{len(config.rows)}] {row.name} ({time.time() - started:.0f} s elapsed)")
+  for index, row in enumerate(selected):
+    progress(f"[{index + 1}/{len(selected)}] {row.name} ({time.time() - started:.0f} s elapsed)")
     if row.spec == "fp":
       report = dict(method="fp", wall_time_s=0.0, size=_dense_size(fp_params))
       images, outputs = fp_images, fp_outputs

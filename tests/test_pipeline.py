@@ -147,3 +147,13 @@ def test_readme_results_block_is_regenerated(tmp_path):
   readme.write_text("no markers")
   with pytest.raises(ValueError, match="RESULTS"):
     reproduce.update_readme(str(readme), "x")
+
+
+def test_row_selection_only():
+  config = config_spec.load("configs/reproduce.py:tiny")
+  assert [r.key for r in reproduce.selected_rows(config)] == [r.key for r in config.rows]
+  config.only = "kmeans_w2, fp"
+  assert [r.key for r in reproduce.selected_rows(config)] == ["fp", "kmeans_w2"]
+  config.only = "fp,nope"
+  with pytest.raises(ValueError, match="unknown rows.*nope"):
+    reproduce.selected_rows(config)
