@@ -40,7 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
-from dit_quant_jax.quant import packing
+from dit_quant_jax.numerics import packing
 
 CODE_BITS = 4
 NUM_MAGNITUDES = 8

@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dit_quant_jax.kernels import common
-from dit_quant_jax.quant import packing
+from dit_quant_jax.numerics import packing
 
 CODE_BITS = 4
 LUT_SIZE = 16

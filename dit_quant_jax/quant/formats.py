@@ -41,20 +41,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_quant_jax.numerics import fp4 as fp4_tables
+
 FP4_FORMATS = ("e1m2", "e2m1", "e3m0")
 FP8_FORMATS = ("fp8_e4m3",)
 INT_BITS = tuple(range(2, 9))  # supported INT-b widths (sign-magnitude codes of b bits)
 
-# (exponent bits, mantissa bits, bias) of the minifloats; biases justified in the module doc.
-_MINIFLOAT_LAYOUT = {
-    "e1m2": (1, 2, 1),
-    "e2m1": (2, 1, 1),
-    "e3m0": (3, 0, 3),
-    "fp8_e4m3": (4, 3, 7),
-}
-# Smallest integer k with k * magnitudes all integers (notes/interfaces.md "integer path").
-_INT_MULTIPLIER = {"e1m2": 4, "e2m1": 2, "e3m0": 4, "fp8_e4m3": 2**9}
-FP8_E4M3_MAX = 448.0  # OCP FP8 spec, float8_e4m3fn largest finite value
+# The code tables live in numerics/ (below quant/ and kernels/, which both use them).
+_MINIFLOAT_LAYOUT = fp4_tables.MINIFLOAT_LAYOUT  # (exponent bits, mantissa bits, bias)
+_INT_MULTIPLIER = fp4_tables.INT_MULTIPLIER  # smallest k with k * magnitudes all integers
+FP8_E4M3_MAX = fp4_tables.FP8_E4M3_MAX
 
 _ALIASES = {"fp4_e1m2": "e1m2", "fp4_e2m1": "e2m1", "fp4_e3m0": "e3m0", "e4m3": "fp8_e4m3",
             "fp8": "fp8_e4m3"}
@@ -124,13 +120,7 @@ class Format:
     return ((mags[1:] + mags[:-1]) / 2).astype(np.float32)
 
 
-def _minifloat_magnitudes(exponent_bits: int, mantissa_bits: int, bias: int) -> list[float]:
-  values = []
-  for e in range(2**exponent_bits):
-    for f in range(2**mantissa_bits):
-      frac = f / 2**mantissa_bits
-      values.append(frac * 2.0**(1 - bias) if e == 0 else (1 + frac) * 2.0**(e - bias))
-  return values
+_minifloat_magnitudes = fp4_tables.minifloat_magnitudes
 
 
 @functools.lru_cache(maxsize=None)

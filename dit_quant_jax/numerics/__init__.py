@@ -1,0 +1,1 @@
+"""Shared numerics below quant/ and kernels/: number-format code tables and bit packing."""

@@ -1,0 +1,197 @@
+"""Code tables of the 4-bit formats (E1M2, E2M1, E3M0, INT4) and FP8 E4M3, and the arithmetic
+decodes the kernels use (no table lookups).
+
+A 4-bit code is sign-magnitude: bit 3 is the sign, bits 2..0 the index ``i`` of the magnitude in
+the format's sorted grid (for the minifloats ``i`` is the exponent-mantissa bit pattern
+``(e << M) | f``).  ``quant/formats.py`` builds its ``Format`` objects from the tables here; the
+rounding rule (nearest magnitude, ties to the even index, saturating) is documented there.
+
+Minifloat value of exponent field ``e`` and mantissa field ``f`` (``E`` and ``M`` bits, bias):
+``e = 0``: ``f / 2**M * 2**(1 - bias)``; ``e > 0``: ``(1 + f / 2**M) * 2**(e - bias)``.
+
+Exact 8-bit images of the 4-bit codes (what the tensor-core paths multiply):
+
+* FP8 E4M3 (bias 7): a 4-bit minifloat code ``c`` *is* an E4M3 byte after moving the sign to
+  bit 7 and the 3 magnitude bits up by ``3 - M``:
+  ``e4m3_bits = (c & 8) << 4 | (c & 7) << (3 - M)``.  The exponent field keeps ``e`` and the
+  mantissa keeps ``f`` in its top bits, so subnormals map to subnormals and every value is
+  ``fp4_value * 2**(bias - 7)`` exactly (E2M1, E1M2: 2**-6; E3M0: 2**-4).  The power of two goes
+  into the per-channel / per-token scale.  INT4 has no such image (its grid is linear, 0..7, and
+  E4M3 holds it exactly only through a conversion; use the int8 image).
+* INT8: ``int8_value = multiplier * fp4_value`` (E2M1: x2 -> {0, 1, 2, 3, 4, 6, 8, 12};
+  E1M2: x4 -> {0..7}; E3M0: x4 -> {0, 1, 2, 4, .., 64}; INT4: x1).  Decoded arithmetically from a
+  packed 32-bit "register table": ``magnitude = (word >> (width * i)) & mask`` (width 4 when every
+  integer magnitude is < 16, else two 8-bit-wide words selected by ``i >= 4``), then the sign.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# (exponent bits, mantissa bits, bias) of the minifloats (biases justified in quant/formats.py).
+MINIFLOAT_LAYOUT = {
+    "e1m2": (1, 2, 1),
+    "e2m1": (2, 1, 1),
+    "e3m0": (3, 0, 3),
+    "fp8_e4m3": (4, 3, 7),
+}
+# Smallest integer k with k * magnitudes all integers.
+INT_MULTIPLIER = {"e1m2": 4, "e2m1": 2, "e3m0": 4, "fp8_e4m3": 2**9, "int4": 1}
+FP8_E4M3_MAX = 448.0  # OCP FP8 spec, float8_e4m3fn largest finite value
+FP8_E4M3_BIAS = 7
+FP4_CODE_FORMATS = ("e1m2", "e2m1", "e3m0", "int4")
+SIGN_BIT = 8  # bit 3 of a 4-bit code
+MAGNITUDE_MASK = 7
+
+
+def minifloat_magnitudes(exponent_bits: int, mantissa_bits: int, bias: int) -> list[float]:
+  """All non-negative values of a minifloat, ascending (index = exponent-mantissa pattern)."""
+  values = []
+  for e in range(2**exponent_bits):
+    for f in range(2**mantissa_bits):
+      frac = f / 2**mantissa_bits
+      values.append(frac * 2.0**(1 - bias) if e == 0 else (1 + frac) * 2.0**(e - bias))
+  return values
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp4Code:
+  """What a kernel needs to know about a 4-bit code format (hashable: a static argument).
+
+  name: 'e1m2' | 'e2m1' | 'e3m0' | 'int4';  magnitudes: the 8 grid values;  multiplier: int8
+  image factor;  mantissa_bits / bias: minifloat layout (None for INT4).
+  """
+
+  name: str
+  magnitudes: tuple
+  multiplier: int
+  mantissa_bits: int | None
+  bias: int | None
+
+  @property
+  def has_e4m3_image(self) -> bool:
+    return self.mantissa_bits is not None
+
+  @property
+  def e4m3_shift(self) -> int:
+    """Left shift of the magnitude bits into an E4M3 byte (module doc)."""
+    if not self.has_e4m3_image:
+      raise ValueError(f"format {self.name} has no exact E4M3 bit image; use the int8 path")
+    return 3 - self.mantissa_bits
+
+  @property
+  def e4m3_factor(self) -> float:
+    """E4M3 image value / format value (a power of two)."""
+    if not self.has_e4m3_image:
+      raise ValueError(f"format {self.name} has no exact E4M3 bit image; use the int8 path")
+    return 2.0**(self.bias - FP8_E4M3_BIAS)
+
+  @property
+  def int_magnitudes(self) -> tuple:
+    return tuple(int(round(m * self.multiplier)) for m in self.magnitudes)
+
+  @property
+  def int_table_words(self) -> tuple:
+    """(width, words): the int8 magnitudes packed into 32-bit words, entry i at bits
+    [width*i, width*(i+1)) of word 0 (width 4) or of word i // 4 (width 8)."""
+    mags = self.int_magnitudes
+    width = 4 if max(mags) < 16 else 8
+    per_word = 32 // width
+    words = []
+    for start in range(0, len(mags), per_word):
+      word = 0
+      for j, m in enumerate(mags[start:start + per_word]):
+        word |= m << (width * j)
+      words.append(word)
+    return width, tuple(words)
+
+  @property
+  def lut(self) -> np.ndarray:
+    """(16,) float32 code -> value."""
+    mags = np.asarray(self.magnitudes, np.float32)
+    return np.concatenate([mags, -mags])
+
+
+@functools.lru_cache(maxsize=None)
+def fp4_code(name: str) -> Fp4Code:
+  """The 4-bit code format ``name`` ('e1m2', 'e2m1', 'e3m0', 'int4')."""
+  if isinstance(name, Fp4Code):
+    return name
+  key = str(name).lower()
+  if key in ("e1m2", "e2m1", "e3m0"):
+    e_bits, m_bits, bias = MINIFLOAT_LAYOUT[key]
+    mags = tuple(minifloat_magnitudes(e_bits, m_bits, bias))
+    return Fp4Code(key, mags, INT_MULTIPLIER[key], m_bits, bias)
+  if key == "int4":
+    return Fp4Code(key, tuple(float(v) for v in range(8)), 1, None, None)
+  raise ValueError(f"unknown 4-bit code format {name!r}; known: {FP4_CODE_FORMATS}")
+
+
+def code_from_magnitudes(magnitudes) -> Fp4Code:
+  """The Fp4Code whose grid is ``magnitudes`` (8 values; any positive scaling of a known grid
+  is not accepted: the grid must match exactly)."""
+  magnitudes = tuple(float(v) for v in magnitudes)
+  for name in FP4_CODE_FORMATS:
+    if fp4_code(name).magnitudes == magnitudes:
+      return fp4_code(name)
+  raise ValueError(f"magnitudes {magnitudes} are not the grid of any of {FP4_CODE_FORMATS}")
+
+
+# ----------------------------------------------------------------------------------------
+# Elementwise decodes (jnp ops on int32 codes; used in kernels and in XLA alike).
+# ----------------------------------------------------------------------------------------
+
+
+def e4m3_bits(codes_i32, code: Fp4Code):
+  """4-bit codes (int32, values 0..15) -> E4M3 bit patterns (int32 0..255), value x e4m3_factor."""
+  sign = lax.shift_left(lax.bitwise_and(codes_i32, np.int32(SIGN_BIT)), np.int32(4))
+  magnitude = lax.bitwise_and(codes_i32, np.int32(MAGNITUDE_MASK))
+  if code.e4m3_shift:
+    magnitude = lax.shift_left(magnitude, np.int32(code.e4m3_shift))
+  return lax.bitwise_or(sign, magnitude)
+
+
+def int8_values(codes_i32, code: Fp4Code):
+  """4-bit codes (int32, values 0..15) -> multiplier * value as int32 (fits int8)."""
+  index = lax.bitwise_and(codes_i32, np.int32(MAGNITUDE_MASK))
+  width, words = code.int_table_words
+  # The words as int32 bit patterns (a logical shift reads them as unsigned).
+  words = tuple(np.array(w, np.uint32).view(np.int32) for w in words)
+  if code.int_magnitudes == tuple(range(8)):
+    magnitude = index  # linear grid (E1M2 x4, INT4): the index is the integer
+  elif len(words) == 1:
+    shift = lax.shift_left(index, np.int32(2)) if width == 4 else index * np.int32(width)
+    magnitude = lax.bitwise_and(lax.shift_right_logical(words[0], shift),
+                                np.int32((1 << width) - 1))
+  else:
+    low = lax.bitwise_and(index, np.int32(3))
+    shift = lax.shift_left(low, np.int32(3))
+    word = jnp.where(index >= 4, words[1], words[0])
+    magnitude = lax.bitwise_and(lax.shift_right_logical(word, shift), np.int32(255))
+  negative = lax.bitwise_and(codes_i32, np.int32(SIGN_BIT)) != 0
+  return jnp.where(negative, -magnitude, magnitude)
+
+
+def decode_values(codes, code: Fp4Code, dtype=jnp.float32):
+  """4-bit codes -> format values (reference; plain table lookup)."""
+  return jnp.asarray(code.lut)[jnp.asarray(codes).astype(jnp.int32)].astype(dtype)
+
+
+def encode_nearest_even(v, code: Fp4Code):
+  """v (any shape, float32, in grid units) -> int32 sign-magnitude codes: nearest magnitude,
+  ties to the even index, saturating; zero magnitude never gets the sign bit.  Comparisons
+  against the 7 midpoints (cheap in kernels; exact since midpoints are exact in float32)."""
+  mags = code.magnitudes
+  a = jnp.abs(v)
+  index = jnp.zeros(v.shape, jnp.int32)
+  for t in range(len(mags) - 1):
+    mid = np.float32((mags[t] + mags[t + 1]) / 2)
+    above = (a > mid) if t % 2 == 0 else (a >= mid)  # a tie goes to the even index
+    index = index + above.astype(jnp.int32)
+  negative = (v < 0) & (index > 0)
+  return jnp.where(negative, index + np.int32(SIGN_BIT), index)
