@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: test demo venv dataset clean
+.PHONY: test test312 demo venv venv312 dataset clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,6 +14,22 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Second leg: the newest jax on Python 3.12 (no torch: torch-only tests skip), with triton for
+# the kernel-lowering tests (PTX for sm_90a / sm_80, no GPU needed).
+PYTHON312 ?= $(shell pyenv prefix 3.12.1 2>/dev/null || pyenv prefix $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12' | tail -1) 2>/dev/null)/bin/python3.12
+VENV312 ?= .venv312
+PY312 := $(VENV312)/bin/python
+JAX312 ?= 0.12.0.1
+TRITON312 ?= 3.9.0
+
+$(VENV312)/.installed: pyproject.toml
+	$(PYTHON312) -m venv $(VENV312)
+	$(PY312) -m pip install -q --upgrade pip
+	$(PY312) -m pip install -q "jax==$(JAX312)" "jaxlib==$(JAX312)" "triton==$(TRITON312)" -e ".[test]"
+	touch $@
+
+venv312: $(VENV312)/.installed
 
 dataset:
 	@if [ ! -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] && [ ! -f "$(FMNIST_DIR)/train-images-idx3-ubyte" ]; then \
@@ -26,6 +42,9 @@ dataset:
 
 test: venv dataset
 	$(PY) -m pytest -n 2 --dist loadfile --durations=30 tests
+
+test312: venv312 dataset
+	$(PY312) -m pytest -n 2 --dist loadfile --durations=20 tests
 
 demo: venv dataset
 	$(PY) experiments/reproduce.py

@@ -144,6 +144,65 @@ def launch_matmul(kernel, operands, *, m_rows: int, n_features: int, out_dtype, 
   return epilogue(acc).astype(out_dtype)
 
 
+def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features: int,
+                                    out_dtype, block_m: int, block_n: int, split_k: int,
+                                    num_warps: int, num_stages: int, interpret: bool, name: str):
+  """pallas_call of a tiled matmul kernel whose K split is reduced inside the same launch.
+
+  split_k == 1: grid (M tiles, N tiles), kernel(*operands, out_ref).
+  split_k > 1: grid (M tiles, N tiles, split_k); kernel(*operands, counter_in, out_ref,
+  partials_ref, counter_ref) where counter (M tiles * N tiles,) int32 starts at zero (aliased in
+  and out) and partials (split_k * M, N) float32 is scratch; the kernel ends with
+  :func:`reduce_split_k_in_kernel`.  Returns the (M, N) output.
+  """
+  common_args = dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
+                     name=name)
+  grid = (pl.cdiv(m_rows, block_m), pl.cdiv(n_features, block_n))
+  out_shape = jax.ShapeDtypeStruct((m_rows, n_features), out_dtype)
+  if split_k == 1:
+    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, **common_args)(*operands)
+  counters = jnp.zeros((grid[0] * grid[1],), jnp.int32)
+  out, _, _ = pl.pallas_call(
+      kernel, grid=grid + (split_k,),
+      out_shape=(out_shape,
+                 jax.ShapeDtypeStruct((split_k * m_rows, n_features), jnp.float32),
+                 jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
+      input_output_aliases={len(operands): 2}, **common_args)(*operands, counters)
+  return out
+
+
+def reduce_split_k_in_kernel(acc, epilogue, *, out_ref, partials_ref, counter_ref, split_k: int,
+                             m_rows: int, row_start, col_start, row_mask, col_mask,
+                             interpret: bool) -> None:
+  """End of a split-K program: write the float32 partial, count in, and let the last program
+  of the output tile sum all partials (in split order: deterministic) and store
+  ``epilogue(sum)``.
+
+  Ordering: a CTA barrier puts every thread's partial store before the (acquire-release, GPU
+  scope) atomic; the last program's loads come after its atomic, the
+  pattern of a semaphore-guarded split-K fix-up (the GPU-scope acquire invalidates stale L1
+  lines; output tiles never overlap, so no other program read these lines in this launch).
+  Interpret mode runs programs one at a time, so there the barrier is not needed.
+  """
+  store_tile(partials_ref, acc, pl.program_id(2) * m_rows + row_start, col_start, row_mask,
+             col_mask)
+  if not interpret:
+    plgpu.debug_barrier()
+  tile = pl.program_id(0) * pl.num_programs(1) + pl.program_id(1)
+  arrived = plgpu.atomic_add(counter_ref, tile, np.int32(1))
+
+  @pl.when(arrived == split_k - 1)
+  def _last_program_reduces():
+    rows, cols = acc.shape
+    mask = row_mask[:, None] & col_mask[None, :]
+    total = jnp.zeros(acc.shape, jnp.float32)
+    for split in range(split_k):
+      total = total + plgpu.load(
+          partials_ref.at[pl.ds(split * m_rows + row_start, rows), pl.ds(col_start, cols)],
+          mask=mask, other=0.0)
+    store_tile(out_ref, epilogue(total), row_start, col_start, row_mask, col_mask)
+
+
 def check_split_k(split_k: int) -> None:
   if not isinstance(split_k, int) or split_k < 1:
     raise ValueError(f"split_k must be a positive integer, got {split_k!r}")

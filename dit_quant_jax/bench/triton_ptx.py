@@ -1,0 +1,198 @@
+"""What a Pallas-Triton kernel compiles to, read without a GPU.
+
+``lower_for_gpu`` exports a jitted function for the "cuda" platform under an abstract GPU
+(``jax.sharding.AbstractDevice`` + ``use_abstract_mesh``, what jax >= 0.11 needs when no GPU is
+attached; jax 0.10 falls back to sm_90 on its own) and records the Triton IR (TTIR) of every
+Pallas call it lowers.  ``compile_ttir`` compiles one module with the ``triton`` package for a
+compute capability (90 -> sm_90a, 80 -> sm_80) and ``ptx_counts`` / ``ptxas_resources`` read the
+PTX and the assembler's resource report: tensor-core instructions and operand types,
+registers, spills, shared memory, async copies and the kinds of global loads.
+
+The capture hooks jax's private Pallas-Triton lowering entry point
+(``jax._src.pallas.triton.lowering.lower_jaxpr_to_triton_module``); it exists unchanged in
+jax 0.10.2 ... 0.12.0.  ``lowering_available()`` says whether this jax + triton can do it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import jax
+
+# jax device_kind strings of the abstract devices, per compute capability.
+DEVICE_KIND = {90: "NVIDIA H100 80GB HBM3", 80: "NVIDIA A100-SXM4-80GB"}
+# The custom-call target of a Pallas-Triton call differs between jax releases.
+TRITON_CALL_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
+
+
+def abstract_gpu_mesh(cc: int = 90):
+  """An empty AbstractMesh on an abstract NVIDIA GPU of compute capability ``cc``."""
+  device = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND[cc], num_cores=None,
+                                       platform="gpu")
+  return jax.sharding.AbstractMesh((), (), abstract_device=device)
+
+
+@contextlib.contextmanager
+def abstract_gpu(cc: int = 90):
+  """Within the block, Pallas-Triton lowering targets an abstract GPU of capability cc."""
+  with jax.sharding.use_abstract_mesh(abstract_gpu_mesh(cc)):
+    yield
+
+
+def export_for_gpu(jitted, *avals, cc: int = 90):
+  """jax.export of ``jitted(*avals)`` for "cuda" with Pallas custom calls allowed."""
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name) for name in TRITON_CALL_TARGETS]
+  with abstract_gpu(cc):
+    return jax.export.export(jitted, platforms=["cuda"], disabled_checks=checks)(*avals)
+
+
+def lower_for_gpu(jitted, *avals, cc: int = 90) -> list[dict]:
+  """TTIR of every Pallas call in ``jitted(*avals)``: [{ttir, grid, name}]."""
+  from jax._src.pallas.triton import lowering as triton_lowering
+  captured = []
+  original = triton_lowering.lower_jaxpr_to_triton_module
+
+  def recording(*args, **kwargs):
+    result = original(*args, **kwargs)
+    text = result.module.operation.get_asm(enable_debug_info=False)
+    name = re.search(r"tt\.func (?:public )?@(\w+)", text)
+    captured.append(dict(ttir=text, grid=tuple(result.grid),
+                         name=name.group(1) if name else "?"))
+    return result
+
+  triton_lowering.lower_jaxpr_to_triton_module = recording
+  try:
+    export_for_gpu(jitted, *avals, cc=cc)
+  finally:
+    triton_lowering.lower_jaxpr_to_triton_module = original
+  return captured
+
+
+def lowering_available() -> tuple[bool, str]:
+  """(ok, why not): triton importable and jax new enough to lower for an abstract GPU."""
+  try:
+    import triton  # noqa: F401
+  except ImportError:
+    return False, "the triton package is not installed"
+  if not hasattr(jax.sharding, "AbstractDevice"):
+    return False, f"jax {jax.__version__} has no AbstractDevice"
+  return True, ""
+
+
+def compile_ttir(ttir: str, *, num_warps: int, num_stages: int, cc: int):
+  """Compile TTIR text with triton for sm_<cc> (sm_90a for 90); returns the compiled kernel."""
+  import triton
+  from triton.backends.compiler import GPUTarget
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(ttir)
+    return triton.compile(path, target=GPUTarget("cuda", cc, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def _count(pattern: str, text: str) -> int:
+  return len(re.findall(pattern, text))
+
+
+def _types(pattern: str, text: str) -> list[str]:
+  return sorted(set(re.findall(pattern, text)))
+
+
+def ptx_counts(ptx: str) -> dict:
+  """Instruction counts that decide a matrix kernel's speed (static counts in the PTX text)."""
+  return dict(
+      wgmma=_count(r"wgmma\.mma_async", ptx),
+      wgmma_types=_types(r"wgmma\.mma_async\.sync\.aligned\.m\d+n\d+k\d+\.(\S+?)[ ;]", ptx),
+      mma=_count(r"\bmma\.sync\.aligned", ptx),
+      mma_types=_types(r"mma\.sync\.aligned\.m\d+n\d+k\d+\.\w+\.\w+\.(\S+?)[ ;]", ptx),
+      cp_async=_count(r"cp\.async\.(?:ca|cg)\.shared", ptx),
+      tma=_count(r"cp\.async\.bulk", ptx),
+      ld_global=_count(r"\bld\.global", ptx),
+      ld_global_v4=_count(r"\bld\.global[.\w]*\.v4", ptx),
+      ld_global_v2=_count(r"\bld\.global[.\w]*\.v2", ptx),
+      ld_global_8bit=_count(r"\bld\.global[.\w]*\.[ubs]8\b", ptx),
+      ld_shared=_count(r"\bld\.shared", ptx),
+      ldmatrix=_count(r"\bldmatrix", ptx),
+      st_shared=_count(r"\bst\.shared", ptx),
+      atom=_count(r"\batom\.", ptx),
+      local=_count(r"\b(?:ld|st)\.local", ptx),
+      ptx_lines=ptx.count("\n"))
+
+
+def find_ptxas() -> list[str]:
+  """ptxas binaries, newest first: triton ships ``ptxas-blackwell`` (CUDA 13.x, knows the PTX
+  ISA 9.x that triton 3.9 writes) and ``ptxas`` (CUDA 12.x); then one on PATH."""
+  try:
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+  except ImportError:
+    bin_dir = ""
+  candidates = (os.path.join(bin_dir, "ptxas-blackwell"), os.path.join(bin_dir, "ptxas"),
+                shutil.which("ptxas"))
+  return [c for c in candidates if c and os.path.exists(c)]
+
+
+def _run_ptxas(ptxas: str, ptx: str, arch: str) -> subprocess.CompletedProcess:
+  with tempfile.TemporaryDirectory() as tmp:
+    src = os.path.join(tmp, "kernel.ptx")
+    with open(src, "w") as f:
+      f.write(ptx)
+    return subprocess.run([ptxas, "-v", f"-arch={arch}", src, "-o", os.path.join(tmp, "k.cubin")],
+                          capture_output=True, text=True, timeout=600)
+
+
+def ptxas_resources(ptx: str, cc: int) -> dict:
+  """Registers, spill bytes, stack frame from ``ptxas -v`` on the PTX (empty if no ptxas).
+
+  The first ptxas that knows the PTX's ISA version is used; if none does, the version line is
+  lowered to the newest known one (resource counts stay meaningful as long as the kernel uses
+  no newer instruction; ``ptx_version_lowered_to`` records it).
+  """
+  arch = f"sm_{cc}a" if cc >= 90 else f"sm_{cc}"
+  lowered = None
+  run = None
+  for ptxas in find_ptxas():
+    run = _run_ptxas(ptxas, ptx, arch)
+    known = re.search(r"Unsupported \.version [0-9.]+; current version is '([0-9.]+)'",
+                      run.stdout + run.stderr)
+    if not known:
+      break
+    lowered = known.group(1)
+    run = _run_ptxas(ptxas, re.sub(r"\.version \d+\.\d+", f".version {lowered}", ptx, count=1),
+                     arch)
+    if run.returncode == 0:
+      break
+  if run is None:
+    return {}
+  report = run.stdout + run.stderr
+
+  def number(pattern):
+    match = re.search(pattern, report)
+    return int(match.group(1)) if match else None
+
+  return dict(registers=number(r"Used (\d+) registers"),
+              spill_store_bytes=number(r"(\d+) bytes spill stores"),
+              spill_load_bytes=number(r"(\d+) bytes spill loads"),
+              stack_bytes=number(r"(\d+) bytes stack frame"),
+              ptxas_ok=run.returncode == 0, ptx_version_lowered_to=lowered,
+              ptxas_error=None if run.returncode == 0 else report.strip()[-300:])
+
+
+def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict:
+  """compile_ttir + ptx_counts + ptxas_resources + shared memory, one dict."""
+  try:
+    kernel = compile_ttir(ttir, num_warps=num_warps, num_stages=num_stages, cc=cc)
+  except Exception as error:  # a config that triton rejects (shared memory, layout)
+    return dict(cc=cc, compile_error=f"{type(error).__name__}: {str(error)[:300]}")
+  ptx = kernel.asm["ptx"]
+  stats = dict(cc=cc, num_warps=num_warps, num_stages=num_stages,
+               shared_bytes=kernel.metadata.shared)
+  stats.update(ptx_counts(ptx))
+  stats.update(ptxas_resources(ptx, cc))
+  return stats

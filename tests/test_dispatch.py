@@ -1,0 +1,85 @@
+"""The shape/device dispatch table (kernels/dispatch.py)."""
+
+import math
+
+import pytest
+
+from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import dispatch
+
+H100 = "NVIDIA H100 80GB HBM3"
+H200 = "NVIDIA H200"
+A100 = "NVIDIA A100-SXM4-80GB"
+DIT_XL2_SHAPES = ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152), (1152, 6912))
+
+
+def test_device_classes():
+  assert dispatch.device_class(H100) == "hopper"
+  assert dispatch.device_class(H200) == "hopper"
+  assert dispatch.device_class(A100) == "ampere"
+  assert dispatch.device_class("Tesla V100-SXM2-16GB") == "gpu"
+  assert dispatch.device_class("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("device_kind", [H100, A100])
+def test_vq_paths_by_m(device_kind):
+  expected = {16: "vq_splitk", 64: "vq_splitk", 128: "vq_tiled", 1024: "vq_dequant_dot",
+              16384: "vq_dequant_dot"}
+  for m_rows, path in expected.items():
+    assert dispatch.choose("vq", m_rows, 1152, 4608, device_kind=device_kind).path == path
+  # M = 256 sits on the H100 side of the ridge (memory-bound dot) but not on the A100's.
+  hopper_256 = dispatch.choose("vq", 256, 1152, 1152, device_kind=H100).path
+  ampere_256 = dispatch.choose("vq", 256, 1152, 1152, device_kind=A100).path
+  assert (hopper_256, ampere_256) == ("vq_tiled", "vq_dequant_dot")
+
+
+def test_configs_are_valid_tiles_and_fill_the_gpu():
+  for k_features, n_features in DIT_XL2_SHAPES:
+    for m_rows in (1, 16, 32, 64, 100, 256):
+      choice = dispatch.choose("vq", m_rows, k_features, n_features, device_kind=H100)
+      config = choice.config
+      for name in ("block_m", "block_n", "block_k"):
+        common.check_block(name, config[name])
+      k_tiles = math.ceil(k_features / config["block_k"])
+      assert 1 <= config["split_k"] <= min(k_tiles, dispatch.MAX_SPLIT_K)
+      if choice.path == "vq_splitk":
+        assert config["block_m"] >= min(m_rows, 64) or m_rows > 64
+        programs = (math.ceil(m_rows / config["block_m"]) * math.ceil(n_features / 64)
+                    * config["split_k"])
+        # enough programs for the memory system, unless K has no more tiles to split
+        assert (programs >= dispatch.SM_COUNT["hopper"]
+                or config["split_k"] * 2 > k_tiles or config["split_k"] == dispatch.MAX_SPLIT_K)
+  tiled = dispatch.choose("vq", 256, 1152, 4608, device_kind=H100).config
+  assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"]) == (128, 128, 8)
+  assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config == {}
+
+
+def test_split_k_rule():
+  assert dispatch.split_k_for(programs=18, k_tiles=18, cls="hopper") == 16
+  assert dispatch.split_k_for(programs=18, k_tiles=3, cls="hopper") == 2
+  assert dispatch.split_k_for(programs=18, k_tiles=1, cls="hopper") == 1
+  assert dispatch.split_k_for(programs=300, k_tiles=72, cls="hopper") == 1
+  assert dispatch.split_k_for(programs=72, k_tiles=18, cls="hopper") == 4
+
+
+def test_register_and_errors():
+  with pytest.raises(ValueError, match="no dispatch table"):
+    dispatch.choose("w9a9", 16, 64, 64, device_kind=H100)
+  with pytest.raises(ValueError, match="positive int"):
+    dispatch.choose("vq", 0, 64, 64, device_kind=H100)
+  with pytest.raises(ValueError, match="max_m = inf"):
+    dispatch.register("toy", {"hopper": ((16, "toy_a"),)})
+  with pytest.raises(ValueError, match="unknown device class"):
+    dispatch.register("toy", {"tpu": ((math.inf, "toy_a"),)})
+  dispatch.register("toy", {"gpu": ((16, "toy_splitk"), (math.inf, "toy_xla"))})
+  try:
+    assert dispatch.choose("toy", 8, 64, 64, device_kind=H100).path == "toy_splitk"  # falls
+    assert dispatch.choose("toy", 17, 64, 64, device_kind=A100).path == "toy_xla"  # back to gpu
+  finally:
+    del dispatch.TABLE["toy"]
+
+
+def test_describe_lists_every_shape():
+  rows = dispatch.describe("vq", DIT_XL2_SHAPES, (16, 4096), device_kind=H100)
+  assert len(rows) == 10
+  assert {row["path"] for row in rows} == {"vq_splitk", "vq_dequant_dot"}
