@@ -12,6 +12,10 @@ arg (``--config=configs/hqdit.py:w4a4``):
   int4_had  QuaRot-style INT4: Hadamard + GPTQ + clip search on the INT4 grid (isolates
             the effect of the FP formats against w4a4).
   int2w / int3w / int4w   RTN weight-only per-channel INT-b (VQ4DiT report baselines).
+  sq_w8a8 / sq_w4a8   SmoothQuant (quant/smoothquant.py): INT8 or INT4 per-channel RTN
+            weights, INT8 per-token activations, per-layer smoothing with alpha searched.
+  svdq_w4a4 SVDQuant-style: smoothing, a rank-``lowrank.rank`` bf16 branch W = L1 L2 + R
+            (quant/lowrank.py), the residual R through the full HQ-DiT W4A4 path.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import ml_collections
 from dit_quant_jax.quant import rules
 
 SETTINGS = ("w4a4", "w4a8", "w8a8", "w4a16", "int8", "int4", "fp4_noh", "int4_had",
-            "int2w", "int3w", "int4w")
+            "int2w", "int3w", "int4w", "sq_w8a8", "sq_w4a8", "svdq_w4a4")
 FP4_CANDIDATES = ("e1m2", "e2m1", "e3m0")
 
 
@@ -36,7 +40,9 @@ def _hqdit_base() -> ml_collections.ConfigDict:
   c.weight = ml_collections.ConfigDict()
   c.weight.format = "auto"  # 'auto' (select below) or a fixed name: e2m1, int4, fp8_e4m3, ...
   c.weight.candidates = FP4_CANDIDATES  # formats 'auto' chooses among, per layer
-  c.weight.select = "ratio"  # 'ratio' (max/min ratio of channel peaks, quant/hqdit.py) or 'mse'
+  # 'ratio': this project's reading of the paper's max/min-ratio rule (quant/hqdit.py doc; the
+  # paper gives no formula), or 'mse' (smallest quantization error).  Both picks are reported.
+  c.weight.select = "ratio"
   c.weight.ratio_thresholds = None  # None: the candidates' dynamic ranges (E1M2 7, E2M1 12)
   c.weight.clip_search = True  # per-output-channel clip ratio by smallest weight MSE
   c.weight.clip_min = 0.5  # smallest clip ratio of the max tried
@@ -57,6 +63,16 @@ def _hqdit_base() -> ml_collections.ConfigDict:
   c.hadamard = ml_collections.ConfigDict()
   c.hadamard.enabled = True  # online randomized Hadamard on every quantized layer's input
   c.hadamard.seed = 0  # layer i uses seed * 100003 + i (recorded in the weight's metadata)
+  # 'hadamard': a real Hadamard block (Paley/Sylvester) for widths like 1152 = 36 * 32;
+  # 'random': a Haar-random orthogonal block for the odd factor (quant/hadamard.py).
+  c.hadamard.block = "hadamard"
+
+  c.smooth = ml_collections.ConfigDict()
+  c.smooth.enabled = False  # SmoothQuant per-input-channel migration x/s, diag(s) W
+  c.smooth.alphas = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)  # searched per layer by output error
+
+  c.lowrank = ml_collections.ConfigDict()
+  c.lowrank.rank = 0  # > 0: SVDQuant-style bf16 branch of this rank, residual quantized
 
   c.gptq = ml_collections.ConfigDict()
   c.gptq.enabled = True  # GPTQ on the chosen grid (needs calibration Hessians)
@@ -78,6 +94,11 @@ def _hqdit_base() -> ml_collections.ConfigDict:
   c.calib.max_samples = 1024  # rows kept per layer in total
   c.calib.batch_size = ml_collections.config_dict.placeholder(int)  # split steps' batches
   c.calib.seed = 0
+  # 'quantized': each unit is calibrated (clip search, GPTQ Hessian, activation ranges) on
+  # the inputs produced with every earlier unit already quantized (GPTQ-style sequential
+  # calibration); 'fp': every layer on the FP model's inputs.
+  c.calib.inputs = "quantized"
+  c.calib.sequential_unit = "block"  # 'block' (one DiT block at a time) or 'layer'
   return c
 
 
@@ -115,6 +136,17 @@ def get_config(arg: str = "w4a4") -> ml_collections.ConfigDict:
   elif arg == "int4_had":
     c.weight.format = "int4"
     c.act.format = "int4"
+  elif arg in ("sq_w8a8", "sq_w4a8"):
+    c.weight.format = "int8" if arg == "sq_w8a8" else "int4"
+    c.act.format = "int8"
+    c.weight.clip_search = False  # SmoothQuant: max-scaled RTN weights
+    c.act.clip_search = False
+    c.hadamard.enabled = False
+    c.gptq.enabled = False
+    c.smooth.enabled = True
+  elif arg == "svdq_w4a4":
+    c.smooth.enabled = True
+    c.lowrank.rank = 16
   elif arg in ("int2w", "int3w", "int4w"):
     c.weight.format = f"int{arg[3]}"
     c.act.format = None

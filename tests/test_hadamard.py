@@ -1,5 +1,6 @@
-"""Randomized Hadamard transform: orthogonality, the interfaces.md element layout, X W
-invariance at the DiT widths (float64 numpy references), and outlier spreading."""
+"""Hadamard transforms: Paley/Sylvester constructions are Hadamard matrices, the transform is
+orthogonal and leaves x @ W exactly unchanged in float64 at the DiT widths, the interfaces.md
+element layout, the random-block option, determinism, and outlier spreading."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 
 from dit_quant_jax.quant import hadamard, rtn
 
-SIZES = [64, 128, 384, 1152, 4608]
+DIT_WIDTHS = [384, 768, 1152, 4608]
+SIZES = [64, 128] + DIT_WIDTHS
 
 
 def sylvester_reference(b):
@@ -19,7 +21,7 @@ def sylvester_reference(b):
 
 def dense_reference(transform):
   """Q[i'b + j', i b + j] = signs[i'b + j'] * A[i', i] * B[j', j], float64, from interfaces.md."""
-  a, b = transform.odd_factor, transform.power_of_two_factor
+  a, b = transform.block_order, transform.power_of_two_factor
   block = transform.block.astype(np.float64)
   walsh = sylvester_reference(b) / np.sqrt(b)
   q = block[:, None, :, None] * walsh[None, :, None, :]  # (i', j', i, j)
@@ -31,34 +33,69 @@ def transforms():
   return {k: hadamard.make_transform(k, seed=k) for k in SIZES}
 
 
-@pytest.mark.parametrize("size,factors", [(64, (1, 64)), (128, (1, 128)), (384, (3, 128)),
-                                          (1152, (9, 128)), (4608, (9, 512)), (12, (3, 4))])
-def test_split_size(size, factors):
-  assert hadamard.split_size(size) == factors
+@pytest.mark.parametrize("order", [1, 2, 4, 8, 12, 20, 24, 28, 36, 44, 60, 76, 104])
+def test_constructions_are_hadamard(order):
+  h = hadamard.hadamard_matrix(order)
+  assert h.shape == (order, order) and set(np.unique(h)) <= {-1, 1}
+  np.testing.assert_array_equal(h @ h.T, order * np.eye(order, dtype=np.int64))
+
+
+def test_paley_rejects_wrong_q_and_unbuildable_orders():
+  with pytest.raises(ValueError, match="Paley I"):
+    hadamard.paley_i(13)
+  with pytest.raises(ValueError, match="Paley II"):
+    hadamard.paley_ii(11)
+  assert hadamard.hadamard_matrix(6) is None  # no Hadamard matrix of order 6 exists
+  with pytest.raises(ValueError, match="random"):  # 6 = 3 * 2: no order 12 divides it
+    hadamard.make_transform(6)
+
+
+@pytest.mark.parametrize("size,factors", [(64, (1, 64)), (128, (1, 128)), (384, (12, 32)),
+                                          (768, (12, 64)), (1152, (36, 32)), (4608, (36, 128)),
+                                          (12, (12, 1)), (40, (20, 2))])
+def test_block_split_rule(size, factors):
+  t = hadamard.make_transform(size, 0)
+  assert (t.block_order, t.power_of_two_factor) == factors
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_orthogonal_and_invariant(size, transforms):
+def test_orthogonal_and_exactly_invariant_float64(size, transforms):
   transform = transforms[size]
   q = dense_reference(transform)
-  rng = np.random.default_rng(size)
   assert set(np.unique(transform.signs)) <= {-1.0, 1.0}
-  a = transform.odd_factor
-  np.testing.assert_allclose(transform.block.astype(np.float64) @ transform.block.T.astype(np.float64),
-                             np.eye(a), atol=1e-6)
-  probe = rng.standard_normal((size, 3))
-  np.testing.assert_allclose(q @ (q.T @ probe), probe, atol=1e-5)  # Q Q^T = I
-  np.testing.assert_allclose(q.T @ (q @ probe), probe, atol=1e-5)  # Q^T Q = I
-  # Online transform == x @ Q (the interfaces.md layout).
-  x = rng.standard_normal((4, size)).astype(np.float32)
-  np.testing.assert_allclose(np.asarray(hadamard.apply_transform(x, transform)), x @ q,
+  # A real Hadamard: every entry of Q is +-1/sqrt(K) and Q^T Q = I.
+  np.testing.assert_allclose(np.abs(q), 1.0 / np.sqrt(size), rtol=1e-6)
+  np.testing.assert_allclose(q.T @ q, np.eye(size), atol=1e-6)
+  rng = np.random.default_rng(size)
+  x = rng.standard_normal((4, size))
+  w = rng.standard_normal((size, 5))
+  xq = hadamard.apply_numpy(x, transform)
+  folded = hadamard.fold_into_weight_numpy(w, transform)
+  np.testing.assert_allclose(xq, x @ q, atol=1e-12)
+  np.testing.assert_allclose(folded, q.T @ w, atol=1e-12)
+  # (x Q)(Q^T W) == x W to float64 rounding; Q's float32 block limits it to ~1e-7 relative
+  # orthogonality, so compare against the dense Q itself.
+  np.testing.assert_allclose(xq @ folded, x @ (q @ q.T) @ w, rtol=1e-11, atol=1e-10)
+  np.testing.assert_allclose(xq @ folded, x @ w, rtol=1e-5, atol=1e-4)
+  # Online float32 jnp path == x @ Q (the interfaces.md layout).
+  x32 = x.astype(np.float32)
+  np.testing.assert_allclose(np.asarray(hadamard.apply_transform(x32, transform)), x32 @ q,
                              atol=2e-5 * np.sqrt(size))
-  # Folded weight == Q^T W and (x Q)(Q^T W) == x W.
-  w = rng.standard_normal((size, 5)).astype(np.float32)
-  folded = np.asarray(hadamard.fold_into_weight(w, transform))
-  np.testing.assert_allclose(folded, q.T @ w, atol=2e-5 * np.sqrt(size))
-  xq = np.asarray(hadamard.apply_transform(x, transform), np.float64)
-  np.testing.assert_allclose(xq @ folded, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-3)
+  np.testing.assert_allclose(np.asarray(hadamard.fold_into_weight(w, transform)), q.T @ w,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [384, 1152])
+def test_random_block_option(size):
+  transform = hadamard.make_transform(size, 3, kind="random")
+  m, b = hadamard.split_size(size)
+  assert (transform.block_order, transform.power_of_two_factor) == (m, b)
+  q = dense_reference(transform)
+  np.testing.assert_allclose(q.T @ q, np.eye(size), atol=1e-5)
+  x = np.random.default_rng(1).standard_normal((3, size))
+  np.testing.assert_allclose(hadamard.apply_numpy(x, transform), x @ q, atol=1e-12)
+  with pytest.raises(ValueError, match="kind"):
+    hadamard.make_transform(size, 0, kind="dense")
 
 
 def test_dense_matrix_matches_reference(transforms):
@@ -71,6 +108,7 @@ def test_fwht_matches_dense(b):
   x = np.random.default_rng(b).standard_normal((3, b)).astype(np.float32)
   expected = x @ (sylvester_reference(b) / np.sqrt(b))
   np.testing.assert_allclose(np.asarray(hadamard.fwht(x)), expected, atol=1e-5)
+  np.testing.assert_allclose(hadamard.fwht_numpy(x.astype(np.float64)), expected, atol=1e-5)
 
 
 def test_seed_reproducible_and_distinct():
@@ -90,15 +128,16 @@ def test_shape_errors():
     hadamard.fwht(jnp.ones((2, 12)))
 
 
+@pytest.mark.parametrize("kind", hadamard.BLOCK_KINDS)
 @pytest.mark.parametrize("fmt", ["int4", "e2m1"])
-def test_hadamard_helps_per_token_quantization_of_outliers(fmt):
+def test_hadamard_helps_per_token_quantization_of_outliers(fmt, kind):
   """Outlier channels (x40) dominate each token's range; after x @ Q they are spread out,
   so dynamic per-token 4-bit quantization loses much less (error in the original basis)."""
   rng = np.random.default_rng(11)
   size = 384
   x = rng.standard_normal((64, size)).astype(np.float32)
   x[:, rng.choice(size, 4, replace=False)] *= 40.0
-  transform = hadamard.make_transform(size, 3)
+  transform = hadamard.make_transform(size, 3, kind=kind)
   q = dense_reference(transform)
   plain = np.asarray(rtn.per_token_fake_quant(x, fmt), np.float64)
   rotated = np.asarray(rtn.per_token_fake_quant(hadamard.apply_transform(x, transform), fmt), np.float64)

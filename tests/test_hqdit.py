@@ -175,7 +175,7 @@ def test_gptq_with_hadamard_beats_rtn_with_hadamard():
   config.gptq.enabled = False
   _, without = hqdit.quantize_layer(kernel, config, stats, layer_seed=1)
   assert with_gptq["output_rel_error"] < 0.8 * without["output_rel_error"]
-  assert with_gptq["hadamard_odd_factor"] == 1
+  assert with_gptq["hadamard_block"] == "hadamard 1x1"
 
 
 def test_fp4_weight_pytree_and_registry():

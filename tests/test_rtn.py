@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit_quant_jax.quant import formats, rtn
+from dit_quant_jax.quant import formats, hqdit, rtn
 from dit_quant_jax.quant.hqdit import FP4Weight
 
 
@@ -120,7 +120,7 @@ def test_weight_only_baseline_params(weight_format, max_error):
   params = {"blocks_0": {"mlp": {"fc1": {"kernel": jnp.asarray(rng.standard_normal((16, 24)), jnp.float32),
                                          "bias": jnp.zeros((24,))}}},
             "final_layer": {"linear": {"kernel": jnp.ones((16, 4))}}}
-  qparams, errors = rtn.quantize_params_rtn(params, weight_format, [r"blocks_\d+/mlp/fc1"])
+  qparams, errors = hqdit.quantize_params_rtn(params, weight_format, [r"blocks_\d+/mlp/fc1"])
   weight = qparams["blocks_0"]["mlp"]["fc1"]["kernel"]
   assert isinstance(weight, FP4Weight) and weight.format_name == weight_format
   assert weight.act_granularity == "none"

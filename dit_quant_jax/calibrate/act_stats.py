@@ -11,8 +11,13 @@ one jitted reduction per step keeps only what the quantizers need:
 * ``samples (R, K)``: randomly drawn input rows (tokens) from every step, for MSE searches;
 * ``hessian (K, K)``: ``2 X^T X / n`` over every row (GPTQ), when asked for.
 
-Calibration inputs are the FP model's inputs for every layer (not those of a partially
-quantized model); each layer is calibrated independently.
+``params`` may be partially quantized: the sown input of a layer is then what the model with
+those layers quantized feeds it.  ``quant.hqdit.quantize_from_config`` uses this to calibrate
+each DiT block on the outputs of the already-quantized blocks before it (``calib.inputs``);
+:func:`execution_order` gives the order in which the forward pass calls the linear layers.
+
+The Hessian sum ``X^T X`` is accumulated on the device in float32 (``Precision.HIGHEST``);
+it came out bit-identical with 1 and 2 XLA/BLAS threads (README, HQ-DiT determinism).
 """
 
 from __future__ import annotations
@@ -59,6 +64,31 @@ def _check_inputs(calib_inputs) -> tuple[int, int]:
     raise ValueError(f"calibration inputs must be x (S, B, H, W, C), t (S, B), y (S, B); got "
                      f"x {x}, t {t}, y {y}")
   return x[0], x[1]
+
+
+def execution_order(model, params, calib_inputs: Mapping) -> list[str]:
+  """Paths of the linear layers in the order the forward pass first calls them, recorded
+  with ``flax.linen.intercept_methods`` during one traced (not executed) forward pass."""
+  import flax.linen as nn
+
+  from dit_quant_jax.models.layers import Linear
+
+  _check_inputs(calib_inputs)
+  x = jnp.asarray(calib_inputs["x"][0, :1])
+  t = jnp.asarray(calib_inputs["t"][0, :1])
+  y = jnp.asarray(calib_inputs["y"][0, :1])
+  order: list[str] = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, Linear) and context.method_name == "__call__":
+      path = "/".join(str(p) for p in context.module.scope.path)
+      if path not in order:
+        order.append(path)
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda p: model.apply({"params": p}, x, t, y), params)
+  return order
 
 
 def collect_layer_stats(model, params, calib_inputs: Mapping, paths: Optional[Sequence[str]] = None,

@@ -19,9 +19,6 @@ set to zero, as in the reference implementation.
 
 from __future__ import annotations
 
-import functools
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,16 +33,21 @@ def gptq_quantize(kernel, hessian, fmt, scales, *, damp: float = DEFAULT_DAMP,
   """GPTQ-quantize kernel (K, N) on ``fmt`` with per-output-channel ``scales`` (N,).
 
   hessian: (K, K), H = 2 X^T X / n of the layer inputs.  Returns (codes (K, N) uint8
-  sign-magnitude codes of W / scale, dequantized kernel (K, N) float32)."""
+  sign-magnitude codes of W / scale, dequantized kernel (K, N) float32).
+
+  Runs in float64 numpy on the host: every rounding decision is taken on float64 values, so
+  the thread-count- and build-dependent last bits of BLAS/LAPACK (float64 ~1e-16 relative)
+  practically never flip a code.  The previous float32 XLA version gave different codes
+  under different XLA CPU thread settings on the same inputs (README, HQ-DiT determinism)."""
   fmt = formats.get_format(fmt)
-  kernel = jnp.asarray(kernel, jnp.float32)
-  hessian = jnp.asarray(hessian, jnp.float32)
+  kernel = np.asarray(kernel, np.float64)
+  hessian = np.asarray(hessian, np.float64)
   if kernel.ndim != 2:
     raise ValueError(f"expected a (in_features, out_features) kernel, got {kernel.shape}")
   k, n = kernel.shape
   if hessian.shape != (k, k):
     raise ValueError(f"Hessian of shape {hessian.shape} does not match a kernel with {k} inputs")
-  scales = jnp.asarray(scales, jnp.float32)
+  scales = np.asarray(scales, np.float32)
   if scales.shape != (n,):
     raise ValueError(f"scales of shape {scales.shape} do not match {n} output channels")
   if block_size < 1:
@@ -53,68 +55,64 @@ def gptq_quantize(kernel, hessian, fmt, scales, *, damp: float = DEFAULT_DAMP,
   if damp < 0:
     raise ValueError(f"damp must be non-negative, got {damp}")
   block_size = int(min(block_size, k))
-  return _gptq(kernel, hessian, scales, jnp.float32(damp), fmt.name, block_size, bool(act_order))
+  dequant = _gptq_numpy(kernel, hessian, scales.astype(np.float64), float(damp), fmt, block_size,
+                        bool(act_order))
+  safe = np.where(scales > 0, scales, 1.0).astype(np.float32)
+  dequant32 = dequant.astype(np.float32)
+  codes = formats.encode(jnp.asarray(dequant32 / safe[None, :]), fmt.name)
+  return codes, jnp.asarray(dequant32)
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6))
-def _gptq(kernel, hessian, scales, damp, fmt_name, block_size, act_order):
+def round_to_grid_numpy(x: np.ndarray, fmt: formats.Format) -> np.ndarray:
+  """Nearest grid value of x (float64, any shape), ties to the even magnitude index,
+  saturating: the rounding rule of ``quant.formats`` in numpy."""
+  mags = np.asarray(fmt.magnitudes, np.float64)
+  mid = (mags[1:] + mags[:-1]) / 2
+  a = np.abs(x)
+  idx = np.searchsorted(mid, a, side="left")  # midpoints strictly below |x|
+  tie = (idx < len(mid)) & (a == mid[np.minimum(idx, len(mid) - 1)])
+  idx = np.where(tie & (idx % 2 == 1), idx + 1, idx)
+  return np.sign(x) * mags[idx]
+
+
+def _gptq_numpy(kernel, hessian, scales, damp, fmt, block_size, act_order):
+  """Algorithm 1 of the module doc; returns the dequantized (K, N) kernel, float64."""
   k, n = kernel.shape
-  safe_scales = jnp.where(scales > 0, scales, 1.0)
-  w = kernel.T  # (N, K): rows are output channels, columns the inputs GPTQ walks over
-  diag = jnp.diag(hessian)
-  dead = diag == 0
-  hessian = hessian + jnp.diag(jnp.where(dead, 1.0, 0.0))
-  w = jnp.where(dead[None, :], 0.0, w)
+  safe_scales = np.where(scales > 0, scales, 1.0)
+  w = kernel.T.copy()  # (N, K): rows are output channels, columns the inputs GPTQ walks over
+  hessian = hessian.copy()
+  dead = np.diag(hessian) == 0
+  hessian[dead, dead] = 1.0
+  w[:, dead] = 0.0
+  perm = None
   if act_order:
-    perm = jnp.argsort(-jnp.diag(hessian))
+    perm = np.argsort(-np.diag(hessian), kind="stable")
     w = w[:, perm]
     hessian = hessian[perm][:, perm]
-  hessian = hessian + damp * jnp.mean(jnp.diag(hessian)) * jnp.eye(k, dtype=hessian.dtype)
-
-  padded = -(-k // block_size) * block_size
-  pad = padded - k
-  if pad:  # identity Hessian and zero weights on padding: quantized to 0, no error
-    w = jnp.pad(w, ((0, 0), (0, pad)))
-    hessian = jnp.pad(hessian, ((0, pad), (0, pad))) + jnp.diag(
-        jnp.concatenate([jnp.zeros((k,)), jnp.ones((pad,))]))
-  lower = jnp.linalg.cholesky(hessian)
-  hessian_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(padded, dtype=hessian.dtype))
-  upper = jnp.linalg.cholesky(hessian_inv).T  # Hinv = U^T U, U upper triangular
-
-  def quant(col):  # col: (N,)
-    return formats.quantize_to_grid(col / safe_scales, fmt_name) * safe_scales
-
-  def block_step(b, carry):
-    w, q = carry
-    start = b * block_size
-    w_block = jax.lax.dynamic_slice(w, (0, start), (n, block_size))
-    u_block = jax.lax.dynamic_slice(upper, (start, start), (block_size, block_size))
-
-    def column_step(i, inner):
-      w_block, q_block, err_block = inner
+  hessian[np.diag_indices(k)] += damp * np.mean(np.diag(hessian))
+  # Upper Cholesky factor of H^-1 (Hinv = U^T U): with H = L L^T, H^-1 = L^-T L^-1.
+  lower = np.linalg.cholesky(hessian)
+  lower_inv = np.linalg.solve(lower, np.eye(k))  # L^-1 (lower triangular)
+  upper = np.linalg.cholesky(lower_inv.T @ lower_inv).T
+  q = np.zeros_like(w)
+  for start in range(0, k, block_size):
+    stop = min(start + block_size, k)
+    w_block = w[:, start:stop].copy()
+    err_block = np.zeros_like(w_block)
+    u_block = upper[start:stop, start:stop]
+    for i in range(stop - start):
       col = w_block[:, i]
-      q_col = quant(col)
+      q_col = round_to_grid_numpy(col / safe_scales, fmt) * safe_scales
       err = (col - q_col) / u_block[i, i]
       # u_block[i, j] = 0 for j < i: only the columns not yet quantized move.
-      w_block = w_block - err[:, None] * u_block[i][None, :]
-      return w_block, q_block.at[:, i].set(q_col), err_block.at[:, i].set(err)
-
-    zeros = jnp.zeros((n, block_size), w.dtype)
-    _, q_block, err_block = jax.lax.fori_loop(0, block_size, column_step, (w_block, zeros, zeros))
-    q = jax.lax.dynamic_update_slice(q, q_block, (0, start))
-    # Lazy batch update of every later column (rows of U before `start` are zero there; the
-    # block's own columns are already final in q).
-    u_rows = jax.lax.dynamic_slice(upper, (start, 0), (block_size, padded))
-    w = w - err_block @ u_rows
-    return w, q
-
-  _, q = jax.lax.fori_loop(0, padded // block_size, block_step, (w, jnp.zeros_like(w)))
-  q = q[:, :k]
-  if act_order:
-    q = q[:, jnp.argsort(perm)]
-  dequant = q.T
-  codes = formats.encode(dequant / safe_scales[None, :], fmt_name)
-  return codes, dequant
+      w_block[:, i:] -= err[:, None] * u_block[i, i:][None, :]
+      q[:, start + i] = q_col
+      err_block[:, i] = err
+    # Lazy batch update of every later column.
+    w[:, stop:] -= err_block @ upper[start:stop, stop:]
+  if perm is not None:
+    q = q[:, np.argsort(perm, kind="stable")]
+  return q.T
 
 
 def layer_output_error(kernel, dequantized, inputs) -> float:

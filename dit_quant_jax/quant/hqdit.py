@@ -50,14 +50,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dit_quant_jax.quant import formats, gptq, hadamard, packing, rtn, rules
+from dit_quant_jax.quant import (formats, gptq, hadamard, lowrank, packing, rtn, rules,
+                                 smoothquant)
 from dit_quant_jax.quant.qtensor import (ActivationQuantizer, QuantizedWeight,
                                          register_quantized_type)
 
@@ -88,7 +89,13 @@ class FP4Weight(QuantizedWeight):
     ``linear`` applies x @ Q online (quant.hadamard); hadamard_seed records their seed;
   act_scale: () float32 static activation scale (act_granularity 'per_tensor');
   act_format / act_granularity / act_clip_ratio: the activation fake quantization applied
-    to the (transformed) input: 'per_token' dynamic, 'per_tensor' static, or 'none'.
+    to the (transformed) input: 'per_token' dynamic, 'per_tensor' static, or 'none';
+  input_scale: (K,) float32 SmoothQuant factor 1 / s applied first, x * input_scale
+    (quant.smoothquant; the stored W then holds diag(s) W);
+  lowrank_down (K, r) / lowrank_up (r, N) bfloat16: the SVDQuant-style branch
+    (quant.lowrank), y += ((x * input_scale) @ down) @ up on the unquantized input; the
+    stored codes then hold the residual W - down @ up.
+  Full forward: y = Qa((x * input_scale) @ Q) @ dequantize() + (x * input_scale) @ down @ up + bias.
   The class name is historical (notes/interfaces.md); ``format_name`` says the grid.
   """
 
@@ -103,6 +110,9 @@ class FP4Weight(QuantizedWeight):
   act_format: Optional[str] = struct.field(pytree_node=False, default=None)
   act_granularity: str = struct.field(pytree_node=False, default="none")
   act_clip_ratio: float = struct.field(pytree_node=False, default=1.0)
+  input_scale: Optional[jax.Array] = None
+  lowrank_down: Optional[jax.Array] = None
+  lowrank_up: Optional[jax.Array] = None
 
   @classmethod
   def from_codes(cls, codes, scale, format_name: str, **fields) -> "FP4Weight":
@@ -130,6 +140,17 @@ class FP4Weight(QuantizedWeight):
       raise ValueError("per_tensor activation quantization needs act_scale")
     if (self.hadamard_signs is None) != (self.hadamard_block is None):
       raise ValueError("hadamard_signs and hadamard_block must be set together")
+    if (self.lowrank_down is None) != (self.lowrank_up is None):
+      raise ValueError("lowrank_down and lowrank_up must be set together")
+    k, n = self.shape
+    if self.lowrank_down is not None and (
+        self.lowrank_down.ndim != 2 or self.lowrank_down.shape[0] != k
+        or self.lowrank_up.shape != (self.lowrank_down.shape[1], n)):
+      raise ValueError(f"low-rank factors {tuple(self.lowrank_down.shape)} @ "
+                       f"{tuple(self.lowrank_up.shape)} do not make a ({k}, {n}) kernel")
+    if self.input_scale is not None and tuple(self.input_scale.shape) != (k,):
+      raise ValueError(f"input_scale of shape {tuple(self.input_scale.shape)} does not match "
+                       f"{k} input features")
 
   @property
   def fmt(self) -> formats.Format:
@@ -148,11 +169,27 @@ class FP4Weight(QuantizedWeight):
     values = formats.decode(self.codes(), self.fmt)
     return (values * self.scale[None, :]).astype(dtype)
 
-  def transform_input(self, x):
+  def smooth_input(self, x):
+    """x * input_scale (SmoothQuant), else x."""
+    if self.input_scale is None:
+      return x
+    return x * self.input_scale.astype(x.dtype)
+
+  def rotate_input(self, x):
     """x @ Q when the Hadamard is folded into the weight, else x."""
     if self.hadamard_signs is None:
       return x
     return hadamard.apply(x, self.hadamard_signs, self.hadamard_block)
+
+  def transform_input(self, x):
+    """(x * input_scale) @ Q: the input the stored codes multiply (before act quantization)."""
+    return self.rotate_input(self.smooth_input(x))
+
+  def _add_branch(self, y, smoothed_x):
+    if self.lowrank_down is None:
+      return y
+    from dit_quant_jax.quant import lowrank
+    return y + lowrank.branch_output(smoothed_x, self.lowrank_down, self.lowrank_up).astype(y.dtype)
 
   def quantize_activation(self, x):
     return rtn.activation_fake_quant(x, self.act_format, self.act_granularity,
@@ -167,22 +204,24 @@ class FP4Weight(QuantizedWeight):
     (and for other settings) the plain-jnp path: dequantized weight, fake-quantized input.
     """
     from dit_quant_jax.kernels import common
+    smoothed = self.smooth_input(x)
     if (self.bits == 4 and self.act_granularity in ("none", "per_token")
         and common.resolve_impl("auto")[0]):
-      return self._kernel_linear(x, bias).astype(x.dtype)
+      return self._add_branch(self._kernel_linear(smoothed, bias), smoothed).astype(x.dtype)
     dtype = x.dtype
-    xq = self.quantize_activation(self.transform_input(x.astype(jnp.float32)))
+    xq = self.quantize_activation(self.rotate_input(smoothed.astype(jnp.float32)))
     y = jnp.dot(xq.astype(dtype), self.dequantize(dtype))
     if bias is not None:
       y = y + bias.astype(y.dtype)
-    return y
+    return self._add_branch(y, smoothed)
 
   def _kernel_linear(self, x, bias):
-    """The Pallas path (kernels/fp4_matmul.py, kernels/act_quant.py); see linear()."""
+    """The Pallas path (kernels/fp4_matmul.py, kernels/act_quant.py) on the smoothed input x
+    (the low-rank branch is added by linear()); see linear()."""
     from dit_quant_jax.kernels import act_quant, fp4_matmul
     w_fmt = self.fmt
     if self.act_granularity == "none":
-      return fp4_matmul.w4a16_linear(self.transform_input(x), self.packed_codes, w_fmt.lut,
+      return fp4_matmul.w4a16_linear(self.rotate_input(x), self.packed_codes, w_fmt.lut,
                                      self.scale, bias)
     a_fmt = formats.get_format(self.act_format)
     if a_fmt.bits == 4:
@@ -198,16 +237,27 @@ class FP4Weight(QuantizedWeight):
           self.packed_codes, jnp.asarray(w_fmt.int_lut, jnp.int8), self.scale / w_fmt.multiplier,
           bias, k_features=self.shape[0])
     if a_fmt.name == "fp8_e4m3":
-      xt = self.transform_input(x.astype(jnp.float32))
+      xt = self.rotate_input(x.astype(jnp.float32))
       x2d = xt.reshape(-1, xt.shape[-1])
       x_fp8, x_scale = fp4_matmul.quantize_fp8_per_token_reference(x2d)
       y = fp4_matmul.w4a8_linear(x_fp8, x_scale, self.packed_codes, w_fmt.lut, self.scale, bias)
       return y.reshape(x.shape[:-1] + (self.shape[1],))
-    xq = self.quantize_activation(self.transform_input(x.astype(jnp.float32)))
+    xq = self.quantize_activation(self.rotate_input(x.astype(jnp.float32)))
     return fp4_matmul.w4a16_linear(xq.astype(x.dtype), self.packed_codes, w_fmt.lut, self.scale, bias)
 
   def effective_kernel(self) -> jax.Array:
-    """The (K, N) kernel in the original basis, Q @ dequantize() (for error reports)."""
+    """The (K, N) kernel of the original input x (activation quantization aside):
+    diag(input_scale) (Q @ dequantize() + down @ up) (for error reports)."""
+    kernel = self._rotated_back()
+    if self.lowrank_down is not None:
+      kernel = kernel + jnp.dot(self.lowrank_down.astype(jnp.float32),
+                                self.lowrank_up.astype(jnp.float32))
+    if self.input_scale is not None:
+      kernel = kernel * self.input_scale[:, None]
+    return kernel
+
+  def _rotated_back(self) -> jax.Array:
+    """Q @ dequantize(): the stored kernel in the (smoothed) input basis."""
     stored = self.dequantize(jnp.float32)
     if self.hadamard_signs is None:
       return stored
@@ -225,6 +275,10 @@ class FP4Weight(QuantizedWeight):
       out["hadamard"] = int(math.ceil(self.hadamard_signs.size / 8)) + int(self.hadamard_block.size) * 4
     if self.act_scale is not None:
       out["act_scale"] = 4
+    if self.input_scale is not None:
+      out["smooth_scale"] = int(self.input_scale.size) * 4
+    if self.lowrank_down is not None:  # bfloat16 factors
+      out["lowrank"] = (int(self.lowrank_down.size) + int(self.lowrank_up.size)) * 2
     return out
 
 
@@ -250,7 +304,11 @@ class AttnActQuantizer(ActivationQuantizer):
 def max_min_ratio(x, group_axis: Optional[int]) -> float:
   """The max/min-ratio statistic of the module doc.  x: (groups, K) if group_axis == 0 (rows are
   scaling groups, e.g. tokens), (K, groups) if group_axis == 1 (columns are groups, e.g. a
-  kernel's output channels), any 2D if None (one group: per-tensor scale)."""
+  kernel's output channels), any 2D if None (one group: per-tensor scale).
+
+  Input channels that are zero in every group are left out: they encode exactly as 0 on
+  every grid, so they need no range (without this, one dead channel made r infinite and
+  sent the whole layer to the widest format).  All channels zero: r = 1."""
   a = np.abs(np.asarray(x, np.float64))
   if a.ndim != 2:
     raise ValueError(f"max_min_ratio expects a 2D array, got shape {a.shape}")
@@ -263,7 +321,10 @@ def max_min_ratio(x, group_axis: Optional[int]) -> float:
   else:
     raise ValueError(f"group_axis must be 0, 1 or None, got {group_axis}")
   peaks = normalized.max(axis=channel_axis)
-  return float(peaks.max() / max(peaks.min(), 1e-12))
+  live = peaks[peaks > 0]
+  if live.size == 0:
+    return 1.0
+  return float(live.max() / live.min())
 
 
 def select_by_ratio(ratio: float, candidates, thresholds=None) -> str:
@@ -327,7 +388,10 @@ def _weight_rtn_mse(kernel, fmt_name, ratios) -> float:
 
 
 def choose_weight_format(kernel, wcfg, report: dict) -> str:
-  """Weight format per the weight config: a fixed name, or 'auto' by ratio or MSE."""
+  """Weight format per the weight config: a fixed name, or 'auto' by the ratio or MSE rule.
+
+  With 'auto' both rules are evaluated and their picks recorded in
+  ``report['weight_format_by_rule']`` (the configured one is used)."""
   name = _get(wcfg, "format", "auto")
   if name != "auto":
     return formats.get_format(name).name
@@ -335,12 +399,14 @@ def choose_weight_format(kernel, wcfg, report: dict) -> str:
   method = _check_select(wcfg)
   ratio = max_min_ratio(kernel, group_axis=1)
   report["weight_ratio"] = ratio
-  if method == "ratio":
-    return select_by_ratio(ratio, candidates, _get(wcfg, "ratio_thresholds"))
+  picks = {"ratio": select_by_ratio(ratio, candidates, _get(wcfg, "ratio_thresholds"))}
   ratios = _clip_ratios(wcfg)
-  mses = {c: _weight_rtn_mse(kernel, formats.get_format(c).name, ratios) for c in candidates}
+  mses = {formats.get_format(c).name: _weight_rtn_mse(kernel, formats.get_format(c).name, ratios)
+          for c in candidates}
   report["weight_format_mse"] = mses
-  return formats.get_format(min(mses, key=mses.get)).name
+  picks["mse"] = min(mses, key=mses.get)
+  report["weight_format_by_rule"] = picks
+  return picks[method]
 
 
 def _act_mse(samples, fmt_name, granularity, ratios, absmax):
@@ -349,7 +415,9 @@ def _act_mse(samples, fmt_name, granularity, ratios, absmax):
 
 
 def choose_act_format(samples, acfg, granularity, report: dict, absmax=None) -> Optional[str]:
-  """Activation format per the activation config; samples: (R, K) transformed inputs or None."""
+  """Activation format per the activation config; samples: (R, K) transformed inputs or None.
+
+  With 'auto' (and calibration rows) both rules' picks go to ``report['act_format_by_rule']``."""
   name = _get(acfg, "format", None)
   if name is None or name == "none":
     return None
@@ -363,53 +431,128 @@ def choose_act_format(samples, acfg, granularity, report: dict, absmax=None) -> 
   method = _check_select(acfg)
   ratio = max_min_ratio(samples, group_axis=0 if granularity == "per_token" else None)
   report["act_ratio"] = ratio
-  if method == "ratio":
-    return select_by_ratio(ratio, candidates, _get(acfg, "ratio_thresholds"))
+  picks = {"ratio": select_by_ratio(ratio, candidates, _get(acfg, "ratio_thresholds"))}
   ratios = _clip_ratios(acfg)
-  mses = {c: _act_mse(samples, formats.get_format(c).name, granularity, ratios, absmax)[1]
+  mses = {formats.get_format(c).name: _act_mse(samples, formats.get_format(c).name, granularity,
+                                               ratios, absmax)[1]
           for c in candidates}
   report["act_format_mse"] = mses
-  return formats.get_format(min(mses, key=mses.get)).name
+  picks["mse"] = min(mses, key=mses.get)
+  report["act_format_by_rule"] = picks
+  return picks[method]
+
+
+def _fixed_or_default(cfg, default: str) -> Optional[str]:
+  """The config's format name, or ``default`` for 'auto' (None for no quantization)."""
+  name = _get(cfg, "format", None)
+  if name is None or name == "none":
+    return None
+  return formats.get_format(default if name == "auto" else name).name
+
+
+def _smoothing_error_fn(config, transform, rank: int, reference):
+  """output_error(xs, ws) for the SmoothQuant alpha search: the layer quantized as configured
+  but with max-scaled RTN weights and unclipped activations (fast), against ``reference``
+  (the FP outputs of the calibration rows)."""
+  w_name = _fixed_or_default(_get(config, "weight"), "e2m1")
+  a_name = _fixed_or_default(_get(config, "act"), "e2m1")
+  granularity = _get(_get(config, "act"), "granularity", "per_token")
+
+  def output_error(xs, ws):
+    branch = 0.0
+    if rank > 0:
+      down, up, ws = lowrank.split_low_rank(ws, rank)
+      branch = xs @ (down.astype(np.float64) @ up.astype(np.float64))
+    xt, wt = xs, ws
+    if transform is not None:
+      xt = hadamard.apply_numpy(xs, transform)
+      wt = hadamard.fold_into_weight_numpy(ws, transform)
+    w32 = jnp.asarray(wt, jnp.float32)
+    wq = np.asarray(formats.fake_quantize(w32, w_name, rtn.channel_scales(w32, w_name)[None, :]),
+                    np.float64)
+    if a_name is not None:
+      x32 = jnp.asarray(xt, jnp.float32)
+      absmax = jnp.max(jnp.abs(x32))
+      scale = None if granularity == "per_token" else formats.absmax_scale(absmax, a_name, 1.0)
+      xt = np.asarray(rtn.activation_fake_quant(x32, a_name, granularity, 1.0, scale), np.float64)
+    return float(np.sum(np.square(xt @ wq + branch - reference)))
+
+  return output_error
 
 
 def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   """Quantize one (K, N) kernel.  stats: calibrate.act_stats.LayerStats or None.
 
+  Steps (each switchable in the config): SmoothQuant (``smooth``), low-rank branch
+  (``lowrank``), Hadamard, format selection, clipping, GPTQ, activation spec.  The
+  calibration data are moved into the basis the quantizer sees in float64 numpy.
   Returns (FP4Weight, report dict)."""
-  kernel = jnp.asarray(kernel, jnp.float32)
+  kernel = np.asarray(kernel, np.float64)
   if kernel.ndim != 2:
     raise ValueError(f"expected a (in_features, out_features) kernel, got shape {kernel.shape}")
   k, n = kernel.shape
   wcfg, acfg = _get(config, "weight"), _get(config, "act")
   hcfg, gcfg = _get(config, "hadamard"), _get(config, "gptq")
+  scfg, lcfg = _get(config, "smooth"), _get(config, "lowrank")
   report: dict = {}
   if stats is not None and stats.in_features != k:
     raise ValueError(f"calibration stats have {stats.in_features} input features, kernel {k}")
-  samples = None if stats is None else jnp.asarray(stats.samples, jnp.float32)
+  samples = None if stats is None else np.asarray(stats.samples, np.float64)
+  channel_absmax = None if stats is None else np.asarray(stats.channel_absmax, np.float64)
   use_gptq = bool(_get(gcfg, "enabled", False))
   hessian = None
   if use_gptq:
     if stats is None or stats.hessian is None:
       raise ValueError("GPTQ is enabled but no calibration Hessian was collected for this layer "
                        "(pass calibration statistics collected with hessian=True)")
-    hessian = jnp.asarray(stats.hessian, jnp.float32)
-
-  # 1. Hadamard
+    hessian = np.asarray(stats.hessian, np.float64)
+  rank = int(_get(lcfg, "rank", 0) or 0)
   transform = None
-  stored_kernel = kernel
   if _get(hcfg, "enabled", False):
-    transform = hadamard.make_transform(k, layer_seed)
-    stored_kernel = hadamard.fold_into_weight(kernel, transform)
-    if samples is not None:
-      samples = hadamard.apply_transform(samples, transform)
-    if hessian is not None:  # H' = Q^T H Q for inputs x @ Q
-      hessian = hadamard.apply_transform(hadamard.apply_transform(hessian, transform).T, transform)
+    transform = hadamard.make_transform(k, layer_seed, _get(hcfg, "block", "hadamard"))
     report["hadamard_seed"] = layer_seed
-    report["hadamard_odd_factor"] = transform.odd_factor
+    report["hadamard_block"] = f"{transform.kind} {transform.block_order}x{transform.block_order}"
 
-  # 2-3. weight format and scales
-  wfmt = choose_weight_format(stored_kernel, wcfg, report)
-  scales, chosen = _weight_scales(stored_kernel, wfmt, _clip_ratios(wcfg))
+  # 0. SmoothQuant: x @ W = (x / s) @ (diag(s) W)
+  work = kernel
+  input_scale = None
+  if _get(scfg, "enabled", False):
+    if stats is None:
+      raise ValueError("SmoothQuant (smooth.enabled) needs calibration statistics (activation "
+                       "absmax per input channel); pass calibration inputs")
+    error_fn = _smoothing_error_fn(config, transform, rank, samples @ kernel)
+    alphas = tuple(_get(scfg, "alphas", smoothquant.DEFAULT_ALPHAS))
+    alpha, factors, errors = smoothquant.search_alpha(samples, kernel, channel_absmax, error_fn,
+                                                      alphas)
+    samples, work = smoothquant.smooth(samples, kernel, factors)
+    channel_absmax = channel_absmax / factors
+    if hessian is not None:  # X' = X diag(1/s): H' = diag(1/s) H diag(1/s)
+      hessian = hessian / np.outer(factors, factors)
+    input_scale = (1.0 / factors).astype(np.float32)
+    report["smooth_alpha"] = alpha
+    report["smooth_alpha_errors"] = errors
+  smoothed_samples = samples
+
+  # 1. Low-rank branch: W = L1 L2 + R, R goes on through the 4-bit path.
+  down = up = None
+  if rank > 0:
+    down, up, work = lowrank.split_low_rank(work, rank)
+    report["lowrank_rank"] = rank
+
+  # 2. Hadamard: store Q^T R, calibrate on x @ Q.
+  stored_kernel = work
+  if transform is not None:
+    stored_kernel = hadamard.fold_into_weight_numpy(work, transform)
+    if samples is not None:
+      samples = hadamard.apply_numpy(samples, transform)
+    if hessian is not None:  # H' = Q^T H Q for inputs x @ Q
+      hessian = hadamard.apply_numpy(hadamard.apply_numpy(hessian, transform).T, transform)
+  stored32 = jnp.asarray(stored_kernel.astype(np.float32))
+  samples32 = None if samples is None else jnp.asarray(samples.astype(np.float32))
+
+  # 3. weight format and scales
+  wfmt = choose_weight_format(stored32, wcfg, report)
+  scales, chosen = _weight_scales(stored32, wfmt, _clip_ratios(wcfg))
   report["weight_format"] = wfmt
   report["weight_clip_ratio_mean"] = float(jnp.mean(chosen))
 
@@ -420,7 +563,7 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
                                   block_size=int(_get(gcfg, "block_size", gptq.DEFAULT_BLOCK_SIZE)),
                                   act_order=bool(_get(gcfg, "act_order", False)))
   else:
-    codes = rtn.quantize_kernel(stored_kernel, wfmt, scales)
+    codes = rtn.quantize_kernel(stored32, wfmt, scales)
   report["gptq"] = use_gptq
 
   # 5. activation spec
@@ -431,10 +574,9 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   if stats is not None:
     # Range of the quantized input over all timesteps: the channel absmax when there is no
     # transform; with the Hadamard only the kept rows are seen in the rotated basis.
-    absmax = float(np.max(np.abs(np.asarray(samples)))) if transform is not None else \
-        float(np.max(stats.channel_absmax))
+    absmax = float(np.max(np.abs(samples))) if transform is not None else float(np.max(channel_absmax))
     report["act_drift"] = stats.drift
-  afmt = choose_act_format(samples, acfg, granularity, report, absmax)
+  afmt = choose_act_format(samples32, acfg, granularity, report, absmax)
   fields: dict[str, Any] = {}
   if afmt is None:
     fields["act_granularity"] = "none"
@@ -443,8 +585,8 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
     fields["act_granularity"] = granularity
     clip = 1.0
     ratios = _clip_ratios(acfg)
-    if samples is not None and len(ratios) > 1:
-      clip, _ = rtn.search_activation_clip(samples, afmt, ratios, granularity, absmax)
+    if samples32 is not None and len(ratios) > 1:
+      clip, _ = rtn.search_activation_clip(samples32, afmt, ratios, granularity, absmax)
     fields["act_clip_ratio"] = float(clip)
     if granularity == "per_tensor":
       if absmax is None:
@@ -455,17 +597,24 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   if transform is not None:
     fields.update(hadamard_signs=jnp.asarray(transform.signs),
                   hadamard_block=jnp.asarray(transform.block), hadamard_seed=int(layer_seed))
+  if input_scale is not None:
+    fields["input_scale"] = jnp.asarray(input_scale)
+  if down is not None:
+    fields.update(lowrank_down=jnp.asarray(down, lowrank.BRANCH_DTYPE),
+                  lowrank_up=jnp.asarray(up, lowrank.BRANCH_DTYPE))
   weight = FP4Weight.from_codes(codes, scales, wfmt, **fields)
 
   # Errors, in float64 numpy (no extra compilation per layer shape).  Q is orthogonal, so
   # the weight error in the original basis equals the error in the stored (folded) basis.
   stored = formats.get_format(wfmt).lut[np.asarray(codes)] * np.asarray(scales, np.float64)[None, :]
-  folded = np.asarray(stored_kernel, np.float64)
-  report["weight_rel_error"] = _relative(stored - folded, folded)
+  report["weight_rel_error"] = _relative(stored - stored_kernel, stored_kernel)
   if stats is not None:
-    x_quantized = np.asarray(weight.quantize_activation(samples), np.float64)
-    reference = np.asarray(stats.samples, np.float64) @ np.asarray(kernel, np.float64)
-    report["output_rel_error"] = _relative(x_quantized @ stored - reference, reference)
+    x_quantized = np.asarray(weight.quantize_activation(samples32), np.float64)
+    output = x_quantized @ stored
+    if down is not None:
+      output = output + smoothed_samples @ (down.astype(np.float64) @ up.astype(np.float64))
+    reference = np.asarray(stats.samples, np.float64) @ kernel
+    report["output_rel_error"] = _relative(output - reference, reference)
   return weight, report
 
 
@@ -478,31 +627,30 @@ def _attention_modules(paths) -> list[str]:
   return list(dict.fromkeys(p[: -len("/qkv")] for p in paths if p.endswith("attn/qkv")))
 
 
-def quantize_params(params, model=None, config=None, calib: Optional[Mapping] = None):
-  """Pure transform: params -> (quantized params, report).
+def _layer_seed(config, index: int) -> int:
+  return int(_get(_get(config, "hadamard"), "seed", 0)) * 100003 + index
 
-  calib: {layer path: act_stats.LayerStats} (from calibrate.act_stats.collect_layer_stats),
-  or None (data-free: no GPTQ, no activation clip search, 'auto' activation formats fall back
-  to ``act.default_format``).  ``model`` is accepted for symmetry with the other quantizers
-  (unused here: all layer shapes come from the params)."""
-  del model
-  if config is None:
-    raise ValueError("quantize_params needs a config (configs/hqdit.py get_config)")
-  patterns = _get(config, "layer_patterns", rules.DIT_BLOCK_LINEARS)
-  paths = rules.select_layers(params, list(patterns))
-  base_seed = int(_get(_get(config, "hadamard"), "seed", 0))
-  qparams = params
-  layers = {}
-  for index, path in enumerate(paths):
+
+def _selected_paths(params, config) -> list[str]:
+  return rules.select_layers(params, list(_get(config, "layer_patterns", rules.DIT_BLOCK_LINEARS)))
+
+
+def _quantize_paths(qparams, params, paths, all_paths, config, calib, layers) -> dict:
+  """Quantize ``paths`` of the FP ``params`` into ``qparams`` (returned); reports into ``layers``.
+  The Hadamard seed of a layer is fixed by its index in ``all_paths``."""
+  for path in paths:
     kernel = rules.get_path(params, path + "/kernel")
     stats = None if calib is None else calib.get(path)
     if calib is not None and stats is None:
       raise ValueError(f"no calibration statistics for layer {path!r}")
     weight, layer_report = quantize_layer(kernel, config, stats,
-                                          layer_seed=base_seed * 100003 + index)
+                                          layer_seed=_layer_seed(config, all_paths.index(path)))
     qparams = rules.set_path(qparams, path + "/kernel", weight)
     layers[path] = layer_report
+  return qparams
 
+
+def _add_attention_quant(qparams, paths, config):
   acfg = _get(config, "attn_quant")
   attn_paths = []
   if _get(acfg, "enabled", False):
@@ -513,7 +661,55 @@ def quantize_params(params, model=None, config=None, calib: Optional[Mapping] = 
       for name in ATTN_QUANT_NAMES:
         qparams = rules.set_path(qparams, f"{module}/{name}", quantizer)
       attn_paths.append(module)
+  return qparams, attn_paths
+
+
+def quantize_params(params, model=None, config=None, calib: Optional[Mapping] = None):
+  """Pure transform: params -> (quantized params, report), every layer calibrated on the
+  given statistics.
+
+  calib: {layer path: act_stats.LayerStats} (from calibrate.act_stats.collect_layer_stats),
+  or None (data-free: no GPTQ, no activation clip search, 'auto' activation formats fall back
+  to ``act.default_format``).  ``model`` is accepted for symmetry with the other quantizers
+  (unused here: all layer shapes come from the params).  Calibration on the outputs of
+  already-quantized layers: :func:`quantize_from_config`."""
+  del model
+  if config is None:
+    raise ValueError("quantize_params needs a config (configs/hqdit.py get_config)")
+  paths = _selected_paths(params, config)
+  layers: dict = {}
+  qparams = _quantize_paths(params, params, paths, paths, config, calib, layers)
+  qparams, attn_paths = _add_attention_quant(qparams, paths, config)
   return qparams, summarize(params, qparams, layers, attn_paths, calib)
+
+
+def quantize_params_rtn(params, weight_format: str, patterns: Sequence[str] = rules.DIT_BLOCK_LINEARS,
+                        act_format: Optional[str] = None, act_granularity: str = "per_token",
+                        clip_ratios: Optional[Sequence[float]] = None):
+  """RTN baseline: per-output-channel weights on ``weight_format`` (e.g. 'int2', 'int3',
+  'int4', 'int8', 'e2m1'), optional dynamic per-token activations on ``act_format``.
+
+  clip_ratios: None -> max scaling; else per-channel MSE search over these ratios.
+  Returns (qparams, {path: relative weight error})."""
+  fmt = formats.get_format(weight_format)
+  if act_format is not None:
+    formats.get_format(act_format)
+  qparams = params
+  errors = {}
+  for path in rules.select_layers(params, patterns):
+    kernel = jnp.asarray(rules.get_path(params, path + "/kernel"), jnp.float32)
+    if clip_ratios is None:
+      scales = rtn.channel_scales(kernel, fmt)
+    else:
+      scales, _ = rtn.search_channel_scales(kernel, fmt, clip_ratios)
+    codes = rtn.quantize_kernel(kernel, fmt, scales)
+    weight = FP4Weight.from_codes(codes, scales, fmt.name,
+                                  act_format=act_format,
+                                  act_granularity=act_granularity if act_format else "none")
+    errors[path] = float(jnp.linalg.norm(weight.dequantize() - kernel) /
+                         jnp.maximum(jnp.linalg.norm(kernel), 1e-30))
+    qparams = rules.set_path(qparams, path + "/kernel", weight)
+  return qparams, errors
 
 
 def summarize(params, qparams, layers, attn_paths, calib) -> dict:
@@ -523,6 +719,7 @@ def summarize(params, qparams, layers, attn_paths, calib) -> dict:
   report: dict = dict(layers=layers, attention_quantized=attn_paths)
   report["weight_formats"] = dict(Counter(r["weight_format"] for r in layers.values()))
   report["act_formats"] = dict(Counter(str(r["act_format"]) for r in layers.values()))
+  report["format_picks"] = format_picks(layers)
   report["mean_weight_rel_error"] = float(np.mean([r["weight_rel_error"] for r in layers.values()]))
   outs = [r["output_rel_error"] for r in layers.values() if "output_rel_error" in r]
   if outs:
@@ -537,28 +734,97 @@ def summarize(params, qparams, layers, attn_paths, calib) -> dict:
   report["quantized_layers_bytes"] = q_bytes
   if calib:
     from dit_quant_jax.calibrate.act_stats import drift_report
-    report["act_drift"] = drift_report({p: calib[p] for p in layers})
+    report["act_drift"] = drift_report({p: calib[p] for p in layers if p in calib})
   return report
+
+
+def format_picks(layers: Mapping[str, dict]) -> dict:
+  """{layer: {weight_ratio, weight_mse, act_ratio, act_mse, weight, act}}: the format each
+  rule picks per layer (None where the format is fixed) and the one used."""
+  picks = {}
+  for path, r in layers.items():
+    w, a = r.get("weight_format_by_rule", {}), r.get("act_format_by_rule", {})
+    picks[path] = dict(weight_ratio=w.get("ratio"), weight_mse=w.get("mse"),
+                       act_ratio=a.get("ratio"), act_mse=a.get("mse"),
+                       weight=r["weight_format"], act=r["act_format"])
+  return picks
+
+
+def format_picks_markdown(report: Mapping) -> str:
+  """The per-layer format picks of a quantization report as a markdown table."""
+  lines = ["| layer | W ratio rule | W MSE rule | A ratio rule | A MSE rule | W used | A used |",
+           "|---|---|---|---|---|---|---|"]
+  for path, p in report["format_picks"].items():
+    cells = [path] + [str(p[c]) if p[c] is not None else "fixed" for c in
+                      ("weight_ratio", "weight_mse", "act_ratio", "act_mse")] + [str(p["weight"]),
+                                                                                str(p["act"])]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+CALIB_INPUTS = ("quantized", "fp")
+SEQUENTIAL_UNITS = ("block", "layer")
+
+
+def calibration_groups(order: Sequence[str], paths: Sequence[str], inputs: str, unit: str):
+  """Groups of layer paths calibrated together, in execution ``order``.
+
+  inputs 'fp': one group (every layer sees the FP model's inputs).  'quantized': the layers
+  of one unit (a DiT block, or one layer) are calibrated on inputs produced with every
+  earlier unit already quantized."""
+  if inputs not in CALIB_INPUTS:
+    raise ValueError(f"unknown calib.inputs {inputs!r}; known: {CALIB_INPUTS}")
+  if unit not in SEQUENTIAL_UNITS:
+    raise ValueError(f"unknown calib.sequential_unit {unit!r}; known: {SEQUENTIAL_UNITS}")
+  ordered = [p for p in order if p in set(paths)]
+  missing = sorted(set(paths) - set(ordered))
+  if missing:
+    raise ValueError(f"layers {missing} were not called by the model's forward pass")
+  if inputs == "fp":
+    return [ordered]
+  if unit == "layer":
+    return [[p] for p in ordered]
+  groups: list[list[str]] = []
+  for path in ordered:
+    block = path.split("/")[0]
+    if groups and groups[-1][0].split("/")[0] == block:
+      groups[-1].append(path)
+    else:
+      groups.append([path])
+  return groups
 
 
 def quantize_from_config(model, params, config, calib_inputs=None):
   """Entry point for experiments: (qparams, report).
 
-  calib_inputs: the FP trajectory dict(x=(S, B, H, W, C), t=(S, B), y=(S, B)) (statistics are
-  collected here with config.calib settings), precomputed {path: LayerStats}, or None."""
-  calib = None
-  if calib_inputs is not None:
-    if isinstance(calib_inputs, Mapping) and "x" in calib_inputs and "t" in calib_inputs:
-      from dit_quant_jax.calibrate import act_stats
-      ccfg = _get(config, "calib")
-      paths = rules.select_layers(params, list(_get(config, "layer_patterns",
-                                                    rules.DIT_BLOCK_LINEARS)))
-      calib = act_stats.collect_layer_stats(
-          model, params, calib_inputs, paths,
-          hessian=bool(_get(_get(config, "gptq"), "enabled", False)),
-          samples_per_step=int(_get(ccfg, "samples_per_step", 64)),
-          max_samples=int(_get(ccfg, "max_samples", 1024)),
-          batch_size=_get(ccfg, "batch_size"), seed=int(_get(ccfg, "seed", 0)))
-    else:
-      calib = calib_inputs
-  return quantize_params(params, model, config, calib)
+  calib_inputs: the FP trajectory dict(x=(S, B, H, W, C), t=(S, B), y=(S, B)), precomputed
+  {path: LayerStats} (every layer calibrated on them), or None.  With a trajectory the
+  statistics are collected here with config.calib settings; ``calib.inputs='quantized'``
+  (default) collects each unit's statistics (clip search, GPTQ Hessians, activation
+  ranges) on the inputs produced by the model with every earlier unit already quantized,
+  ``'fp'`` on the FP model's inputs."""
+  is_trajectory = (isinstance(calib_inputs, Mapping) and "x" in calib_inputs
+                   and "t" in calib_inputs)
+  if not is_trajectory:
+    return quantize_params(params, model, config, calib_inputs)
+  from dit_quant_jax.calibrate import act_stats
+  ccfg = _get(config, "calib")
+  paths = _selected_paths(params, config)
+  order = act_stats.execution_order(model, params, calib_inputs)
+  groups = calibration_groups(order, paths, _get(ccfg, "inputs", "quantized"),
+                              _get(ccfg, "sequential_unit", "block"))
+  qparams, layers, calib = params, {}, {}
+  for group in groups:
+    stats = act_stats.collect_layer_stats(
+        model, qparams, calib_inputs, group,
+        hessian=bool(_get(_get(config, "gptq"), "enabled", False)),
+        samples_per_step=int(_get(ccfg, "samples_per_step", 64)),
+        max_samples=int(_get(ccfg, "max_samples", 1024)),
+        batch_size=_get(ccfg, "batch_size"), seed=int(_get(ccfg, "seed", 0)))
+    calib.update(stats)
+    qparams = _quantize_paths(qparams, params, group, paths, config, calib, layers)
+  layers = {p: layers[p] for p in paths}
+  qparams, attn_paths = _add_attention_quant(qparams, paths, config)
+  report = summarize(params, qparams, layers, attn_paths, calib)
+  report["calibration_groups"] = len(groups)
+  return qparams, report

@@ -10,21 +10,21 @@ Activations: fake quantization (quantize, then dequantize; the matmul runs on th
 values) either per token with a dynamic scale ``clip_ratio * max_k |x[m, k]| / format.max``
 computed at run time, or per tensor with a static calibrated scale.
 
-Baselines (``notes``: VQ4DiT report W2A16/W3A16, HQ-DiT report RTN INT8/INT4 rows):
-:func:`quantize_params_rtn` turns every selected layer's kernel into an integer (or FP)
-``FP4Weight`` with per-output-channel scales, optionally with per-token dynamic activation
-quantization.
+This module holds numerics only (it imports ``quant.formats`` and nothing of HQ-DiT); the
+RTN baseline over a whole params pytree, which builds ``FP4Weight`` nodes, lives in
+``quant.hqdit`` (:func:`dit_quant_jax.quant.hqdit.quantize_params_rtn`), so the dependency
+points one way: hqdit -> rtn.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dit_quant_jax.quant import formats, rules
+from dit_quant_jax.quant import formats
 
 GRANULARITIES = ("per_token", "per_tensor", "none")
 
@@ -149,38 +149,6 @@ def _per_tensor_clip_errors_impl(samples, ratios, absmax, fmt_name):
 
 _per_token_clip_errors = jax.jit(_per_token_clip_errors_impl, static_argnums=2)
 _per_tensor_clip_errors = jax.jit(_per_tensor_clip_errors_impl, static_argnums=3)
-
-
-# ------------------------------------------------------------------------------ baselines
-def quantize_params_rtn(params, weight_format: str, patterns: Sequence[str] = rules.DIT_BLOCK_LINEARS,
-                        act_format: Optional[str] = None, act_granularity: str = "per_token",
-                        clip_ratios: Optional[Sequence[float]] = None):
-  """RTN baseline: per-output-channel weights on ``weight_format`` (e.g. 'int2', 'int3',
-  'int4', 'int8', 'e2m1'), optional dynamic per-token activations on ``act_format``.
-
-  clip_ratios: None -> max scaling; else per-channel MSE search over these ratios.
-  Returns (qparams, {path: relative weight error})."""
-  from dit_quant_jax.quant.hqdit import FP4Weight  # the weight type lives with HQ-DiT
-
-  fmt = formats.get_format(weight_format)
-  if act_format is not None:
-    formats.get_format(act_format)
-  qparams = params
-  errors = {}
-  for path in rules.select_layers(params, patterns):
-    kernel = jnp.asarray(rules.get_path(params, path + "/kernel"), jnp.float32)
-    if clip_ratios is None:
-      scales = channel_scales(kernel, fmt)
-    else:
-      scales, _ = search_channel_scales(kernel, fmt, clip_ratios)
-    codes = quantize_kernel(kernel, fmt, scales)
-    weight = FP4Weight.from_codes(codes, scales, fmt.name,
-                                  act_format=act_format,
-                                  act_granularity=act_granularity if act_format else "none")
-    errors[path] = float(jnp.linalg.norm(weight.dequantize() - kernel) /
-                         jnp.maximum(jnp.linalg.norm(kernel), 1e-30))
-    qparams = rules.set_path(qparams, path + "/kernel", weight)
-  return qparams, errors
 
 
 def _check_kernel(kernel) -> None:
