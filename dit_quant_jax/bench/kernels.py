@@ -1,0 +1,622 @@
+"""Kernel benchmark library: correctness pass, device-side timing against the bf16 dot, paths.
+
+``experiments/bench_kernels.py`` is the thin absl front end; everything it does lives here.
+
+1. correctness: every kernel (and every VQ path the dispatcher can pick) vs its plain-jnp
+   reference on fresh random operands;
+2. peaks measured in the same run: a large bf16 matmul (FLOP/s) and a large device copy (B/s);
+3. every variant at the DiT-XL/2 linear shapes (K x N) and token counts M against the
+   bf16-output XLA dot: device time per call, speedup = t_bf16 / t_kernel, achieved FLOP/s and
+   B/s, the roofline floor (bench/roofline.py, with the measured peaks) and, for the
+   dispatched ops, the path the dispatcher took;
+4. a markdown report (rewritten after every shape, so a run cut short keeps its rows).
+
+Timing (``device_time``): one jitted program runs the call ``reps`` times back to back on the
+device inside a ``lax.fori_loop``, each repetition cycling through ``sets`` independent copies of
+the operands whose total size exceeds the L2 cache (so the weight is read from HBM, as in a
+model where each layer's weight is touched once per step); the host synchronises once per
+program, so launch and dispatch overhead from Python is amortised over reps x sets calls.  The
+median over ``trials`` programs, divided by reps x sets, is the time per call.  Outputs pass an
+``optimization_barrier`` so XLA cannot shrink the work.  This is device-stream time (kernel
+time plus the in-stream gaps between kernels), not a per-kernel CUPTI trace.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import math
+import os
+import statistics
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax import lax
+
+from dit_quant_jax.bench import roofline
+from dit_quant_jax.kernels import act_quant as aq
+from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import dispatch
+from dit_quant_jax.kernels import fp4_matmul as fm
+from dit_quant_jax.kernels import vq_matmul as vq
+from dit_quant_jax.numerics import packing
+
+# DiT-XL/2 (hidden 1152, MLP ratio 4): attn qkv, attn proj, mlp fc1, mlp fc2, adaLN modulation.
+DIT_XL2_SHAPES = ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152), (1152, 6912))
+# Tokens per call: 16 (adaLN rows, tiny batch) ... 16384 (64 images x 256 patches at 256px).
+DIT_XL2_TOKENS = (16, 256, 1024, 4096, 16384)
+SMOKE_SHAPES = ((64, 96), (96, 64))
+SMOKE_TOKENS = (8, 37)
+L2_BYTES = 60 * 2**20  # H200: 60 MiB (H100: 50 MiB); rotate operand sets beyond this
+ROTATION_FACTOR = 2  # operand bytes across all sets >= ROTATION_FACTOR x L2_BYTES
+MAX_SETS = 16
+
+# Kernel variants timed against the bf16 dot (name -> description in the report).
+VARIANTS = {
+    "bf16_xla": "x @ W + b, bf16 operands, bf16 output, XLA dot (baseline)",
+    "w4a16_xla": "full FP4 decode + XLA dot (what runs without the kernel)",
+    "vq_w2": "VQ k=256, d=4 (2 bits/weight), the dispatcher's path",
+    "vq_w3": "VQ k=64, d=2 (3 bits/weight), the dispatcher's path",
+    "vq_w2_splitk": "VQ W2, split-K kernel (GEMV path) forced",
+    "vq_w2_tiled": "VQ W2, tiled kernel forced",
+    "vq_w2_dequant_dot": "VQ W2, XLA decode to bf16 + bf16 dot forced",
+    "w4a16": "FP4 E2M1 weights, bf16 activations, Pallas",
+    "w4a8": "FP4 weights, FP8 E4M3 per-token activations (pre-quantized), Pallas",
+    "w4a4": "FP4 weights, 4-bit per-token activations (pre-quantized), int8 dot, Pallas",
+    "w4a4_e2e": "act_quant (Hadamard-like transform) + W4A4 matmul, both Pallas",
+    "act_quant": "activation transform + per-token 4-bit quantization + packing, Pallas",
+}
+VQ_CONFIGS = {"vq_w2": (256, 4), "vq_w3": (64, 2)}  # (codewords k, sub-vector length d)
+VQ_FORCED = {"vq_w2_splitk": "vq_splitk", "vq_w2_tiled": "vq_tiled",
+             "vq_w2_dequant_dot": "vq_dequant_dot"}
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # OCP MX FP4 magnitudes
+
+
+# ----------------------------------------------------------------------------------------
+# Timing and peaks
+# ----------------------------------------------------------------------------------------
+
+
+def rotation_sets(operand_bytes: int, l2_bytes: int = L2_BYTES) -> int:
+  """Operand copies so that all of them together exceed ROTATION_FACTOR x the L2 cache."""
+  return int(min(MAX_SETS, max(1, math.ceil(ROTATION_FACTOR * l2_bytes / max(operand_bytes, 1)))))
+
+
+def _tree_bytes(tree) -> int:
+  return sum(int(leaf.nbytes) for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "nbytes"))
+
+
+def _first_scalar(tree):
+  leaf = jax.tree_util.tree_leaves(tree)[0]
+  return jnp.ravel(leaf)[0].astype(jnp.float32)
+
+
+def device_time(fn: Callable, operand_sets: Sequence[tuple], *, reps: int, trials: int) -> float:
+  """Seconds per call of ``fn(*operands)``: see the module doc (in-graph repetition)."""
+
+  @jax.jit
+  def program(sets):
+    def body(_, carry):
+      for operands in sets:
+        out = lax.optimization_barrier(fn(*operands))
+        carry = carry + _first_scalar(out)
+      return carry
+    return lax.fori_loop(0, reps, body, jnp.zeros((), jnp.float32))
+
+  jax.block_until_ready(program(operand_sets))  # compile + warm up
+  times = []
+  for _ in range(trials):
+    start = time.perf_counter()
+    jax.block_until_ready(program(operand_sets))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) / (reps * len(operand_sets))
+
+
+def measure_peaks(smoke: bool, trials: int) -> dict:
+  """Achievable bf16 matmul FLOP/s and device-copy B/s, measured now on this device."""
+  size = 256 if smoke else 8192
+  key_a, key_b = jax.random.split(jax.random.key(1))
+  a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
+  b = jax.random.normal(key_b, (size, size), jnp.bfloat16)
+  matmul = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)  # noqa: E731
+  seconds = device_time(matmul, [(a, b)], reps=1 if smoke else 10, trials=trials)
+  words = (1 << 16) if smoke else (1 << 28)  # 1 GiB of float32 on GPU
+  buffer = jax.random.normal(key_a, (words,), jnp.float32)
+  copy = lambda v: v * 1.5  # noqa: E731  one read + one write per element
+  copy_seconds = device_time(copy, [(buffer,)], reps=1 if smoke else 10, trials=trials)
+  return dict(matmul_flops=2 * size**3 / seconds, matmul_size=size,
+              bandwidth=2 * buffer.nbytes / copy_seconds, copy_bytes=2 * buffer.nbytes)
+
+
+# ----------------------------------------------------------------------------------------
+# Operands and variants
+# ----------------------------------------------------------------------------------------
+
+
+def transform_block(k_features: int) -> int:
+  """b of the benchmark's kron(A, B) transform: the largest power of two <= 128 dividing K."""
+  b_size = 128
+  while b_size >= 32:
+    if k_features % b_size == 0:
+      return b_size
+    b_size //= 2
+  raise ValueError(f"in_features {k_features} has no power-of-two factor >= 32 for a transform")
+
+
+def _orthogonal(key, n):
+  q, r = jnp.linalg.qr(jax.random.normal(key, (n, n), jnp.float32))
+  return q * jnp.sign(jnp.diagonal(r))
+
+
+def make_operands(key, m_rows: int, k_features: int, n_features: int) -> dict:
+  """Random operands of every variant for one (M, K, N), built on device."""
+  keys = iter(jax.random.split(key, 16))
+  lut = np.concatenate([np.asarray(E2M1), -np.asarray(E2M1)]).astype(np.float32)
+  int_lut, multiplier = common.int_lut_from_lut(lut)
+  x = jax.random.normal(next(keys), (m_rows, k_features), jnp.bfloat16)
+  w_codes = jax.random.randint(next(keys), (k_features, n_features), 0, 16)
+  w_scale = jax.random.uniform(next(keys), (n_features,), jnp.float32, 0.01, 0.02)
+  operands = dict(
+      x=x,
+      weight=jax.random.normal(next(keys), (k_features, n_features), jnp.bfloat16),
+      bias=jax.random.normal(next(keys), (n_features,), jnp.float32),
+      lut=jnp.asarray(lut), int_lut=jnp.asarray(int_lut), multiplier=multiplier,
+      packed_weight=packing.pack_bits(w_codes, 4, axis=0), w_scale=w_scale)
+  for name, (n_codewords, sub_dim) in VQ_CONFIGS.items():
+    indices = jax.random.randint(next(keys), (k_features // sub_dim, n_features), 0, n_codewords)
+    operands[name] = (
+        jax.random.normal(next(keys), (n_codewords, sub_dim), jnp.float32) * 0.02,
+        packing.pack_bits(indices, packing.index_bits(n_codewords), axis=0))
+  x_fp8, x_fp8_scale = fm.quantize_fp8_per_token_reference(x)
+  operands.update(x_fp8=x_fp8, x_fp8_scale=x_fp8_scale)
+  b_size = transform_block(k_features)
+  a_size = k_features // b_size
+  signs = jnp.where(jax.random.bernoulli(next(keys), 0.5, (k_features,)), 1.0, -1.0)
+  operands["transform"] = (signs, _orthogonal(next(keys), a_size), _orthogonal(next(keys), b_size))
+  packed_x, x_scale = aq.act_quant_reference(x, operands["transform"], magnitudes=E2M1)
+  operands.update(packed_x=packed_x, x_scale=x_scale)
+  return operands
+
+
+def _config_text(config: dict) -> str:
+  short = dict(block_m="bm", block_n="bn", block_k="bk", split_k="sk", num_warps="w",
+               num_stages="s")
+  return " ".join(f"{short.get(k, k)}{v}" for k, v in config.items())
+
+
+def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[str, dict]):
+  """(name -> (kernel fn, reference fn or None, args, flops, bytes moved), name -> path text).
+
+  Kernel functions are plain (unjitted) callables; device_time jits them inside its loop."""
+  m_rows, n_features = ops["x"].shape[0], ops["bias"].shape[0]
+  flops = 2 * m_rows * k_features * n_features
+  x_bytes, out_bytes = 2 * m_rows * k_features, 2 * m_rows * n_features
+  fp4_weight_bytes = ops["packed_weight"].nbytes + 4 * n_features
+  scale_w = ops["w_scale"] / ops["multiplier"]  # integer-lut scale (notes/interfaces.md)
+  calls, paths = {}, {}
+
+  def options(name):
+    return dict(blocks.get(name) or common.default_matmul_blocks(m_rows, n_features, k_features),
+                interpret=interpret)
+
+  calls["bf16_xla"] = (
+      lambda x, w, b: (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(
+          jnp.bfloat16),
+      None, (ops["x"], ops["weight"], ops["bias"]), flops,
+      x_bytes + ops["weight"].nbytes + out_bytes)
+  calls["w4a16_xla"] = (
+      jax.jit(fm.w4a16_matmul_reference), None,
+      (ops["x"], ops["packed_weight"], ops["lut"], ops["w_scale"], ops["bias"]), flops,
+      x_bytes + fp4_weight_bytes + out_bytes)
+  for name in list(VQ_CONFIGS) + list(VQ_FORCED):
+    codebook, packed = ops[name if name in VQ_CONFIGS else "vq_w2"]
+    choice = dispatch.choose("vq", m_rows, k_features, n_features)
+    if name in VQ_FORCED:
+      path = VQ_FORCED[name]
+      choice = dispatch.Choice(path, dispatch.default_config("vq", path, m_rows, k_features,
+                                                             n_features))
+    config = dict(choice.config, **(blocks.get(name) or {}))
+    calls[name] = (
+        functools.partial(vq.run_path, choice.path, config=config, interpret=interpret),
+        vq.vq_matmul_reference, (ops["x"], codebook, packed, ops["bias"]), flops,
+        x_bytes + packed.nbytes + codebook.nbytes + out_bytes)
+    paths[name] = f"{choice.path} {_config_text(config)}"
+  calls["w4a16"] = (
+      jax.jit(functools.partial(fm.w4a16_matmul, **options("w4a16"))),
+      jax.jit(fm.w4a16_matmul_reference),
+      (ops["x"], ops["packed_weight"], ops["lut"], ops["w_scale"], ops["bias"]), flops,
+      x_bytes + fp4_weight_bytes + out_bytes)
+  calls["w4a8"] = (
+      jax.jit(functools.partial(fm.w4a8_matmul, out_dtype=jnp.bfloat16, **options("w4a8"))),
+      jax.jit(lambda *a: fm.w4a8_matmul_reference(*a, out_dtype=jnp.bfloat16)),
+      (ops["x_fp8"], ops["x_fp8_scale"], ops["packed_weight"], ops["lut"], ops["w_scale"],
+       ops["bias"]), flops, m_rows * k_features + 4 * m_rows + fp4_weight_bytes + out_bytes)
+  w4a4_args = (ops["packed_x"], ops["x_scale"], ops["int_lut"], ops["packed_weight"],
+               ops["int_lut"], scale_w, ops["bias"])
+  w4a4_bytes = ops["packed_x"].nbytes + 4 * m_rows + fp4_weight_bytes + out_bytes
+  calls["w4a4"] = (
+      jax.jit(functools.partial(fm.w4a4_matmul, k_features=k_features, out_dtype=jnp.bfloat16,
+                                **options("w4a4"))),
+      jax.jit(lambda *a: fm.w4a4_matmul_reference(*a, k_features=k_features,
+                                                  out_dtype=jnp.bfloat16)),
+      w4a4_args, flops, w4a4_bytes)
+  act_options = dict(block_m=common.block_size_for(m_rows, 16, 32),
+                     block_k=common.block_size_for(k_features, 32, 128), interpret=interpret)
+
+  def quantize(x, transform):
+    return aq.act_quant(x, transform, magnitudes=E2M1, **act_options)
+
+  calls["act_quant"] = (
+      jax.jit(quantize), jax.jit(lambda x, t: aq.act_quant_reference(x, t, magnitudes=E2M1)),
+      (ops["x"], ops["transform"]), 0, x_bytes + ops["packed_x"].nbytes + 4 * m_rows)
+
+  w4a4_options = options("w4a4")
+
+  def w4a4_e2e(x, transform, int_lut, packed_weight, w_scale, bias):
+    packed_x, x_scale = quantize(x, transform)
+    return fm.w4a4_matmul(packed_x, x_scale, int_lut, packed_weight, int_lut, w_scale, bias,
+                          k_features=k_features, out_dtype=jnp.bfloat16, **w4a4_options)
+
+  calls["w4a4_e2e"] = (
+      jax.jit(w4a4_e2e), None,
+      (ops["x"], ops["transform"], ops["int_lut"], ops["packed_weight"], scale_w, ops["bias"]),
+      flops, x_bytes + fp4_weight_bytes + out_bytes)
+  return calls, paths
+
+
+# ----------------------------------------------------------------------------------------
+# Correctness pass
+# ----------------------------------------------------------------------------------------
+
+
+def _max_rel_error(y, reference):
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  reference = np.asarray(jnp.asarray(reference, jnp.float32), np.float64)
+  return float(np.max(np.abs(y - reference)) / max(np.max(np.abs(reference)), 1e-30))
+
+
+# Tolerances: bf16 operands with float32 accumulation (VQ, W4A16); exact operands with float32
+# accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
+CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2}
+ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
+
+
+def correctness_pass(shape: tuple[int, int, int], interpret: bool, key) -> list[dict]:
+  m_rows, k_features, n_features = shape
+  ops = make_operands(key, m_rows, k_features, n_features)
+  calls = variant_calls(ops, k_features, interpret, {})
+  rows = []
+  for name, tolerance in CHECK_TOLERANCE.items():
+    kernel, reference, args, _, _ = calls[name]
+    error = _max_rel_error(kernel(*args), reference(*args))
+    rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=error,
+                     ok=error < tolerance))
+  kernel, reference, args, _, _ = calls["act_quant"]
+  (packed, scale), (packed_ref, scale_ref) = kernel(*args), reference(*args)
+  codes = packing.unpack_bits(np.asarray(packed), 4, k_features, axis=1)
+  codes_ref = packing.unpack_bits(np.asarray(packed_ref), 4, k_features, axis=1)
+  mismatch = float(np.mean(codes != codes_ref))
+  scale_error = _max_rel_error(scale, scale_ref)
+  rows.append(dict(kernel="act_quant", shape=shape, metric="code mismatch fraction",
+                   value=mismatch, ok=mismatch <= ACT_QUANT_MAX_CODE_MISMATCH))
+  rows.append(dict(kernel="act_quant", shape=shape, metric="scale max rel error",
+                   value=scale_error, ok=scale_error < 1e-4))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Correctness pass
+# ----------------------------------------------------------------------------------------
+
+
+def _max_rel_error(y, reference):
+  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
+  reference = np.asarray(jnp.asarray(reference, jnp.float32), np.float64)
+  return float(np.max(np.abs(y - reference)) / max(np.max(np.abs(reference)), 1e-30))
+
+
+# Tolerances: bf16 operands with float32 accumulation (VQ, W4A16); exact operands with float32
+# accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
+CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_tiled": 2e-2,
+                   "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2}
+ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
+
+
+def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
+                     names: Sequence[str] = tuple(CHECK_TOLERANCE)) -> list[dict]:
+  m_rows, k_features, n_features = shape
+  ops = make_operands(key, m_rows, k_features, n_features)
+  calls, _ = variant_calls(ops, k_features, interpret, {})
+  rows = []
+  for name in names:
+    if name not in CHECK_TOLERANCE:
+      continue
+    kernel, reference, args, _, _ = calls[name]
+    error = _max_rel_error(kernel(*args), reference(*args))
+    rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=error,
+                     ok=error < CHECK_TOLERANCE[name]))
+  if "act_quant" in names:
+    kernel, reference, args, _, _ = calls["act_quant"]
+    (packed, scale), (packed_ref, scale_ref) = kernel(*args), reference(*args)
+    codes = packing.unpack_bits(np.asarray(packed), 4, k_features, axis=1)
+    codes_ref = packing.unpack_bits(np.asarray(packed_ref), 4, k_features, axis=1)
+    mismatch = float(np.mean(codes != codes_ref))
+    scale_error = _max_rel_error(scale, scale_ref)
+    rows.append(dict(kernel="act_quant", shape=shape, metric="code mismatch fraction",
+                     value=mismatch, ok=mismatch <= ACT_QUANT_MAX_CODE_MISMATCH))
+    rows.append(dict(kernel="act_quant", shape=shape, metric="scale max rel error",
+                     value=scale_error, ok=scale_error < 1e-4))
+  return rows
+
+
+# ----------------------------------------------------------------------------------------
+# Kernel timing
+# ----------------------------------------------------------------------------------------
+
+
+def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: float,
+           moved: float, peaks: roofline.Peaks) -> float:
+  if name in VQ_CONFIGS or name in VQ_FORCED:
+    codewords, sub_dim = VQ_CONFIGS.get(name, VQ_CONFIGS["vq_w2"])
+    path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
+    return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
+                                  sub_dim)["floor_s"]
+  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8") else 1.0
+  return roofline.floor_seconds(flops, moved, peaks, integer_dot)["floor_s"]
+
+
+def bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks: roofline.Peaks, key,
+                  on_rows: Callable[[list], None], l2_bytes: int = L2_BYTES) -> list[dict]:
+  rows = []
+  for k_features, n_features in shapes:
+    for m_rows in tokens:
+      keys = jax.random.split(key, MAX_SETS)
+      first = make_operands(keys[0], m_rows, k_features, n_features)
+      calls, paths = variant_calls(first, k_features, interpret, {})
+      sets_needed = rotation_sets(_tree_bytes(calls["bf16_xla"][2]), l2_bytes)
+      operand_sets = [first] + [make_operands(keys[i], m_rows, k_features, n_features)
+                                for i in range(1, sets_needed)]
+      set_calls = [variant_calls(ops, k_features, interpret, {})[0] for ops in operand_sets]
+      baseline = None
+      for name in ["bf16_xla"] + [n for n in names if n != "bf16_xla"]:
+        kernel, _, args, flops, moved = calls[name]
+        try:
+          seconds = device_time(kernel, [c[name][2] for c in set_calls], reps=reps,
+                                trials=trials)
+        except Exception as error:  # keep the rest of the table if one kernel fails to build
+          logging.error("%s M=%d K=%d N=%d failed: %s", name, m_rows, k_features, n_features,
+                        error)
+          rows.append(dict(kernel=name, m=m_rows, k=k_features, n=n_features, error=str(error)))
+          continue
+        baseline = seconds if name == "bf16_xla" else baseline
+        floor = _floor(name, m_rows, k_features, n_features, flops, moved, peaks)
+        rows.append(dict(
+            kernel=name, m=m_rows, k=k_features, n=n_features, us=seconds * 1e6,
+            speedup=baseline / seconds, tflops=flops / seconds / 1e12, gbps=moved / seconds / 1e9,
+            floor_us=floor * 1e6, of_floor=floor / seconds, sets=len(operand_sets),
+            path=paths.get(name, "")))
+        print(f"K={k_features} N={n_features} M={m_rows} {name}: {seconds * 1e6:.1f} us, "
+              f"speedup {baseline / seconds:.2f}x, floor {floor * 1e6:.1f} us"
+              + (f", path {paths[name]}" if name in paths else ""), flush=True)
+      on_rows(rows)
+  return rows
+
+
+# ----------------------------------------------------------------------------------------
+# DiT step
+# ----------------------------------------------------------------------------------------
+
+
+def _device_memory_stats() -> dict:
+  try:
+    return jax.local_devices()[0].memory_stats() or {}
+  except Exception:  # backends without memory_stats (some CPU builds)
+    return {}
+
+
+def bench_dit_step(variants: Mapping[str, tuple[Callable, tuple]], *, reps: int = 5,
+                   trials: int = 3) -> list[dict]:
+  """Time one sampling step per variant and record device memory.
+
+  variants: name -> (step, args) where ``step(*args)`` runs one DiT-XL/2 sampling step (a
+    jitted function: model apply + sampler update) and ``args`` holds its params (dense or
+    quantized pytree) and inputs.  Run the variants in increasing expected memory: the device's
+    ``peak_bytes_in_use`` is a process-wide high-water mark, so each row also reports the bytes
+    in use with the arguments resident and the compiled program's own temp / argument sizes.
+  Returns rows: name, ms, param_bytes, in_use_bytes, peak_bytes (high-water mark after this
+    variant, None where the backend has no memory_stats), compiled_temp_bytes,
+    compiled_argument_bytes.
+  """
+  rows = []
+  for name, (step, args) in variants.items():
+    param_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(args[0])
+                      if hasattr(leaf, "nbytes"))
+    compiled_temp = compiled_arguments = None
+    try:
+      analysis = step.lower(*args).compile().memory_analysis()
+      compiled_temp = getattr(analysis, "temp_size_in_bytes", None)
+      compiled_arguments = getattr(analysis, "argument_size_in_bytes", None)
+    except Exception as error:  # not a jitted function, or no analysis on this backend
+      logging.info("no memory analysis for %s: %s", name, error)
+    seconds = device_time(step, [args], reps=reps, trials=trials)
+    stats = _device_memory_stats()
+    rows.append(dict(name=name, ms=seconds * 1e3, param_bytes=param_bytes,
+                     in_use_bytes=stats.get("bytes_in_use"),
+                     peak_bytes=stats.get("peak_bytes_in_use"),
+                     compiled_temp_bytes=compiled_temp,
+                     compiled_argument_bytes=compiled_arguments))
+    logging.info("DiT step %s: %s", name, rows[-1])
+  return rows
+
+
+def _random_quantized_params(params, kind: str, seed: int = 0):
+  """Replace every DiT-block linear kernel by a random quantized weight in the real layout
+  (timing and memory do not depend on the values; k-means on XL/2 would take minutes)."""
+  from dit_quant_jax.quant import formats, hadamard, hqdit, rules, vq4dit
+  rng = np.random.default_rng(seed)
+  out = params
+  for index, path in enumerate(rules.select_layers(params)):
+    k_in, n_out = rules.get_path(params, path + "/kernel").shape
+    if kind == "vq_w2":  # k = 256, d = 4: 2 bits per weight
+      codebook = rng.standard_normal((256, 4)).astype(np.float32) * 0.02
+      indices = rng.integers(0, 256, (k_in // 4, n_out))
+      weight = vq4dit.VQWeight.from_indices(codebook, indices, (k_in, n_out))
+    else:  # HQ-DiT W4A4: E2M1 weights, Hadamard, per-token E2M1 activations
+      transform = hadamard.make_transform(k_in, seed + index)
+      codes = rng.integers(0, 16, (k_in, n_out)).astype(np.uint8)
+      weight = hqdit.FP4Weight.from_codes(
+          codes, np.full((n_out,), 0.01, np.float32), "e2m1",
+          hadamard_signs=transform.signs, hadamard_block=transform.block,
+          hadamard_seed=transform.seed, act_format="e2m1", act_granularity="per_token")
+    out = rules.set_path(out, path + "/kernel", weight)
+  return out
+
+
+def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
+  """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
+  sees 16), for FP bf16, VQ W2 and HQ-DiT W4A4 with random weights in the real shapes.
+  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
+  from dit_quant_jax.diffusion import create_diffusion, sampling
+  from dit_quant_jax.models import dit
+  if smoke:
+    model = dit.create_model("DiT-S/8", input_size=16, depth=1, hidden_size=128, num_heads=2,
+                             num_classes=10, dtype=jnp.bfloat16)
+  else:
+    model = dit.create_model("DiT-XL/2", input_size=32, num_classes=1000, dtype=jnp.bfloat16)
+  params = jax.jit(lambda key: dit.init_params(model, key))(jax.random.PRNGKey(0))
+  params = jax.tree_util.tree_map(  # non-zero adaLN / final layer, as after training
+      lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+  diffusion = create_diffusion("250")
+  model_fn = sampling.cfg_model_fn(model, 1.5)
+  batch = 8
+  x = jax.random.normal(jax.random.PRNGKey(2), (batch, model.input_size, model.input_size,
+                                                model.in_channels), jnp.bfloat16)
+  labels = jnp.arange(batch, dtype=jnp.int32) % model.num_classes
+  t = jnp.full((batch,), 125, jnp.int32)
+  noise = jax.random.normal(jax.random.PRNGKey(3), x.shape, jnp.float32)
+
+  @jax.jit
+  def step(step_params, x, t, labels, noise):
+    out = model_fn(x, diffusion.model_timesteps(t), step_params, labels)
+    x_next, _ = diffusion.p_sample_step(out.astype(jnp.float32), x.astype(jnp.float32), t, noise)
+    return x_next
+
+  variants = {}
+  for name in ("vq_w2", "hqdit_w4a4"):
+    variants[name] = (step, (_random_quantized_params(params, name), x, t, labels, noise))
+  bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
+  variants["fp_bf16"] = (step, (bf16, x, t, labels, noise))
+  return variants
+
+
+# ----------------------------------------------------------------------------------------
+# Report and the whole run
+# ----------------------------------------------------------------------------------------
+
+
+def _bytes_text(value):
+  return "n/a" if value is None else f"{value / 2**30:.2f} GiB"
+
+
+def write_report(path: str, header: dict, peaks: dict, checks: list[dict], rows: list[dict],
+                 step_rows: list[dict], dispatch_rows: list[dict]) -> None:
+  lines = [f"# Pallas kernel benchmark: {header['device']}", ""]
+  lines += [f"- {key}: {value}" for key, value in header.items()]
+  lines += [f"- measured bf16 matmul peak: {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s "
+            f"({peaks['matmul_size']}^3)",
+            f"- measured device copy: {peaks['bandwidth'] / 1e9:.0f} GB/s "
+            f"({peaks['copy_bytes'] / 2**20:.0f} MiB read + written)", "",
+            "Timing: in-graph repetition over operand sets larger than L2 "
+            "(dit_quant_jax/bench/kernels.py); speedup = t_bf16 / t_kernel; floor = "
+            "max(FLOPs / measured matmul peak, bytes / measured copy bandwidth), int8/fp8 dots "
+            "at twice the bf16 rate.", "", "Variants:", ""]
+  lines += [f"- `{name}`: {text}" for name, text in VARIANTS.items()]
+  lines += ["", "## Dispatch (op, K x N, M -> path)", "", "| op | K x N | M | path | config |",
+            "|---|---|---|---|---|"]
+  for row in dispatch_rows:
+    lines.append(f"| {row['op']} | {row['k']}x{row['n']} | {row['m']} | {row['path']} | "
+                 f"{_config_text(row['config'])} |")
+  lines += ["", "## Correctness (kernel vs plain-jnp reference)", "",
+            "| kernel | M x K x N | metric | value | ok |", "|---|---|---|---|---|"]
+  for check in checks:
+    lines.append(f"| {check['kernel']} | {'x'.join(map(str, check['shape']))} | "
+                 f"{check['metric']} | {check['value']:.2e} | {'yes' if check['ok'] else 'NO'} |")
+  lines += ["", "## Linear layers", "",
+            "| K x N | M | kernel | path | time (us) | speedup vs bf16 | floor (us) | floor / t "
+            "| TFLOP/s | GB/s | operand sets |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for row in rows:
+    if "error" in row:
+      lines.append(f"| {row['k']}x{row['n']} | {row['m']} | {row['kernel']} | | failed: "
+                   f"{row['error'][:80]} | | | | | | |")
+      continue
+    lines.append(
+        f"| {row['k']}x{row['n']} | {row['m']} | {row['kernel']} | {row['path']} | "
+        f"{row['us']:.1f} | {row['speedup']:.2f} | {row['floor_us']:.1f} | "
+        f"{row['of_floor']:.2f} | {row['tflops']:.1f} | {row['gbps']:.0f} | {row['sets']} |")
+  if step_rows:
+    lines += ["", "## DiT-XL/2 sampling step", "",
+              "| variant | time (ms) | params | bytes in use | peak (process) | compiled temp |",
+              "|---|---|---|---|---|---|"]
+    for row in step_rows:
+      lines.append(f"| {row['name']} | {row['ms']:.2f} | {_bytes_text(row['param_bytes'])} | "
+                   f"{_bytes_text(row['in_use_bytes'])} | {_bytes_text(row['peak_bytes'])} | "
+                   f"{_bytes_text(row['compiled_temp_bytes'])} |")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def run(*, smoke: bool, out_dir: str, names: Sequence[str], tokens=None, shapes=None,
+        reps: int = 20, trials: int = 5, dit_step: bool = True, check: bool = True) -> str:
+  """The whole benchmark; returns the report path.  smoke: tiny shapes, interpret mode on CPU
+  (numbers meaningless; checks the code path)."""
+  unknown = set(names) - set(VARIANTS)
+  if unknown:
+    raise ValueError(f"unknown variants {sorted(unknown)}; choose from {list(VARIANTS)}")
+  if not smoke and not common.on_gpu():
+    raise ValueError("the benchmark needs a GPU; use smoke mode for the CPU interpret check")
+  interpret = not common.on_gpu()
+  shapes = tuple(shapes or (SMOKE_SHAPES if smoke else DIT_XL2_SHAPES))
+  tokens = tuple(tokens or (SMOKE_TOKENS if smoke else DIT_XL2_TOKENS))
+  if smoke:
+    reps, trials = 1, 1
+  device = jax.devices()[0]
+  header = dict(device=f"{device.device_kind} ({device.platform})", jax=jax.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                mode="smoke (interpret mode, CPU)" if smoke else "compiled",
+                reps=reps, trials=trials)
+  slug = device.device_kind.lower().replace(" ", "_")
+  path = os.path.join(out_dir, f"kernels_{'smoke_' if smoke else ''}{slug}_jax{jax.__version__}.md")
+  key = jax.random.key(0)
+  dispatch_rows = dispatch.describe("vq", shapes, tokens)
+  for row in dispatch_rows:
+    print(f"dispatch vq K={row['k']} N={row['n']} M={row['m']}: {row['path']} "
+          f"{_config_text(row['config'])}", flush=True)
+  checks = []
+  if check:
+    check_shape = (tokens[-1], shapes[0][0], shapes[0][1]) if smoke else (256, 1152, 1152)
+    checks = correctness_pass(check_shape, interpret, key, names)
+    for item in checks:
+      print(f"check {item['kernel']} {item['metric']}: {item['value']:.2e} "
+            f"{'ok' if item['ok'] else 'FAILED'}", flush=True)
+  measured = measure_peaks(smoke, trials)
+  peaks = roofline.Peaks(measured["matmul_flops"], measured["bandwidth"], "measured")
+  print(f"peaks: {measured['matmul_flops'] / 1e12:.1f} TFLOP/s, "
+        f"{measured['bandwidth'] / 1e9:.0f} GB/s", flush=True)
+
+  def on_rows(rows):
+    write_report(path, header, measured, checks, rows, [], dispatch_rows)
+
+  rows = bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks, key, on_rows)
+  step_rows = []
+  if dit_step:
+    step_rows = bench_dit_step(dit_step_variants(smoke), reps=max(1, reps // 4), trials=trials)
+  write_report(path, header, measured, checks, rows, step_rows, dispatch_rows)
+  failed = [c for c in checks if not c["ok"]]
+  print(f"wrote {path}; correctness: {len(checks) - len(failed)}/{len(checks)} ok", flush=True)
+  return path

@@ -1,0 +1,74 @@
+"""Roofline floors of the quantized linears at a shape: FLOPs / peak vs bytes / bandwidth.
+
+A kernel's floor is ``max(flops / matmul_peak, bytes / bandwidth)`` with ``bytes`` the fewest it
+must move (each operand read once, the output written once).  The ratio of the bf16 dot's floor
+to a kernel's floor is the speedup a perfect kernel would reach; real kernels land below it.
+Datasheet peaks (dense, no sparsity) are the defaults; the benchmark replaces them with peaks it
+measures in the same run.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Peaks(NamedTuple):
+  matmul_flops: float  # dense bf16 tensor-core FLOP/s (int8 / fp8: twice this)
+  bandwidth: float  # device memory bytes/s
+  name: str
+
+
+# NVIDIA datasheets: H100 SXM 989 TFLOP/s bf16, 3.35 TB/s; H200 SXM same compute, 4.8 TB/s;
+# A100 SXM 312 TFLOP/s bf16, 2.04 TB/s.
+DATASHEET = {
+    "hopper": Peaks(989e12, 3.35e12, "H100 SXM (datasheet)"),
+    "h200": Peaks(989e12, 4.8e12, "H200 SXM (datasheet)"),
+    "ampere": Peaks(312e12, 2.04e12, "A100 SXM (datasheet)"),
+}
+BF16_BYTES = 2
+FP32_BYTES = 4
+
+# Weight storage of each op in bits per weight (+ per-column float32 scale for FP4).
+VQ_W2 = dict(codewords=256, sub_dim=4)  # 8-bit index per 4 weights: 2 bits / weight
+VQ_W3 = dict(codewords=64, sub_dim=2)  # 6-bit index per 2 weights: 3 bits / weight
+
+
+def vq_weight_bytes(k_features: int, n_features: int, codewords: int, sub_dim: int) -> int:
+  bits = max(1, (codewords - 1).bit_length())
+  index_bytes = -(-(k_features // sub_dim) * bits // 8) * n_features
+  return index_bytes + codewords * sub_dim * BF16_BYTES
+
+
+def linear_bytes(m_rows: int, k_features: int, n_features: int, weight_bytes: int,
+                 x_bytes_per_element: float = BF16_BYTES) -> float:
+  """x read once + weight read once + bias + bf16 output written once."""
+  return (m_rows * k_features * x_bytes_per_element + weight_bytes + n_features * FP32_BYTES
+          + m_rows * n_features * BF16_BYTES)
+
+
+def floor_seconds(flops: float, moved_bytes: float, peaks: Peaks,
+                  flop_rate_multiplier: float = 1.0) -> dict:
+  """Both times and the floor.  flop_rate_multiplier: 2 for int8 / fp8 tensor cores."""
+  compute = flops / (peaks.matmul_flops * flop_rate_multiplier)
+  memory = moved_bytes / peaks.bandwidth
+  return dict(compute_s=compute, memory_s=memory, floor_s=max(compute, memory),
+              bound="compute" if compute >= memory else "memory")
+
+
+def bf16_dot_floor(m_rows: int, k_features: int, n_features: int, peaks: Peaks) -> dict:
+  flops = 2 * m_rows * k_features * n_features
+  moved = linear_bytes(m_rows, k_features, n_features, k_features * n_features * BF16_BYTES)
+  return floor_seconds(flops, moved, peaks)
+
+
+def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
+                  codewords: int = 256, sub_dim: int = 4) -> dict:
+  """Floor of one VQ path.  vq_dequant_dot adds its decode pass (indices read, bf16 weight
+  written) to the bf16 dot's floor (the dot then reads the bf16 weight: already counted)."""
+  flops = 2 * m_rows * k_features * n_features
+  weight = vq_weight_bytes(k_features, n_features, codewords, sub_dim)
+  if path == "vq_dequant_dot":
+    decode = (weight + k_features * n_features * BF16_BYTES) / peaks.bandwidth
+    dot = bf16_dot_floor(m_rows, k_features, n_features, peaks)
+    return dict(dot, decode_s=decode, floor_s=decode + dot["floor_s"])
+  return floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)

@@ -1,0 +1,64 @@
+"""Benchmark library (bench/kernels.py, bench/roofline.py): smoke run on CPU, timing helpers,
+roofline closed forms."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit_quant_jax.bench import kernels
+from dit_quant_jax.bench import roofline
+
+H100 = roofline.DATASHEET["hopper"]
+
+
+def test_rotation_sets_exceed_l2():
+  assert kernels.rotation_sets(10 * 2**20, l2_bytes=50 * 2**20) == 10  # 10 x 10 MiB >= 2 x 50
+  assert kernels.rotation_sets(1, l2_bytes=50 * 2**20) == kernels.MAX_SETS
+  assert kernels.rotation_sets(500 * 2**20, l2_bytes=50 * 2**20) == 1
+
+
+def test_device_time_runs_every_set():
+  calls = []
+
+  def fn(x):
+    calls.append(x.shape)  # traced once per set inside the program
+    return x * 2.0
+
+  sets = [(jnp.ones((4,)) * i,) for i in range(3)]
+  seconds = kernels.device_time(fn, sets, reps=2, trials=1)
+  assert seconds > 0 and len(calls) == 3
+
+
+def test_roofline_closed_forms():
+  m, k, n = 16, 1152, 4608
+  bf16 = roofline.bf16_dot_floor(m, k, n, H100)
+  bytes_moved = 2 * m * k + 2 * k * n + 4 * n + 2 * m * n
+  assert bf16["memory_s"] == pytest.approx(bytes_moved / 3.35e12)
+  assert bf16["bound"] == "memory"
+  vq = roofline.vq_path_floor("vq_splitk", m, k, n, H100)
+  # W2: 2 bits per weight -> about 1/8 of the bf16 weight bytes
+  assert roofline.vq_weight_bytes(k, n, 256, 4) == k * n // 4 + 256 * 4 * 2
+  assert 6 < bf16["floor_s"] / vq["floor_s"] < 8
+  big = roofline.vq_path_floor("vq_dequant_dot", 16384, k, n, H100)
+  assert big["bound"] == "compute" and big["decode_s"] > 0
+  assert big["floor_s"] > roofline.bf16_dot_floor(16384, k, n, H100)["floor_s"]
+
+
+def test_smoke_run_writes_report(tmp_path):
+  path = kernels.run(smoke=True, out_dir=str(tmp_path), names=["bf16_xla", "vq_w2"],
+                     tokens=(8,), shapes=((64, 96),), dit_step=False)
+  text = open(path).read()
+  assert os.path.basename(path).startswith("kernels_smoke_")
+  assert "| vq | 64x96 | 8 | vq_splitk |" in text
+  rows = [line for line in text.splitlines() if line.startswith("| 64x96 | 8 |")]
+  assert {row.split("|")[3].strip() for row in rows} == {"bf16_xla", "vq_w2"}
+  assert "| vq_w2 | 8x64x96 | max rel error |" in text and "| NO |" not in text
+  speedups = [float(row.split("|")[6]) for row in rows]
+  assert all(np.isfinite(speedups)) and speedups[0] == 1.0
+
+
+def test_run_rejects_unknown_variant(tmp_path):
+  with pytest.raises(ValueError, match="unknown variants"):
+    kernels.run(smoke=True, out_dir=str(tmp_path), names=["vq_w9"])
