@@ -2,12 +2,14 @@
 
 import gzip
 import os
+import re
 import struct
 
 import numpy as np
 import pytest
 
 from dit_quant_jax.data import fashion_mnist
+from dit_quant_jax.errors import DataError
 
 # IDX element-type codes (LeCun's MNIST page): 0x08 unsigned byte, 0x0C big-endian int32,
 # 0x0D big-endian float32.
@@ -100,7 +102,29 @@ def test_load_split_errors(tmp_path):
   # Labels that do not match the images.
   _fake_dataset(str(tmp_path), 5, compress=False)
   write_idx(os.path.join(str(tmp_path), "t10k-labels-idx1-ubyte"), np.zeros(4, np.uint8), IDX_UBYTE)
-  with pytest.raises(ValueError, match="5 images but labels of shape"):
+  with pytest.raises(ValueError, match="5 images but .*t10k-labels-idx1-ubyte holds labels of shape"):
+    fashion_mnist.load_split("test", str(tmp_path))
+
+
+def test_labels_out_of_range_are_refused(tmp_path):
+  _fake_dataset(str(tmp_path), 5, compress=False)
+  write_idx(os.path.join(str(tmp_path), "t10k-labels-idx1-ubyte"),
+            np.array([0, 3, 10, 9, 255], np.uint8), IDX_UBYTE)
+  with pytest.raises(DataError, match=r"2 labels lie outside \[0, 10\) \(first at index 2: 10\)"):
+    fashion_mnist.load_split("test", str(tmp_path))
+
+
+def test_truncated_gzip_names_its_path(tmp_path):
+  _fake_dataset(str(tmp_path), 6, compress=True)
+  path = os.path.join(str(tmp_path), "t10k-images-idx3-ubyte.gz")
+  data = open(path, "rb").read()
+  with open(path, "wb") as f:
+    f.write(data[: len(data) // 2])  # cut off mid-stream
+  with pytest.raises(DataError, match=re.escape(path) + ".*truncated"):
+    fashion_mnist.load_split("test", str(tmp_path))
+  with open(path, "wb") as f:
+    f.write(b"\x1f\x8b" + b"garbage" * 10)  # gzip magic, then no valid stream
+  with pytest.raises(DataError, match=re.escape(path)):
     fashion_mnist.load_split("test", str(tmp_path))
 
 

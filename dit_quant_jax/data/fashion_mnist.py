@@ -9,14 +9,18 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from typing import Optional
 
 import numpy as np
+
+from dit_quant_jax.errors import DataError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 ENV_VAR = "FASHION_MNIST_DIR"
 INSTALL_HINT = ("install Debian's package with 'apt-get install dataset-fashion-mnist' (as root), "
                 f"or point ${ENV_VAR} / the config's data_dir at a folder holding the IDX files")
+REINSTALL_HINT = "reinstall it ('apt-get install --reinstall dataset-fashion-mnist') or replace the file"
 NUM_CLASSES = 10
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot")
@@ -45,23 +49,38 @@ def _find(directory: str, stem: str) -> str:
 def read_idx(path: str) -> np.ndarray:
   """Read an IDX file (gzipped or not) into a numpy array of its stored shape and dtype."""
   opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rb") as f:
-    data = f.read()
+  try:
+    with opener(path, "rb") as f:
+      data = f.read()
+  except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+    raise DataError(f"{path}: damaged or truncated gzip file ({e}); {REINSTALL_HINT}") from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0:
-    raise ValueError(f"{path}: not an IDX file (bad magic number {data[:4]!r})")
+    raise DataError(f"{path}: not an IDX file (bad magic number {data[:4]!r}); {REINSTALL_HINT}")
   type_code, ndim = data[2], data[3]
   if type_code not in _IDX_DTYPES:
-    raise ValueError(f"{path}: unknown IDX element type 0x{type_code:02x}")
+    raise DataError(f"{path}: unknown IDX element type 0x{type_code:02x}; {REINSTALL_HINT}")
   header_end = 4 + 4 * ndim
   if len(data) < header_end:
-    raise ValueError(f"{path}: truncated IDX header")
+    raise DataError(f"{path}: truncated IDX header; {REINSTALL_HINT}")
   shape = struct.unpack(">" + "I" * ndim, data[4:header_end])
   dtype = np.dtype(_IDX_DTYPES[type_code])
   expected = int(np.prod(shape)) * dtype.itemsize
   if len(data) - header_end != expected:
-    raise ValueError(f"{path}: header says shape {shape} ({expected} bytes of data), "
-                     f"file has {len(data) - header_end}")
+    raise DataError(f"{path}: header says shape {shape} ({expected} bytes of data), file has "
+                    f"{len(data) - header_end} (truncated or damaged); {REINSTALL_HINT}")
   return np.frombuffer(data, dtype, offset=header_end).reshape(shape)
+
+
+def check_labels(labels: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> None:
+  """Labels must be integers in [0, num_classes): an out-of-range label indexes past the
+  class-embedding table and trains to NaN."""
+  labels = np.asarray(labels)
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f"{where}: labels must be integers, got dtype {labels.dtype}")
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    raise DataError(f"{where}: {bad.size} labels lie outside [0, {num_classes}) (first at index "
+                    f"{bad[0]}: {labels[bad[0]]}); {REINSTALL_HINT}")
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
@@ -80,12 +99,15 @@ def load_split(split: str = "train", directory: Optional[str] = None, limit: Opt
   if not os.path.isdir(directory):
     raise FileNotFoundError(f"Fashion-MNIST directory {directory!r} does not exist: {INSTALL_HINT}")
   image_stem, label_stem, count = SPLITS[split]
-  images = read_idx(_find(directory, image_stem))
-  labels = read_idx(_find(directory, label_stem))
+  image_path, label_path = _find(directory, image_stem), _find(directory, label_stem)
+  images, labels = read_idx(image_path), read_idx(label_path)
   if images.ndim != 3 or images.shape[1:] != (28, 28):
-    raise ValueError(f"{split} images: expected shape (N, 28, 28), got {images.shape}")
+    raise DataError(f"{image_path}: expected images of shape (N, 28, 28), got {images.shape}")
   if labels.shape != (images.shape[0],):
-    raise ValueError(f"{split}: {images.shape[0]} images but labels of shape {labels.shape}")
+    raise DataError(f"{split}: {image_path} holds {images.shape[0]} images but {label_path} "
+                    f"holds labels of shape {labels.shape}; the two files must come from the same "
+                    f"release")
+  check_labels(labels, label_path)
   if limit is not None:
     images, labels = images[:limit], labels[:limit]
   return to_model_range(images), labels.astype(np.int32)
