@@ -17,7 +17,7 @@ venv: $(VENV)/.installed
 
 # Second leg: the newest jax on Python 3.12 (no torch: torch-only tests skip), with triton for
 # the kernel-lowering tests (PTX for sm_90a / sm_80, no GPU needed).
-PYTHON312 ?= $(shell pyenv prefix 3.12.1 2>/dev/null || pyenv prefix $$(pyenv versions --bare 2>/dev/null | grep -E '^3\.12' | tail -1) 2>/dev/null)/bin/python3.12
+PYTHON312 ?= $(shell for p in "$$(pyenv prefix 3.12.1 2>/dev/null)/bin/python3.12" "$$(command -v python3.12)"; do if [ -x "$$p" ]; then echo "$$p"; break; fi; done)
 VENV312 ?= .venv312
 PY312 := $(VENV312)/bin/python
 JAX312 ?= 0.12.0.1

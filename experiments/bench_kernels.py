@@ -18,6 +18,8 @@ _TRIALS = flags.DEFINE_integer("trials", 5, "Timed programs; the median is repor
 _VARIANTS = flags.DEFINE_list("variants", list(kernels.VARIANTS), "Kernel variants to time.")
 _TOKENS = flags.DEFINE_list("tokens", None, "Override the M values (default DiT-XL/2 set).")
 _DIT_STEP = flags.DEFINE_bool("dit_step", True, "Also time one DiT-XL/2 sampling step.")
+_LINEARS = flags.DEFINE_bool("linears", True, "Time the linear layers (off: DiT step only).")
+_CHECK = flags.DEFINE_bool("check", True, "Run the correctness pass first.")
 
 
 def main(argv):
@@ -25,7 +27,8 @@ def main(argv):
   try:
     kernels.run(smoke=_SMOKE.value, out_dir=_OUT_DIR.value, names=_VARIANTS.value,
                 tokens=[int(t) for t in _TOKENS.value] if _TOKENS.value else None,
-                reps=_REPS.value, trials=_TRIALS.value, dit_step=_DIT_STEP.value)
+                reps=_REPS.value, trials=_TRIALS.value, dit_step=_DIT_STEP.value,
+                linears=_LINEARS.value, check=_CHECK.value)
   except ValueError as error:
     raise app.UsageError(str(error)) from error
 

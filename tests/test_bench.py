@@ -62,3 +62,17 @@ def test_smoke_run_writes_report(tmp_path):
 def test_run_rejects_unknown_variant(tmp_path):
   with pytest.raises(ValueError, match="unknown variants"):
     kernels.run(smoke=True, out_dir=str(tmp_path), names=["vq_w9"])
+
+
+def test_gpu_check_smoke_mode(tmp_path):
+  """benchmarks/gpu_check.sh in its CPU smoke mode: every stage logs, the table is written."""
+  import subprocess
+  import sys
+  env = dict(os.environ, SMOKE="1", PYTHON=sys.executable)
+  script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_check.sh")
+  run = subprocess.run(["bash", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+  assert run.returncode == 0, run.stdout + run.stderr
+  stages = open(tmp_path / "stages.txt").read()
+  assert "device rc=0" in stages and "bench_smoke rc=0" in stages, stages
+  assert any(name.startswith("kernels_smoke_") for name in os.listdir(tmp_path))

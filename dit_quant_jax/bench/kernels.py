@@ -572,7 +572,8 @@ def write_report(path: str, header: dict, peaks: dict, checks: list[dict], rows:
 
 
 def run(*, smoke: bool, out_dir: str, names: Sequence[str], tokens=None, shapes=None,
-        reps: int = 20, trials: int = 5, dit_step: bool = True, check: bool = True) -> str:
+        reps: int = 20, trials: int = 5, dit_step: bool = True, check: bool = True,
+        linears: bool = True) -> str:
   """The whole benchmark; returns the report path.  smoke: tiny shapes, interpret mode on CPU
   (numbers meaningless; checks the code path)."""
   unknown = set(names) - set(VARIANTS)
@@ -612,7 +613,8 @@ def run(*, smoke: bool, out_dir: str, names: Sequence[str], tokens=None, shapes=
   def on_rows(rows):
     write_report(path, header, measured, checks, rows, [], dispatch_rows)
 
-  rows = bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks, key, on_rows)
+  rows = (bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks, key, on_rows)
+          if linears else [])
   step_rows = []
   if dit_step:
     step_rows = bench_dit_step(dit_step_variants(smoke), reps=max(1, reps // 4), trials=trials)

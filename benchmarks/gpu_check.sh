@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One prepared, time-boxed GPU check (issue 12): each stage has its own timeout and writes into
+# the output directory as it goes, so a run cut short keeps what it finished.
+#   GPU (device tool):  run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
+#   CPU smoke:          SMOKE=1 bash benchmarks/gpu_check.sh /tmp/gpu_check_smoke
+# Output directory: $1, else $OUT, else /tmp/gpu_check.  The GPU image lacks ml_collections:
+# carry it as a wheel (see benchmarks/README.md).  Budget: about 9 minutes in all on one GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-/tmp/gpu_check}}
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = "1" ] && [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
+mkdir -p "$OUT_DIR"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+export PYTHONUNBUFFERED=1
+export TRITON_DEFAULT_FP_FUSION=1
+STATUS="$OUT_DIR/stages.txt"
+: > "$STATUS"
+
+stage() {  # stage NAME SECONDS command...: run with a timeout, log to $OUT_DIR/NAME.log
+  local name=$1 seconds=$2; shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$seconds" "$@" > "$OUT_DIR/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - start))s (limit ${seconds}s)" | tee -a "$STATUS"
+}
+
+# 1. Device, jax, and the two ceilings (peaks are measured again inside stage 4's table).
+stage device 30 bash -c "nvidia-smi || true; $PY -c 'import jax; print(jax.__version__, jax.devices())'"
+if [ "$SMOKE" = "1" ]; then
+  # 2-5 on CPU: the benchmark code path in interpret mode, tiny shapes (numbers meaningless).
+  stage bench_smoke 300 $PY experiments/bench_kernels.py --smoke --out_dir="$OUT_DIR" \
+      --variants=bf16_xla,vq_w2 --tokens=8 --nodit_step
+  echo "smoke: stages 2 (compiled tests), 5 (DiT-XL/2 step) and 6 need a GPU" | tee -a "$STATUS"
+  exit 0
+fi
+# 2. The kernel tests, compiled on the GPU (DiT-XL/2 tile configs included), one timeout each.
+for test_file in tests/test_vq_kernels.py tests/test_dispatch.py tests/test_kernels.py \
+                 tests/test_kernels_fp4.py tests/test_kernel_integration.py; do
+  [ -f "$test_file" ] || continue
+  stage "test_$(basename "$test_file" .py)" 90 $PY -m pytest -q -x "$test_file"
+done
+# 3 + 4. Correctness at 256 x 1152 x 1152 with the dispatcher's paths, then the timed table:
+# every variant at the DiT-XL/2 shapes and M, speedup over the bf16 dot, roofline floor.
+stage bench_linears 300 $PY experiments/bench_kernels.py --out_dir="$OUT_DIR" --nodit_step \
+    --reps=10 --trials=3
+# 5. One DiT-XL/2 sampling step (256 px, batch 8 with CFG): bf16, VQ W2, HQ-DiT W4A4.
+stage bench_dit_step 120 $PY experiments/bench_kernels.py --out_dir="$OUT_DIR/dit_step" \
+    --nolinears --nocheck --reps=4 --trials=3
+# 6. VQ4DiT calibration throughput on DiT-XL/2: not scripted yet (see benchmarks/README.md).
+echo "calibration throughput: not scripted" | tee -a "$STATUS"
+cat "$STATUS"

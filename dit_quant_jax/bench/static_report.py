@@ -1,0 +1,147 @@
+"""Static report of the kernels at the DiT-XL/2 shapes, built without a GPU.
+
+For every op, shape (K x N) and token count M, the dispatcher's choice on an H100 (sm_90a) and
+an A100 (sm_80) is lowered with its own config (bench/triton_ptx.py), compiled with triton, and
+read: tensor-core instruction and operand types, registers, spills, shared memory, async copies
+and global loads; beside it the roofline floors of the path and of the bf16 dot
+(bench/roofline.py, datasheet peaks).  XLA paths (decode + bf16 dot) are not Triton kernels:
+their floor is listed, their code is XLA's.
+
+Ops come from ``lowering_cases`` functions: :func:`vq_lowering_cases` here, and the FP4
+kernels' ``kernels.fp4_matmul.lowering_cases`` when that module defines it (a list of
+``(name, jitted_fn, arg ShapeDtypeStructs, config)``; config holds num_warps / num_stages).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+
+from dit_quant_jax.bench import roofline
+from dit_quant_jax.bench import triton_ptx
+from dit_quant_jax.kernels import dispatch
+from dit_quant_jax.kernels import vq_matmul as vq
+
+DIT_XL2_SHAPES = ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152), (1152, 6912))
+DIT_XL2_TOKENS = (16, 256, 1024, 4096, 16384)
+CLASS_OF_CC = {90: "hopper", 80: "ampere"}
+
+
+def vq_avals(m_rows: int, k_features: int, n_features: int, codewords: int = 256,
+             sub_dim: int = 4):
+  bits = max(1, (codewords - 1).bit_length())
+  packed_rows = -(-(k_features // sub_dim) * bits // 8)
+  shape = jax.ShapeDtypeStruct
+  return (shape((m_rows, k_features), jnp.bfloat16), shape((codewords, sub_dim), jnp.float32),
+          shape((packed_rows, n_features), jnp.uint8), shape((n_features,), jnp.float32))
+
+
+def vq_lowering_cases(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, cc: int = 90):
+  """[(name, path, jitted fn or None, avals, config, (m, k, n))] of VQ W2 at each shape, with
+  the dispatcher's path and config for the device of capability cc (fn None: an XLA path)."""
+  cases = []
+  for k_features, n_features in shapes:
+    for m_rows in tokens:
+      choice = dispatch.choose("vq", m_rows, k_features, n_features,
+                               device_kind=triton_ptx.DEVICE_KIND[cc])
+      fn = None
+      if choice.path != "vq_dequant_dot":
+        fn = jax.jit(functools.partial(vq.vq_matmul, **choice.config))
+      cases.append((f"vq_w2 {k_features}x{n_features} M={m_rows}", choice.path, fn,
+                    vq_avals(m_rows, k_features, n_features), choice.config,
+                    (m_rows, k_features, n_features)))
+  return cases
+
+
+def fp4_lowering_cases(cc: int = 90):
+  """The FP4 kernels' cases in the same form, if kernels/fp4_matmul.py provides them."""
+  from dit_quant_jax.kernels import fp4_matmul
+  provider = getattr(fp4_matmul, "lowering_cases", None)
+  if provider is None:
+    return []
+  cases = []
+  for name, fn, avals, config in provider():
+    cases.append((name, config.get("path", name), fn, avals, config, None))
+  return cases
+
+
+def case_stats(fn, avals, config: dict, cc: int) -> list[dict]:
+  """Stats of every Triton kernel ``fn(*avals)`` lowers to on sm_<cc>."""
+  modules = triton_ptx.lower_for_gpu(fn, *avals, cc=cc)
+  out = []
+  for module in modules:
+    stats = triton_ptx.kernel_stats(module["ttir"], num_warps=config.get("num_warps", 4),
+                                    num_stages=config.get("num_stages", 3), cc=cc)
+    stats.update(grid=module["grid"], kernel=module["name"])
+    out.append(stats)
+  return out
+
+
+def _tensor_core_text(stats: dict) -> str:
+  if stats.get("wgmma"):
+    return f"wgmma x{stats['wgmma']} ({', '.join(stats['wgmma_types'])})"
+  if stats.get("mma"):
+    return f"mma.sync x{stats['mma']} ({', '.join(stats['mma_types'])})"
+  return "none (CUDA cores)"
+
+
+def _floor_text(path: str, mkn, peaks: roofline.Peaks) -> tuple[str, str, str]:
+  m_rows, k_features, n_features = mkn
+  bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)
+  kernel = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+  return (f"{kernel['floor_s'] * 1e6:.2f} ({kernel['bound']})",
+          f"{bf16['floor_s'] * 1e6:.2f} ({bf16['bound']})",
+          f"{bf16['floor_s'] / kernel['floor_s']:.2f}")
+
+
+def build(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, ccs=(90, 80), log=print) -> dict:
+  """{cc: [row dict]} for every case; rows carry the case, stats (or why none) and floors."""
+  result = {}
+  for cc in ccs:
+    peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
+    rows = []
+    for name, path, fn, avals, config, mkn in (vq_lowering_cases(shapes, tokens, cc)
+                                               + fp4_lowering_cases(cc)):
+      start = time.time()
+      stats = case_stats(fn, avals, config, cc) if fn is not None else []
+      floors = _floor_text(path, mkn, peaks) if mkn is not None else ("", "", "")
+      rows.append(dict(name=name, path=path, config=config, stats=stats, floors=floors))
+      log(f"sm_{cc} {name}: {path} ({time.time() - start:.1f} s)")
+    result[cc] = rows
+  return result
+
+
+def markdown(result: dict, header_lines) -> str:
+  lines = list(header_lines)
+  for cc, rows in result.items():
+    peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
+    lines += ["", f"## sm_{cc}{'a' if cc >= 90 else ''} ({peaks.name}: "
+              f"{peaks.matmul_flops / 1e12:.0f} TFLOP/s bf16, {peaks.bandwidth / 1e12:.2f} TB/s)",
+              "",
+              "| case | path | config | tensor cores | regs | spills (B) | smem (KB) | cp.async "
+              "| ld.global (v4 / v2 / 8-bit) | atom | floor us | bf16 floor us | floor speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+      config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "path")
+      floor, bf16_floor, speedup = row["floors"]
+      if not row["stats"]:
+        lines.append(f"| {row['name']} | {row['path']} | XLA | cuBLAS bf16 GEMM (not a Triton "
+                     f"kernel) | | | | | | | {floor} | {bf16_floor} | {speedup} |")
+        continue
+      for stats in row["stats"]:
+        if "compile_error" in stats:
+          lines.append(f"| {row['name']} | {row['path']} | {config} | compile failed: "
+                       f"{stats['compile_error'][:100]} | | | | | | | {floor} | {bf16_floor} | "
+                       f"{speedup} |")
+          continue
+        spills = (stats.get("spill_store_bytes") or 0) + (stats.get("spill_load_bytes") or 0)
+        lines.append(
+            f"| {row['name']} | {row['path']} | {config} | {_tensor_core_text(stats)} | "
+            f"{stats.get('registers')} | {spills} | {stats['shared_bytes'] / 1024:.0f} | "
+            f"{stats['cp_async']} | {stats['ld_global']} ({stats['ld_global_v4']} / "
+            f"{stats['ld_global_v2']} / {stats['ld_global_8bit']}) | {stats['atom']} | {floor} "
+            f"| {bf16_floor} | {speedup} |")
+  return "\n".join(lines) + "\n"
