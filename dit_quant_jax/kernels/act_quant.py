@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
+from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
 
 CODE_BITS = 4
@@ -295,3 +296,235 @@ def quantize_activations(x, magnitudes, transform=None, *, clip_ratio: float = 1
     packed, scale = act_quant_reference(x2d, transform, magnitudes=magnitudes,
                                         clip_ratio=clip_ratio)
   return packed.reshape(lead + (packed.shape[-1],)), scale.reshape(lead)
+
+
+# ----------------------------------------------------------------------------------------
+# Per-token act-quant into the 8-bit images the tensor-core matmuls read (kernels/fp4_mma.py).
+# ----------------------------------------------------------------------------------------
+#
+# Transform split: Q = diag(signs) @ kron(A, H_b / sqrt(b)), A: (a, a) any dense block (h14's
+# Hadamard H_a / sqrt(a) or a random orthogonal one), b = K / a a power of two.  With
+# c = min(b, MAX_FAST_FACTOR) and H_b = kron(H_{b/c}, H_c) (Sylvester ordering),
+# kron(A, H_b) = kron(L, H_c) with the dense factor L = kron(A, H_{b/c} / sqrt(b/c)): (a', a'),
+# a' = K / c.  One token's row viewed as X: (a', c) (row-major, a free reshape of x) then gives
+# Y = L^T @ (X * signs) @ H_c / sqrt(c): two small tensor-core dots on a tile that holds the
+# whole row, so x is read once, the absmax and the codes come from registers, and nothing as
+# large as the old (block_m, 512) float32 tiles is held (the largest tile is a'_pad x c, e.g.
+# 64 x 128 at K = 4608 = 36 * 128).  H_c enters unnormalized (+-1, exact in bf16) and 1/sqrt(c)
+# goes into the row scale.
+
+MAX_FAST_FACTOR = 128  # largest power-of-two factor applied as one dense +-1 (c, c) dot
+IMAGES = ("int8", "fp8", "packed")
+TRANSFORM_DTYPES = ("float32", "tf32", "bfloat16")
+FP8_FORMAT = "fp8_e4m3"
+
+
+def _check_row_quant(act_format: str, image: str):
+  if image not in IMAGES:
+    raise ValueError(f"unknown activation image {image!r}; expected one of {IMAGES}")
+  if act_format == FP8_FORMAT:
+    if image != "fp8":
+      raise ValueError("fp8_e4m3 activations only have the 'fp8' image")
+    return None
+  code = fp4.fp4_code(act_format)
+  if image == "fp8" and not code.has_e4m3_image:
+    raise ValueError(f"{code.name} activations have no exact E4M3 image; use image='int8'")
+  return code
+
+
+def transform_factors(transform, k_features: int):
+  """transform (signs (K,), block (a, a)) -> (signs, L (a', a') float32, c) (comment above)."""
+  signs, block = transform[0], transform[1]
+  a_size = int(block.shape[0])
+  if block.shape != (a_size, a_size):
+    raise ValueError(f"transform block must be square, got {block.shape}")
+  if k_features % a_size:
+    raise ValueError(f"transform block order {a_size} does not divide in_features {k_features}")
+  b_size = k_features // a_size
+  if b_size & (b_size - 1):
+    raise ValueError(f"K / a = {b_size} must be a power of two (K = {k_features}, a = {a_size})")
+  if signs.shape != (k_features,):
+    raise ValueError(f"transform signs must have shape ({k_features},), got {signs.shape}")
+  c_size = min(b_size, MAX_FAST_FACTOR)
+  outer = sylvester_unnormalized(b_size // c_size) / np.sqrt(b_size // c_size)
+  dense = jnp.kron(jnp.asarray(block, jnp.float32), jnp.asarray(outer, jnp.float32))
+  return jnp.asarray(signs, jnp.float32), dense, c_size
+
+
+def sylvester_unnormalized(n: int) -> np.ndarray:
+  """(n, n) +-1 Walsh-Hadamard matrix (Sylvester: H_2n = [[H, H], [H, -H]]), float32."""
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < n:
+    h = np.block([[h, h], [h, -h]])
+  return h
+
+
+def _row_images(y, scale, act_format: str, code, image: str):
+  """y: (r, c) float32 transformed values, scale: () > 0 -> the image's stored dtype tile(s)."""
+  v = y / scale
+  if code is None:  # FP8 E4M3: saturate, round to nearest even by the cast
+    v = jnp.clip(v, -fp4.FP8_E4M3_MAX, fp4.FP8_E4M3_MAX)
+    return lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8)
+  codes = fp4.encode_nearest_even(v, code)
+  if image == "int8":
+    return fp4.int8_values(codes, code).astype(jnp.int8)
+  return fp4.e4m3_bits(codes, code).astype(jnp.uint8)
+
+
+def _image_scale_factor(code, image):
+  """stored image value / format value."""
+  if code is None:
+    return 1.0
+  return float(code.multiplier) if image == "int8" else code.e4m3_factor
+
+
+def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale_ref, *,
+                     act_format: str, clip_ratio: float, image: str, rows_per_token: int,
+                     rows_pad: int, tokens_per_program: int, transform_dtype: str,
+                     row_norm: float):
+  """x_ref: (M * a', c) (one token = a' rows); signs_ref: (a', c) float32; dense_t_ref:
+  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; out_ref: (M * a', c) 8-bit image
+  (int8 / uint8 bits); scale_ref: (M,) float32 row scales (x ~= image * scale)."""
+  code = None if act_format == FP8_FORMAT else fp4.fp4_code(act_format)
+  m_tokens = scale_ref.shape[0]
+  c_size = x_ref.shape[1]
+  max_value = fp4.FP8_E4M3_MAX if code is None else code.magnitudes[-1]
+  cols = jnp.ones((c_size,), jnp.bool_)
+  row_valid = jnp.arange(rows_pad, dtype=jnp.int32) < rows_per_token
+  signs = common.load_tile(signs_ref, 0, rows_pad, 0, c_size, row_valid, cols)
+  if transform_dtype == "float32":
+    precision, dot_dtype = lax.Precision.HIGHEST, jnp.float32
+  elif transform_dtype == "tf32":
+    precision, dot_dtype = lax.Precision.DEFAULT, jnp.float32
+  else:
+    precision, dot_dtype = None, jnp.bfloat16
+  dense_t = dense_t_ref[...].astype(dot_dtype) if dense_t_ref is not None else None
+  hadamard = hadamard_ref[...].astype(dot_dtype) if hadamard_ref is not None else None
+  first_token = pl.program_id(0) * tokens_per_program
+  factor = np.float32(_image_scale_factor(code, image))
+
+  def token_step(t, carry):
+    token = first_token + t
+    live = token < m_tokens
+    row_mask = row_valid & live
+    x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
+                              cols).astype(jnp.float32)
+    y = x_tile
+    if hadamard is not None:
+      y = jnp.dot((y * signs).astype(dot_dtype), hadamard, precision=precision,
+                  preferred_element_type=jnp.float32)
+      y = jnp.dot(dense_t, y.astype(dot_dtype), precision=precision,
+                  preferred_element_type=jnp.float32)
+    absmax = jnp.max(jnp.abs(y)) * np.float32(row_norm)
+    scale = absmax * np.float32(clip_ratio) / np.float32(max_value)
+    scale = jnp.where(scale > 0, scale, np.float32(1.0))
+    values = _row_images(y, scale / np.float32(row_norm), act_format, code, image)
+    common.store_tile(out_ref, values, token * rows_per_token, 0, row_mask, cols)
+    plgpu.store(scale_ref.at[pl.ds(token, 1)], jnp.full((1,), scale / factor, jnp.float32),
+                mask=jnp.full((1,), live))
+    return carry
+
+  lax.fori_loop(0, tokens_per_program, token_step, 0)
+
+
+def _row_view(k_features: int, transform):
+  """(rows per token a', row length c) of the kernel's view, and the transform factors."""
+  if transform is None:
+    c_size = min(MAX_FAST_FACTOR, pl.next_power_of_2(k_features))
+    return -(-k_features // c_size), c_size, None
+  signs, dense, c_size = transform_factors(transform, k_features)
+  return k_features // c_size, c_size, (signs, dense)
+
+
+@functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
+                                             "tokens_per_program", "num_warps", "num_stages",
+                                             "interpret", "transform_dtype"])
+def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
+                  image: str = "int8", tokens_per_program: int = 8, num_warps: int = 4,
+                  num_stages: int = 1, interpret: bool = False,
+                  transform_dtype: str = "bfloat16"):
+  """x: (M, K) float -> (image (M, K) int8 or float8_e4m3fn, row_scale (M,) float32) with
+  x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
+  power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
+  (nearest, ties to even, saturating; FP8 E4M3: saturating cast), all in one pass per token.
+
+  image 'int8': multiplier * value (W4A4 int8 path); 'fp8': the exact E4M3 image (W4A4 fp8
+  path, W4A8).  transform_dtype: dtype of the two transform dots ('float32' IEEE, 'tf32' or
+  'bfloat16' tensor cores; the latter two may flip codes at near-ties vs the reference).
+  """
+  if x.ndim != 2:
+    raise ValueError(f"x must be (M, K), got shape {x.shape}")
+  if image == "packed":
+    raise ValueError("quantize_rows writes 8-bit images; packed 4-bit codes: act_quant()")
+  if transform_dtype not in TRANSFORM_DTYPES:
+    raise ValueError(f"unknown transform dtype {transform_dtype!r}; one of {TRANSFORM_DTYPES}")
+  code = _check_row_quant(act_format, image)
+  m_tokens, k_features = x.shape
+  rows, c_size, factors = _row_view(k_features, transform)
+  if c_size < common.MIN_BLOCK:
+    raise ValueError(f"the power-of-two factor {c_size} of K = {k_features} is below the "
+                     f"smallest dot tile {common.MIN_BLOCK}; use act_quant_rows_xla")
+  k_view = rows * c_size
+  if k_view != k_features:  # ragged K without a transform: zero columns change no absmax
+    x = jnp.pad(x, ((0, 0), (0, k_view - k_features)))
+  rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
+  if factors is None:
+    signs, dense_t, hadamard, row_norm = jnp.ones((rows, c_size), jnp.float32), None, None, 1.0
+  else:
+    signs = factors[0].reshape(rows, c_size)
+    dense_t = jnp.zeros((rows_pad, rows_pad), jnp.float32).at[:rows, :rows].set(factors[1].T)
+    hadamard = jnp.asarray(sylvester_unnormalized(c_size))
+    row_norm = 1.0 / np.sqrt(c_size)
+  stored_dtype = jnp.int8 if image == "int8" else jnp.uint8
+  kernel = functools.partial(
+      row_quant_kernel, act_format=act_format, clip_ratio=float(clip_ratio), image=image,
+      rows_per_token=rows, rows_pad=rows_pad, tokens_per_program=tokens_per_program,
+      transform_dtype=transform_dtype, row_norm=float(row_norm))
+  if factors is None:
+    kernel_fn = lambda x_ref, s_ref, o_ref, sc_ref: kernel(x_ref, s_ref, None, None, o_ref, sc_ref)
+    operands = (x.reshape(m_tokens * rows, c_size), signs)
+  else:
+    kernel_fn = kernel
+    operands = (x.reshape(m_tokens * rows, c_size), signs, dense_t, hadamard)
+  out, scale = pl.pallas_call(
+      kernel_fn,
+      out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),
+                 jax.ShapeDtypeStruct((m_tokens,), jnp.float32)),
+      grid=(pl.cdiv(m_tokens, tokens_per_program),),
+      compiler_params=common.compiler_params(num_warps, num_stages),
+      interpret=interpret,
+      name=f"quantize_rows_{image}",
+  )(*operands)
+  out = out.reshape(m_tokens, k_view)[:, :k_features]
+  if image == "fp8":
+    out = lax.bitcast_convert_type(out, jnp.float8_e4m3fn)
+  return out, scale
+
+
+def transform_rows_xla(x, transform):
+  """x: (M, K) -> x @ Q in float32 with XLA: the same two-factor split as the kernel (a dense
+  (c, c) +-1 dot and one (a', a') dot), memory-bound."""
+  m_tokens, k_features = x.shape
+  rows, c_size, (signs, dense) = _row_view(k_features, transform)
+  xs = (x.astype(jnp.float32) * signs).reshape(m_tokens, rows, c_size)
+  hadamard = jnp.asarray(sylvester_unnormalized(c_size) / np.sqrt(c_size))
+  y = jnp.einsum("mrc,cd,re->med", xs, hadamard, dense, precision=lax.Precision.HIGHEST)
+  return y.reshape(m_tokens, k_features)
+
+
+@functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image"])
+def quantize_rows_xla(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
+                      image: str = "int8"):
+  """Plain jnp / XLA version of :func:`quantize_rows` (same outputs; float32 transform): the
+  reference of the kernel, and the path where the kernel does not apply."""
+  if x.ndim != 2:
+    raise ValueError(f"x must be (M, K), got shape {x.shape}")
+  code = _check_row_quant(act_format, image)
+  y = x.astype(jnp.float32) if transform is None else transform_rows_xla(x, transform)
+  max_value = fp4.FP8_E4M3_MAX if code is None else code.magnitudes[-1]
+  scale = jnp.max(jnp.abs(y), axis=1) * np.float32(clip_ratio) / np.float32(max_value)
+  scale = jnp.where(scale > 0, scale, np.float32(1.0))
+  values = _row_images(y, scale[:, None], act_format, code, image)
+  if image == "fp8":
+    values = lax.bitcast_convert_type(values, jnp.float8_e4m3fn)
+  return values, scale / np.float32(_image_scale_factor(code, image))

@@ -1,19 +1,24 @@
-"""4-bit weight matmuls (HQ-DiT): W4A16, W4A8 (FP8 E4M3 activations) and W4A4 (integer).
+"""4-bit weight matmuls (HQ-DiT): W4A16, W4A8 (FP8 E4M3 activations) and W4A4.
 
-Weight layout (notes/interfaces.md, "FP4 / INT4 weights"): 4-bit sign-magnitude codes ``(K, N)``
-packed along K with ``pack_bits(codes, 4, axis=0)`` -> uint8 ``(ceil(K/2), N)``, a 16-entry
-``lut`` and a per-output-channel ``scale (N,)``: ``W[k, n] = lut[code[k, n]] * scale[n]``.
+**Paths by name (the dispatcher's contract)**: ``PATHS[op][name]`` for op in
+{"w4a16", "w4a8", "w4a4"}, one uniform signature per op (documented above ``PATHS`` below):
+the weight is a :class:`fp4_mma.PackedFp4Weight` (4-bit codes in the tiled K-major layout,
+``fp4_mma.pack_weight``, packed offline), activations are float ``(M, K)`` and every W4A8 /
+W4A4 path includes its act-quant step (:func:`act_quant.quantize_rows`: transform, per-token
+scale with the calibrated clip ratio, codes into the 8-bit image the matmul reads).
+``lowering_cases()`` gives (name, jitted fn, ShapeDtypeStructs, config) per kernel at the
+DiT-XL/2 shapes for the static report.  ``quantize_fp8_per_token`` is the W4A8 activation
+quantizer with the clip ratio (x ~= fp8 * scale).
 
-All three kernels tile the output in ``(block_m, block_n)`` and walk K in ``block_k`` steps,
-decoding only the ``(block_k, block_n)`` weight tile (nibble extraction + a gather from the lut).
-The per-channel (and per-token) scales are applied once to the float32 accumulator, so the dot
-runs on unscaled lut values, which 4-bit formats hold exactly in bf16 / int8.
+**Older entry points** (kept for quant/hqdit.py and the benchmark; the pack_bits layout):
+weight codes ``(K, N)`` packed along K with ``pack_bits(codes, 4, axis=0)`` -> uint8
+``(ceil(K/2), N)``, a 16-entry ``lut`` and a per-output-channel ``scale (N,)``:
+``W[k, n] = lut[code[k, n]] * scale[n]``.  These kernels decode each weight element through a
+gather from the lut per M tile (slow: the issue-11 analysis); the paths above replace them.
 
 * W4A16: bf16 activations, bf16 ``tl.dot``, float32 accumulation.
 * W4A8: activations are FP8 E4M3 codes ``(M, K)`` with a per-token scale ``(M,)``:
-  ``X[m, k] = fp8[m, k] * x_scale[m]``.  The kernel decodes the FP8 bit patterns to bf16 exactly
-  (integer ops, so it also lowers on A100) and runs a bf16 dot.  On Hopper an fp8 x fp8 dot (or a
-  Mosaic GPU wgmma kernel) could replace ``w4a8_matmul_kernel`` behind the same entry point.
+  ``X[m, k] = fp8[m, k] * x_scale[m]``, decoded to bf16 exactly with integer ops.
 * W4A4: activations are 4-bit codes packed along K ``(M, ceil(K/2))`` with a per-token scale
   ``(M,)``; both sides are decoded through *integer* luts (``int_lut = lut * multiplier``, int8)
   and multiplied with an int8 x int8 -> int32 dot, exact; then ``acc * x_scale[m] * w_scale[n]``
@@ -29,7 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from dit_quant_jax.kernels import act_quant
 from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import fp4_mma
 from dit_quant_jax.numerics import packing
 
 CODE_BITS = 4
@@ -408,3 +415,215 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
     y = w4a4_matmul_reference(x2d, scale1d, x_int_lut, packed_weight, w_int_lut, w_scale, bias,
                               k_features=k_features, out_dtype=out_dtype)
   return y.reshape(lead + (y.shape[-1],))
+
+
+# ----------------------------------------------------------------------------------------
+# Paths by name (the dispatcher's contract; kernels/fp4_mma.py holds the new kernels).
+# ----------------------------------------------------------------------------------------
+#
+# Uniform signatures, one per op (x: (M, K) float activations, weight: fp4_mma.PackedFp4Weight,
+# bias: (N,) or None; config: the path's launch options (dict: block_m, block_n, split_k,
+# num_warps, num_stages for Triton paths; tokens_per_program, num_warps, transform_dtype for
+# "quant" options of the act-quant kernel) or None for the defaults; returns (M, N)):
+#
+#   PATHS["w4a16"][name](x, weight, bias=None, *, config=None) -> x.dtype
+#   PATHS["w4a8"][name](x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None)
+#       -> float32;  activations: per-token FP8 E4M3, scale = clip_ratio * absmax / 448,
+#       saturating (the calibrated clip ratio is honoured on every path)
+#   PATHS["w4a4"][name](x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
+#                       config=None) -> float32;  act_format 'e1m2' | 'e2m1' | 'e3m0' | 'int4'
+#
+# transform: None or (signs (K,), block (a, a)) for Q = diag(signs) kron(block, H_b / sqrt(b)),
+# b = K / a a power of two (quant/hadamard.py's layout); the act-quant step (transform,
+# per-token scale, codes) is included in every w4a8 / w4a4 path.  Every path computes the same
+# function as "reference" (the int8 / fp8 images are exact; the bf16 transform dots of the
+# Triton act-quant may flip a code at a near-tie, "float32" config avoids that).
+#
+# Path names: "reference" (plain jnp, float32, table decode), "xla_int8" / "xla_fp8" /
+# "xla_bf16" (act-quant with XLA, the weight unpacked once per call, lax.dot_general with an
+# int32 / float32 accumulator), "triton_int8" / "triton_fp8" / "triton_bf16" (the Pallas-Triton
+# act-quant kernel + fp4_mma kernel; interpret mode off GPU).  "triton_fp8" lowers to
+# mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc, so Triton refuses fp8
+# wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.
+
+
+def _interpret() -> bool:
+  return not common.on_gpu()
+
+
+def default_mma_config(m_rows: int, n_features: int, k_features: int,
+                       device: str | None = None) -> dict:
+  """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
+  s8 / bf16 on sm_90a, no spills); 64 x 128, 4 warps elsewhere (sm_80: 128 x 128 spills, 64 x 128
+  int8 does not).  Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
+  device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
+  exercise the Hopper configs)."""
+  if m_rows > 64:
+    if device is None:
+      device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
+    if device == "hopper":
+      return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
+    return dict(block_m=64, block_n=128, split_k=1, num_warps=4, num_stages=3)
+  base = common.default_matmul_blocks(m_rows, n_features, k_features, 32)
+  return dict(block_m=base["block_m"], block_n=64, split_k=base["split_k"], num_warps=4,
+              num_stages=3)
+
+
+def _local_is_hopper() -> bool:
+  kind = jax.devices()[0].device_kind.upper()
+  return any(name in kind for name in ("H100", "H200", "H800", "GH200", "H20"))
+
+
+def _mma_options(x, weight, config):
+  options = default_mma_config(x.shape[0], weight.n_features, weight.k_features)
+  options.update({k: v for k, v in (config or {}).items() if k in options})
+  return options
+
+
+def _quant_options(config):
+  keys = ("tokens_per_program", "num_warps", "transform_dtype")
+  return {k[len("quant_"):]: v for k, v in (config or {}).items()
+          if k.startswith("quant_") and k[len("quant_"):] in keys}
+
+
+def _w4a16_reference(x, weight, bias=None, *, config=None):
+  del config
+  y = jnp.dot(x.astype(jnp.float32), fp4_mma.dequantize_reference(weight),
+              precision=lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(x.dtype)
+
+
+def _w4a16_xla(x, weight, bias=None, *, config=None):
+  del config
+  ones = jnp.ones((x.shape[0],), jnp.float32)
+  return fp4_mma.xla_dot(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
+                         out_dtype=x.dtype)
+
+
+def _w4a16_triton(x, weight, bias=None, *, config=None):
+  ones = jnp.ones((x.shape[0],), jnp.float32)
+  return fp4_mma.fp4_mma(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
+                         interpret=_interpret(), out_dtype=x.dtype,
+                         **_mma_options(x, weight, config))
+
+
+def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform):
+  """Plain jnp: the float32 fake-quantized activations times the dequantized weight."""
+  image = "fp8" if act_format == act_quant.FP8_FORMAT else "int8"
+  values, row_scale = act_quant.quantize_rows_xla(x, transform, act_format=act_format,
+                                                  clip_ratio=float(clip_ratio), image=image)
+  xq = values.astype(jnp.float32) * row_scale[:, None]
+  y = jnp.dot(xq, fp4_mma.dequantize_reference(weight), precision=lax.Precision.HIGHEST)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y
+
+
+def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=None):
+  """A w4a8 / w4a4 path: act-quant (XLA or Triton) into the dot kind's image, then the matmul
+  (XLA unpack + dot_general, or the fp4_mma kernel)."""
+
+  def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
+           config=None):
+    if x.ndim != 2:
+      raise ValueError(f"x must be (M, K), got shape {x.shape}")
+    image = "int8" if dot_kind == "int8" else "fp8"
+    if act_impl == "xla":
+      values, row_scale = act_quant.quantize_rows_xla(
+          x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=image)
+    else:
+      values, row_scale = act_quant.quantize_rows(
+          x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=image,
+          interpret=_interpret(), **_quant_options(config))
+    if dot_kind == "bf16":
+      values = values.astype(jnp.bfloat16)
+    if dot_impl == "xla":
+      return fp4_mma.xla_dot(values, row_scale, weight, bias, dot_kind=dot_kind)
+    return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
+                           interpret=_interpret(), **_mma_options(x, weight, config))
+
+  return path
+
+
+def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None):
+  del config
+  return _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform)
+
+
+def _w4a4_reference(x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
+                    config=None):
+  del config
+  return _quantized_reference(x, weight, bias, act_format, clip_ratio, transform)
+
+
+_FP8 = act_quant.FP8_FORMAT
+PATHS = {
+    "w4a16": {
+        "reference": _w4a16_reference,
+        "xla_bf16": _w4a16_xla,
+        "triton_bf16": _w4a16_triton,
+    },
+    "w4a8": {
+        "reference": _w4a8_reference,
+        "xla_fp8": _quantized_path("xla", "xla", "fp8", _FP8),
+        "xla_bf16": _quantized_path("xla", "xla", "bf16", _FP8),
+        "triton_fp8": _quantized_path("triton", "triton", "fp8", _FP8),
+        "triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8),
+    },
+    "w4a4": {
+        "reference": _w4a4_reference,
+        "xla_int8": _quantized_path("xla", "xla", "int8"),
+        "xla_fp8": _quantized_path("xla", "xla", "fp8"),
+        "triton_int8": _quantized_path("triton", "triton", "int8"),
+        "triton_fp8": _quantized_path("triton", "triton", "fp8"),
+        # Triton act-quant kernel feeding the XLA int8 dot (large M: decode once per call).
+        "triton_quant_xla_int8": _quantized_path("triton", "xla", "int8"),
+    },
+}
+FP4_PATHS = PATHS
+
+
+def quantize_fp8_per_token(x, clip_ratio: float = 1.0):
+  """x: (M, K) -> (float8_e4m3fn (M, K), scale (M,)), scale = clip_ratio * absmax / 448,
+  values saturated at +-448 (the same function as quant/rtn's per-token FP8 fake quant)."""
+  return act_quant.quantize_rows_xla(x, None, act_format=_FP8, clip_ratio=float(clip_ratio),
+                                     image="fp8")
+
+
+def lowering_cases(shapes=None, device: str = "hopper"):
+  """(name, jitted_fn, arg ShapeDtypeStructs, config) per FP4 kernel at DiT-XL/2 shapes, for
+  the static report (lower with triton_static.capture_ttir(jitted_fn, *args)).
+
+  shapes: iterable of (M, K, N); default: M in {16, 4096} x the DiT-XL/2 linears
+  (qkv 1152->3456, proj 1152->1152, fc1 1152->4608, fc2 4608->1152).  Config: the launch
+  options the paths use at that shape (num_warps / num_stages for ptx_stats)."""
+  if shapes is None:
+    layers = ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152))
+    shapes = [(m, k, n) for m in (16, 4096) for k, n in layers]
+  kinds = ("int8", "bf16") if device != "hopper" else ("int8", "fp8", "bf16")
+  cases = []
+  for m_rows, k_features, n_features in shapes:
+    weight = fp4_mma.PackedFp4Weight(
+        jax.ShapeDtypeStruct((n_features, fp4_mma.padded_k(k_features) // 2), jnp.uint8),
+        jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
+    row_scale = jax.ShapeDtypeStruct((m_rows,), jnp.float32)
+    config = default_mma_config(m_rows, n_features, k_features, device)
+    for kind in kinds:
+      x = jax.ShapeDtypeStruct((m_rows, k_features), fp4_mma.x_dtype_for(kind))
+      fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, out_dtype=jnp.bfloat16,
+                                     **config))
+      cases.append((f"fp4_mma_{kind} M={m_rows} K={k_features} N={n_features}", fn,
+                    (x, row_scale, weight), dict(config)))
+    a_order = {384: 12, 768: 12, 1152: 36, 4608: 36}.get(k_features)
+    if a_order is not None and m_rows > 64:
+      transform = (jax.ShapeDtypeStruct((k_features,), jnp.float32),
+                   jax.ShapeDtypeStruct((a_order, a_order), jnp.float32))
+      quant_config = dict(tokens_per_program=8, num_warps=4, num_stages=1)
+      fn = jax.jit(lambda x, t: act_quant.quantize_rows(
+          x, t, act_format="e2m1", image="int8", transform_dtype="bfloat16", **quant_config))
+      cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
+                    (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16), transform),
+                    dict(quant_config)))
+  return cases

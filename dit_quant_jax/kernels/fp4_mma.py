@@ -1,0 +1,300 @@
+"""4-bit weights on exact 8-bit tensor cores: the tiled weight layout, the arithmetic decodes,
+the Pallas-Triton matmul and the XLA unpack-then-dot alternative.
+
+Weight layout (``pack_weight``, done once offline): codes ``(K, N)`` (sign-magnitude 4-bit,
+:mod:`dit_quant_jax.numerics.fp4`) are zero-padded along K to ``K_pad``, a multiple of
+``TILE_K`` = 128, and stored K-major as uint8 ``tiles: (N, K_pad / 2)``.  Byte ``t * 64 + r``
+of output channel n holds code ``k = 128 t + r`` in its low nibble and ``k = 128 t + 64 + r``
+in its high nibble (Marlin-style: a K tile of one channel is 64 contiguous bytes, so a program
+loads its ``(block_n, 64)`` byte tile with wide, coalesced loads and no gathers, and the two
+nibble planes feed two dots over the tile's two contiguous K halves, so nothing is
+interleaved).  K-major because 8-bit ``wgmma`` takes only K-major operands (the transpose
+option exists for 16-bit types only): with an N-major tile Triton fell back to ``mma.sync`` on
+f16 for FP8 (seen in the PTX).
+
+Decode (per element, shifts / masks / selects only, no table loads):
+
+* to FP8 E4M3 (``fp4.e4m3_bits``): ``(c & 8) << 4 | (c & 7) << (3 - M)``, the format value
+  times ``2**(bias - 7)``;  exact for E1M2 / E2M1 / E3M0;
+* to int8 (``fp4.int8_values``): ``multiplier * value`` from a 32-bit register table;  exact for
+  every 4-bit format (E2M1 x2, E1M2 x4, E3M0 x4, INT4 x1);
+* to bf16 (W4A16): the int8 image converted to bf16 (exact).
+
+The weight image's factor (``2**(bias-7)`` or ``multiplier``) is divided out of the per-channel
+scale once (``PackedFp4Weight.column_scale``), so ``y = (x8 @ w8) * row_scale * column_scale + b``.
+
+Kernel ``fp4_mma_kernel``: one program per ``(block_m, block_n)`` output tile (and K split);
+per K tile it loads x's two ``(block_m, 64)`` halves, the ``(64, block_n)`` byte tile, decodes
+the two nibble planes and issues two dots (``int8 x int8 -> int32``, ``e4m3 x e4m3 -> f32`` or
+``bf16 x bf16 -> f32``), then applies the scales and bias in the epilogue.
+
+XLA paths (``xla_dot``): unpack the whole layer to an int8 / E4M3 / bf16 ``(K, N)`` buffer
+(one memory-bound pass), then ``lax.dot_general`` with ``preferred_element_type`` int32 /
+float32: the decode is paid once per call, not once per M tile (the better choice at large M).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+from dit_quant_jax.kernels import common
+from dit_quant_jax.numerics import fp4
+from dit_quant_jax.numerics import packing
+
+TILE_K = 128  # K codes per layout tile (two nibble planes of 64 rows)
+HALF_TILE_K = TILE_K // 2
+NIBBLE_MASK = 15
+# Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
+DOT_KINDS = ("int8", "fp8", "bf16")
+STATIC_ARGS = ["dot_kind", "block_m", "block_n", "split_k", "num_warps", "num_stages",
+               "interpret", "out_dtype"]
+
+
+# ----------------------------------------------------------------------------------------
+# The packed weight (a pytree: arrays are leaves, format and K are static).
+# ----------------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+class PackedFp4Weight:
+  """tiles: (N, K_pad / 2) uint8 (module doc layout);  scale: (N,) float32 per-channel scale
+  (W[k, n] = value(code[k, n]) * scale[n]);  format_name: 'e1m2' | 'e2m1' | 'e3m0' | 'int4';
+  k_features: K (static)."""
+
+  def __init__(self, tiles, scale, format_name: str, k_features: int):
+    self.tiles = tiles
+    self.scale = scale
+    self.format_name = format_name
+    self.k_features = int(k_features)
+
+  def tree_flatten(self):
+    return (self.tiles, self.scale), (self.format_name, self.k_features)
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children, *aux)
+
+  @property
+  def code(self) -> fp4.Fp4Code:
+    return fp4.fp4_code(self.format_name)
+
+  @property
+  def n_features(self) -> int:
+    return int(self.tiles.shape[0])
+
+  @property
+  def k_padded(self) -> int:
+    return 2 * int(self.tiles.shape[1])
+
+  def column_scale(self, dot_kind: str):
+    """(N,) float32 scale for the decoded image of kind dot_kind (module doc)."""
+    factor = self.code.e4m3_factor if dot_kind == "fp8" else float(self.code.multiplier)
+    return self.scale.astype(jnp.float32) / np.float32(factor)
+
+  def validate(self) -> None:
+    fp4.fp4_code(self.format_name)
+    if self.tiles.ndim != 2 or self.tiles.dtype != jnp.uint8:
+      raise ValueError(f"weight tiles must be 2-D uint8, got {self.tiles.shape} {self.tiles.dtype}")
+    if self.k_padded != padded_k(self.k_features):
+      raise ValueError(f"weight tiles have {self.tiles.shape[1]} columns; K = {self.k_features} "
+                       f"needs {padded_k(self.k_features) // 2} (pack_weight)")
+    if self.scale.shape != (self.n_features,):
+      raise ValueError(f"weight scale must be ({self.n_features},), got {self.scale.shape}")
+
+
+def padded_k(k_features: int) -> int:
+  return -(-int(k_features) // TILE_K) * TILE_K
+
+
+def pack_weight(codes, scale, format_name: str) -> PackedFp4Weight:
+  """codes: (K, N) 4-bit codes (ints < 16); scale: (N,) -> PackedFp4Weight (module doc)."""
+  codes = jnp.asarray(codes)
+  if codes.ndim != 2:
+    raise ValueError(f"codes must be (K, N), got shape {codes.shape}")
+  k_features, n_features = codes.shape
+  k_pad = padded_k(k_features)
+  codes = jnp.pad(codes.astype(jnp.uint8), ((0, k_pad - k_features), (0, 0)))
+  tiles = codes.T.reshape(n_features, k_pad // TILE_K, 2, HALF_TILE_K)
+  packed = lax.bitwise_or(tiles[:, :, 0], lax.shift_left(tiles[:, :, 1], np.uint8(4)))
+  weight = PackedFp4Weight(packed.reshape(n_features, k_pad // 2),
+                           jnp.asarray(scale, jnp.float32), fp4.fp4_code(format_name).name,
+                           k_features)
+  weight.validate()
+  return weight
+
+
+def weight_from_pack_bits(packed_codes, scale, format_name: str, k_features: int):
+  """The project's ``pack_bits(codes, 4, axis=0)`` (ceil(K/2), N) layout -> PackedFp4Weight
+  (a relayout: run once offline, or it costs one weight pass per call)."""
+  codes = packing.unpack_bits(packed_codes, 4, k_features, axis=0, dtype=jnp.uint8)
+  return pack_weight(codes, scale, format_name)
+
+
+def unpack_weight_codes_nk(weight: PackedFp4Weight):
+  """(N, K) int32 codes from the tiled layout (plain jnp)."""
+  tiles = weight.tiles.astype(jnp.int32).reshape(weight.n_features, -1, HALF_TILE_K)
+  low = lax.bitwise_and(tiles, np.int32(NIBBLE_MASK))
+  high = lax.shift_right_logical(tiles, np.int32(4))
+  codes = jnp.stack([low, high], axis=2).reshape(weight.n_features, weight.k_padded)
+  return codes[:, :weight.k_features]
+
+
+def unpack_weight_codes(weight: PackedFp4Weight):
+  """(K, N) int32 codes (plain jnp)."""
+  return unpack_weight_codes_nk(weight).T
+
+
+def decode_image(codes_i32, code: fp4.Fp4Code, dot_kind: str):
+  """int32 codes -> the dot operand image of kind dot_kind (int8 / float8_e4m3fn / bf16)."""
+  if dot_kind == "fp8":
+    bits = fp4.e4m3_bits(codes_i32, code).astype(jnp.uint8)
+    return lax.bitcast_convert_type(bits, jnp.float8_e4m3fn)
+  values = fp4.int8_values(codes_i32, code)
+  return values.astype(jnp.int8) if dot_kind == "int8" else values.astype(jnp.bfloat16)
+
+
+def check_dot_kind(dot_kind: str, code: fp4.Fp4Code) -> None:
+  if dot_kind not in DOT_KINDS:
+    raise ValueError(f"unknown dot kind {dot_kind!r}; expected one of {DOT_KINDS}")
+  if dot_kind == "fp8" and not code.has_e4m3_image:
+    raise ValueError(f"{code.name} weights have no exact E4M3 image; use dot_kind='int8'")
+
+
+def x_dtype_for(dot_kind: str):
+  return {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "bf16": jnp.bfloat16}[dot_kind]
+
+
+def acc_dtype_for(dot_kind: str):
+  return jnp.int32 if dot_kind == "int8" else jnp.float32
+
+
+# ----------------------------------------------------------------------------------------
+# Pallas-Triton kernel
+# ----------------------------------------------------------------------------------------
+
+
+def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
+                   code: fp4.Fp4Code, dot_kind: str, block_m: int, block_n: int, split_k: int):
+  """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
+  float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
+  (M, N), or (split_k * M, N) raw accumulator partials."""
+  m_rows, k_features = x_ref.shape
+  n_features = out_ref.shape[1]
+  row_start = pl.program_id(0) * block_m
+  col_start = pl.program_id(1) * block_n
+  row_mask = row_start + jnp.arange(block_m, dtype=jnp.int32) < m_rows
+  col_mask = col_start + jnp.arange(block_n, dtype=jnp.int32) < n_features
+  all_half = jnp.ones((HALF_TILE_K,), jnp.bool_)
+  acc_dtype = acc_dtype_for(dot_kind)
+
+  def k_step(k_tile, acc):
+    k_start = k_tile * TILE_K
+    byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
+                                 HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
+    planes = (lax.bitwise_and(byte_tile, np.int32(NIBBLE_MASK)),
+              lax.shift_right_logical(byte_tile, np.int32(4)))
+    for half, codes in enumerate(planes):
+      half_start = k_start + half * HALF_TILE_K
+      k_mask = half_start + jnp.arange(HALF_TILE_K, dtype=jnp.int32) < k_features
+      x_half = common.load_tile(x_ref, row_start, block_m, half_start, HALF_TILE_K, row_mask,
+                                k_mask)
+      if dot_kind == "fp8":  # x arrives as E4M3 bit patterns (a masked fp8 load cannot lower)
+        x_half = lax.bitcast_convert_type(x_half, jnp.float8_e4m3fn)
+      w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
+      acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype)
+    return acc
+
+  first, end = common.k_tile_range(k_features, TILE_K, split_k)
+  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), acc_dtype))
+
+  def epilogue(acc):
+    row_scale = common.load_vector(row_scale_ref, row_start, block_m, row_mask)
+    col_scale = common.load_vector(col_scale_ref, col_start, block_n, col_mask)
+    bias = common.load_vector(bias_ref, col_start, block_n, col_mask)
+    return _scale_and_bias(acc, row_scale, col_scale, bias)
+
+  common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
+                     row_start=row_start, col_start=col_start, row_mask=row_mask,
+                     col_mask=col_mask)
+
+
+def _scale_and_bias(acc, row_scale, col_scale, bias):
+  """acc * row_scale[:, None] * col_scale[None, :] + bias (same order in kernel and split-K)."""
+  return acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
+
+
+def _check_operands(x, row_scale, weight: PackedFp4Weight, bias, dot_kind):
+  weight.validate()
+  check_dot_kind(dot_kind, weight.code)
+  if x.ndim != 2 or x.shape[1] != weight.k_features:
+    raise ValueError(f"x must be (M, {weight.k_features}), got shape {x.shape}")
+  if x.dtype != x_dtype_for(dot_kind):
+    raise ValueError(f"dot kind {dot_kind} needs x of dtype {jnp.dtype(x_dtype_for(dot_kind))}, "
+                     f"got {x.dtype}")
+  if row_scale.shape != (x.shape[0],):
+    raise ValueError(f"row_scale must be ({x.shape[0]},), got {row_scale.shape}")
+  if bias is not None and bias.shape != (weight.n_features,):
+    raise ValueError(f"bias must be ({weight.n_features},), got {bias.shape}")
+
+
+def _bias_or_zeros(bias, n_features):
+  return jnp.zeros((n_features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=STATIC_ARGS)
+def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
+            block_m: int = 128, block_n: int = 128, split_k: int = 1, num_warps: int = 8,
+            num_stages: int = 3, interpret: bool = False, out_dtype=jnp.float32):
+  """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias.
+
+  x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
+  (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
+  """
+  _check_operands(x, row_scale, weight, bias, dot_kind)
+  common.check_block("block_m", block_m)
+  common.check_block("block_n", block_n)
+  common.check_split_k(split_k)
+  col_scale = weight.column_scale(dot_kind)
+  bias = _bias_or_zeros(bias, weight.n_features)
+  row_scale = row_scale.astype(jnp.float32)
+  kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
+                             block_m=block_m, block_n=block_n, split_k=split_k)
+  if dot_kind == "fp8":
+    x = lax.bitcast_convert_type(x, jnp.uint8)
+  return common.launch_matmul(
+      kernel, (x, row_scale, weight.tiles, col_scale, bias), m_rows=x.shape[0],
+      n_features=weight.n_features, out_dtype=out_dtype, acc_dtype=acc_dtype_for(dot_kind),
+      block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
+      num_stages=num_stages, interpret=interpret, name=f"fp4_mma_{dot_kind}",
+      epilogue=lambda acc: _scale_and_bias(acc, row_scale, col_scale, bias))
+
+
+# ----------------------------------------------------------------------------------------
+# XLA: unpack the layer once, then one dot_general.
+# ----------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=["dot_kind", "out_dtype"])
+def xla_dot(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
+            out_dtype=jnp.float32):
+  """Same function as :func:`fp4_mma`: decode the (K, N) image with XLA (transient buffer of
+  K * N bytes, 2 K * N for bf16), then ``lax.dot_general`` with an int32 / float32 accumulator."""
+  _check_operands(x, row_scale, weight, bias, dot_kind)
+  w_image = decode_image(unpack_weight_codes_nk(weight), weight.code, dot_kind)  # (N, K)
+  acc = lax.dot_general(x, w_image, (((1,), (1,)), ((), ())),
+                        preferred_element_type=acc_dtype_for(dot_kind))
+  y = _scale_and_bias(acc, row_scale.astype(jnp.float32), weight.column_scale(dot_kind),
+                      _bias_or_zeros(bias, weight.n_features))
+  return y.astype(out_dtype)
+
+
+def dequantize_reference(weight: PackedFp4Weight):
+  """(K, N) float32 W[k, n] = value(code[k, n]) * scale[n] (table lookup, plain jnp)."""
+  values = fp4.decode_values(unpack_weight_codes(weight), weight.code)
+  return values * weight.scale.astype(jnp.float32)[None, :]

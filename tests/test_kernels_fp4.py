@@ -1,0 +1,256 @@
+"""FP4 kernels (kernels/fp4_mma.py, fp4_matmul.PATHS, act_quant.quantize_rows) vs independent
+references (float64 numpy, plain jnp), interpret mode on CPU, fresh random inputs."""
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from dit_quant_jax.kernels import act_quant as aq
+from dit_quant_jax.kernels import fp4_matmul as fmm
+from dit_quant_jax.kernels import fp4_mma
+from dit_quant_jax.numerics import fp4
+
+FORMATS = fp4.FP4_CODE_FORMATS
+
+
+def _rng(seed):
+  return np.random.default_rng(seed)
+
+
+def _random_orthogonal(rng, n):
+  q, r = np.linalg.qr(rng.normal(size=(n, n)))
+  return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def _transform(rng, k_features, a_order):
+  signs = rng.choice(np.array([-1.0, 1.0], np.float32), size=k_features)
+  return jnp.asarray(signs), jnp.asarray(_random_orthogonal(rng, a_order))
+
+
+def _dense_q(transform, k_features):
+  """float64 (K, K) Q = diag(signs) kron(A, H_b / sqrt(b)) built directly."""
+  signs, block = (np.asarray(t, np.float64) for t in transform)
+  b = k_features // block.shape[0]
+  h = np.ones((1, 1))
+  while h.shape[0] < b:
+    h = np.block([[h, h], [h, -h]])
+  return signs[:, None] * np.kron(block, h / np.sqrt(b))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_arithmetic_decodes_match_tables(name):
+  code = fp4.fp4_code(name)
+  codes = jnp.arange(16, dtype=jnp.int32)
+  np.testing.assert_array_equal(np.asarray(fp4.int8_values(codes, code)),
+                                code.lut * code.multiplier)
+  if code.has_e4m3_image:
+    bits = np.asarray(fp4.e4m3_bits(codes, code)).astype(np.uint8)
+    values = np.asarray(jnp.asarray(bits).view(jnp.float8_e4m3fn).astype(jnp.float32))
+    np.testing.assert_array_equal(values, code.lut * code.e4m3_factor)
+
+
+def test_encode_nearest_even_matches_search():
+  code = fp4.fp4_code("e2m1")
+  rng = _rng(0)
+  mags = np.asarray(code.magnitudes)
+  mids = (mags[1:] + mags[:-1]) / 2
+  v = np.concatenate([rng.normal(size=500) * 4, mids, -mids, [0.0, 7.0, -9.0]]).astype(np.float32)
+  got = np.asarray(fp4.encode_nearest_even(jnp.asarray(v), code))
+  a = np.abs(v)[:, None]
+  dist = np.abs(a - mags[None, :])
+  best = dist == dist.min(axis=1, keepdims=True)
+  even = best & (np.arange(8) % 2 == 0)
+  index = np.where(even.any(axis=1), even.argmax(axis=1), best.argmax(axis=1))
+  expected = np.where((v < 0) & (index > 0), index + 8, index)
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("k_features", [128, 200, 384])
+def test_pack_weight_layout_round_trip(k_features):
+  rng = _rng(k_features)
+  codes = rng.integers(0, 16, size=(k_features, 24))
+  weight = fp4_mma.pack_weight(codes, np.ones(24, np.float32), "e2m1")
+  assert weight.tiles.shape == (24, fp4_mma.padded_k(k_features) // 2)
+  np.testing.assert_array_equal(np.asarray(fp4_mma.unpack_weight_codes(weight)), codes)
+  # Layout: byte r of K tile t holds codes 128 t + r (low nibble) and 128 t + 64 + r (high).
+  tiles = np.asarray(weight.tiles)
+  padded = np.pad(codes, ((0, fp4_mma.padded_k(k_features) - k_features), (0, 0)))
+  assert tiles[5, 3] == padded[3, 5] | (padded[64 + 3, 5] << 4)
+
+
+def _weight(rng, k_features, n_features, name):
+  codes = rng.integers(0, 16, size=(k_features, n_features))
+  scale = rng.uniform(0.5, 2.0, size=n_features).astype(np.float32)
+  weight = fp4_mma.pack_weight(codes, scale, name)
+  dense = fp4.fp4_code(name).lut[codes].astype(np.float64) * scale[None, :]
+  return weight, dense
+
+
+def _operand(rng, kind, shape):
+  """Random operand of a dot kind and its exact float64 value."""
+  if kind == "int8":
+    x = rng.integers(-64, 65, size=shape).astype(np.int8)
+    return jnp.asarray(x), x.astype(np.float64)
+  dtype = jnp.float8_e4m3fn if kind == "fp8" else jnp.bfloat16
+  x = jnp.asarray(rng.normal(size=shape) * 3, jnp.float32).astype(dtype)
+  return x, np.asarray(x.astype(jnp.float32), np.float64)
+
+
+MMA_CASES = [
+    # (M, K, N, config): block multiples, ragged M / K / N, a K split, the DiT-XL/2 Hopper tile.
+    (32, 256, 32, dict(block_m=16, block_n=16, num_warps=4)),
+    (20, 200, 40, dict(block_m=16, block_n=32, split_k=2, num_warps=4)),
+    (8, 384, 136, dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
+]
+
+
+@pytest.mark.parametrize("kind,name", [("int8", "e2m1"), ("int8", "e3m0"), ("int8", "int4"),
+                                       ("fp8", "e1m2"), ("fp8", "e3m0"), ("bf16", "e2m1")])
+@pytest.mark.parametrize("m_rows,k_features,n_features,config", MMA_CASES)
+def test_fp4_mma_matches_float64(kind, name, m_rows, k_features, n_features, config):
+  rng = _rng(m_rows * 7 + k_features)
+  weight, dense = _weight(rng, k_features, n_features, name)
+  x, x64 = _operand(rng, kind, (m_rows, k_features))
+  row_scale = rng.uniform(0.5, 2.0, size=m_rows).astype(np.float32)
+  bias = rng.normal(size=n_features).astype(np.float32)
+  expected = (x64 @ dense) * row_scale[:, None] + bias
+  tol = 1e-5 * np.abs(expected).max()
+  got = fp4_mma.fp4_mma(x, jnp.asarray(row_scale), weight, jnp.asarray(bias), dot_kind=kind,
+                        interpret=True, **config)
+  np.testing.assert_allclose(np.asarray(got), expected, atol=tol, rtol=0)
+  got_xla = fp4_mma.xla_dot(x, jnp.asarray(row_scale), weight, jnp.asarray(bias), dot_kind=kind)
+  np.testing.assert_allclose(np.asarray(got_xla), expected, atol=tol, rtol=0)
+
+
+def test_fp4_mma_rejects_bad_inputs():
+  rng = _rng(3)
+  weight, _ = _weight(rng, 128, 16, "int4")
+  x = jnp.zeros((4, 128), jnp.float8_e4m3fn)
+  with pytest.raises(ValueError, match="no exact E4M3 image"):
+    fp4_mma.fp4_mma(x, jnp.ones(4), weight, dot_kind="fp8", interpret=True)
+  with pytest.raises(ValueError, match="dtype"):
+    fp4_mma.fp4_mma(jnp.zeros((4, 128), jnp.float32), jnp.ones(4), weight, dot_kind="int8",
+                    interpret=True)
+
+
+ROW_CASES = [(5, 384, 12), (3, 1152, 36), (2, 4608, 36), (9, 256, 1), (3, 1152, 9), (4, 200, None)]
+
+
+@pytest.mark.parametrize("m_rows,k_features,a_order", ROW_CASES)
+def test_quantize_rows_matches_reference(m_rows, k_features, a_order):
+  rng = _rng(k_features + m_rows)
+  x = jnp.asarray(rng.normal(size=(m_rows, k_features)) * np.exp(rng.normal(size=k_features)),
+                  jnp.float32)
+  transform = None if a_order is None else _transform(rng, k_features, a_order)
+  y64 = np.asarray(x, np.float64)
+  if transform is not None:
+    y64 = y64 @ _dense_q(transform, k_features)
+    np.testing.assert_allclose(np.asarray(aq.transform_rows_xla(x, transform)), y64,
+                               atol=1e-4 * np.abs(y64).max())
+  for act_format, image in (("e2m1", "int8"), ("e1m2", "fp8"), ("fp8_e4m3", "fp8")):
+    ref_values, ref_scale = aq.quantize_rows_xla(x, transform, act_format=act_format,
+                                                 clip_ratio=0.9, image=image)
+    values, scale = aq.quantize_rows(x, transform, act_format=act_format, clip_ratio=0.9,
+                                     image=image, interpret=True, transform_dtype="float32",
+                                     tokens_per_program=2)
+    np.testing.assert_allclose(np.asarray(scale), np.asarray(ref_scale), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32)),
+                                  np.asarray(ref_values.astype(jnp.float32)))
+    # Independent check of the reference: float64 per-token scale with the clip ratio.
+    max_value = 448.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).magnitudes[-1]
+    factor = 1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).e4m3_factor
+    factor = fp4.fp4_code(act_format).multiplier if image == "int8" else factor
+    np.testing.assert_allclose(np.asarray(ref_scale) * factor,
+                               np.abs(y64).max(axis=1) * 0.9 / max_value, rtol=1e-4)
+
+
+def test_quantize_rows_bf16_transform_close():
+  rng = _rng(11)
+  x = jnp.asarray(rng.normal(size=(4, 1152)), jnp.float32)
+  transform = _transform(rng, 1152, 36)
+  ref, _ = aq.quantize_rows_xla(x, transform, act_format="e2m1", image="int8")
+  got, _ = aq.quantize_rows(x, transform, act_format="e2m1", image="int8", interpret=True,
+                            transform_dtype="bfloat16")
+  diff = np.asarray(got, np.int32) - np.asarray(ref, np.int32)
+  assert (diff != 0).mean() < 0.05  # near-tie flips only
+  assert np.abs(diff).max() <= 4  # one grid step of E2M1 x 2 at most
+
+
+def _path_inputs(seed, m_rows, k_features, n_features, name, a_order):
+  rng = _rng(seed)
+  weight, _ = _weight(rng, k_features, n_features, name)
+  x = jnp.asarray(rng.normal(size=(m_rows, k_features)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=n_features).astype(np.float32))
+  transform = None if a_order is None else _transform(rng, k_features, a_order)
+  return x, weight, bias, transform
+
+
+@pytest.mark.parametrize("path", sorted(set(fmm.PATHS["w4a4"]) - {"reference"}))
+@pytest.mark.parametrize("a_order", [None, 12])
+def test_w4a4_paths_match_reference(path, a_order):
+  x, weight, bias, transform = _path_inputs(5, 24, 384, 48, "e2m1", a_order)
+  kwargs = dict(act_format="e2m1", clip_ratio=0.8, transform=transform,
+                config=dict(quant_transform_dtype="float32"))
+  expected = fmm.PATHS["w4a4"]["reference"](x, weight, bias, **kwargs)
+  got = fmm.PATHS["w4a4"][path](x, weight, bias, **kwargs)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                             atol=1e-5 * np.abs(np.asarray(expected)).max())
+
+
+@pytest.mark.parametrize("path", sorted(set(fmm.PATHS["w4a8"]) - {"reference"}))
+def test_w4a8_paths_match_reference_with_clip(path):
+  x, weight, bias, transform = _path_inputs(6, 20, 256, 40, "e1m2", 1)
+  kwargs = dict(clip_ratio=0.7, transform=transform, config=dict(quant_transform_dtype="float32"))
+  expected = fmm.PATHS["w4a8"]["reference"](x, weight, bias, **kwargs)
+  got = fmm.PATHS["w4a8"][path](x, weight, bias, **kwargs)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
+                             atol=1e-5 * np.abs(np.asarray(expected)).max())
+  # The clip ratio matters: without it the result differs.
+  unclipped = fmm.PATHS["w4a8"][path](x, weight, bias, clip_ratio=1.0, transform=transform,
+                                      config=dict(quant_transform_dtype="float32"))
+  assert np.abs(np.asarray(unclipped) - np.asarray(got)).max() > 1e-3
+
+
+def test_w4a8_reference_is_fp8_fake_quant_in_float64():
+  x, weight, bias, _ = _path_inputs(8, 6, 128, 16, "e2m1", None)
+  got = fmm.PATHS["w4a8"]["reference"](x, weight, bias, clip_ratio=0.5)
+  x64 = np.asarray(x, np.float64)
+  scale = np.abs(x64).max(axis=1, keepdims=True) * 0.5 / 448.0
+  xq = np.asarray(jnp.asarray(np.clip(x64 / scale, -448, 448), jnp.float32)
+                  .astype(jnp.float8_e4m3fn).astype(jnp.float32), np.float64) * scale
+  dense = np.asarray(fp4_mma.dequantize_reference(weight), np.float64)
+  np.testing.assert_allclose(np.asarray(got), xq @ dense + np.asarray(bias), rtol=1e-4,
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize("path", sorted(fmm.PATHS["w4a16"]))
+def test_w4a16_paths_match_float64(path):
+  x, weight, bias, _ = _path_inputs(9, 33, 200, 24, "e3m0", None)
+  x = x.astype(jnp.bfloat16)
+  dense = np.asarray(fp4_mma.dequantize_reference(weight), np.float64)
+  expected = np.asarray(x.astype(jnp.float32), np.float64) @ dense + np.asarray(bias)
+  got = fmm.PATHS["w4a16"][path](x, weight, bias)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), expected,
+                             atol=1e-2 * np.abs(expected).max())
+
+
+def test_weight_from_pack_bits_matches_codes():
+  from dit_quant_jax.numerics import packing
+  rng = _rng(12)
+  codes = rng.integers(0, 16, size=(130, 8))
+  weight = fp4_mma.weight_from_pack_bits(packing.pack_bits(codes, 4, axis=0),
+                                         np.ones(8, np.float32), "e1m2", 130)
+  np.testing.assert_array_equal(np.asarray(fp4_mma.unpack_weight_codes(weight)), codes)
+
+
+def test_lowering_cases_are_well_formed():
+  cases = fmm.lowering_cases(shapes=[(4096, 1152, 4608), (16, 4608, 1152)])
+  names = [c[0] for c in cases]
+  assert any("fp4_mma_int8 M=4096" in n for n in names)
+  assert any("quantize_rows_int8 M=4096 K=1152 a=36" in n for n in names)
+  for _, fn, args, config in cases:
+    assert callable(fn) and "num_warps" in config
+    assert all(isinstance(a, (jax.ShapeDtypeStruct, fp4_mma.PackedFp4Weight, tuple)) for a in args)
