@@ -254,3 +254,22 @@ def test_lowering_cases_are_well_formed():
   for _, fn, args, config in cases:
     assert callable(fn) and "num_warps" in config
     assert all(isinstance(a, (jax.ShapeDtypeStruct, fp4_mma.PackedFp4Weight, tuple)) for a in args)
+
+
+def test_hqdit_w4a8_kernel_path_honours_clip_ratio():
+  """quant/hqdit.FP4Weight: the GPU (Pallas, interpret here) and CPU (reference) W4A8 paths
+  compute the same function with a calibrated activation clip ratio < 1."""
+  from dit_quant_jax.kernels import common
+  from dit_quant_jax.quant import hqdit
+  rng = _rng(13)
+  codes = rng.integers(0, 16, size=(64, 32))
+  weight = hqdit.FP4Weight.from_codes(codes, rng.uniform(0.5, 2.0, 32), "e2m1",
+                                      act_format="fp8_e4m3", act_granularity="per_token",
+                                      act_clip_ratio=0.6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 64)), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=32), jnp.float32)
+  with common.kernel_impl("reference"):
+    expected = weight.linear(x, bias)
+  with common.kernel_impl("pallas"):
+    got = weight.linear(x, bias)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-4, atol=1e-4)

@@ -239,7 +239,7 @@ class FP4Weight(QuantizedWeight):
     if a_fmt.name == "fp8_e4m3":
       xt = self.rotate_input(x.astype(jnp.float32))
       x2d = xt.reshape(-1, xt.shape[-1])
-      x_fp8, x_scale = fp4_matmul.quantize_fp8_per_token_reference(x2d)
+      x_fp8, x_scale = fp4_matmul.quantize_fp8_per_token(x2d, self.act_clip_ratio)
       y = fp4_matmul.w4a8_linear(x_fp8, x_scale, self.packed_codes, w_fmt.lut, self.scale, bias)
       return y.reshape(x.shape[:-1] + (self.shape[1],))
     xq = self.quantize_activation(self.rotate_input(x.astype(jnp.float32)))
