@@ -281,46 +281,6 @@ def _max_rel_error(y, reference):
 
 # Tolerances: bf16 operands with float32 accumulation (VQ, W4A16); exact operands with float32
 # accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
-CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2}
-ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
-
-
-def correctness_pass(shape: tuple[int, int, int], interpret: bool, key) -> list[dict]:
-  m_rows, k_features, n_features = shape
-  ops = make_operands(key, m_rows, k_features, n_features)
-  calls = variant_calls(ops, k_features, interpret, {})
-  rows = []
-  for name, tolerance in CHECK_TOLERANCE.items():
-    kernel, reference, args, _, _ = calls[name]
-    error = _max_rel_error(kernel(*args), reference(*args))
-    rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=error,
-                     ok=error < tolerance))
-  kernel, reference, args, _, _ = calls["act_quant"]
-  (packed, scale), (packed_ref, scale_ref) = kernel(*args), reference(*args)
-  codes = packing.unpack_bits(np.asarray(packed), 4, k_features, axis=1)
-  codes_ref = packing.unpack_bits(np.asarray(packed_ref), 4, k_features, axis=1)
-  mismatch = float(np.mean(codes != codes_ref))
-  scale_error = _max_rel_error(scale, scale_ref)
-  rows.append(dict(kernel="act_quant", shape=shape, metric="code mismatch fraction",
-                   value=mismatch, ok=mismatch <= ACT_QUANT_MAX_CODE_MISMATCH))
-  rows.append(dict(kernel="act_quant", shape=shape, metric="scale max rel error",
-                   value=scale_error, ok=scale_error < 1e-4))
-  return rows
-
-
-# ----------------------------------------------------------------------------------------
-# Correctness pass
-# ----------------------------------------------------------------------------------------
-
-
-def _max_rel_error(y, reference):
-  y = np.asarray(jnp.asarray(y, jnp.float32), np.float64)
-  reference = np.asarray(jnp.asarray(reference, jnp.float32), np.float64)
-  return float(np.max(np.abs(y - reference)) / max(np.max(np.abs(reference)), 1e-30))
-
-
-# Tolerances: bf16 operands with float32 accumulation (VQ, W4A16); exact operands with float32
-# accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
 CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_tiled": 2e-2,
                    "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
