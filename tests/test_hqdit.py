@@ -255,10 +255,14 @@ def test_data_free_and_errors(tiny):
 
 
 def test_configs():
-  for setting in ("w4a4", "w4a8", "w8a8", "w4a16", "int8", "int4", "fp4_noh", "int4_had",
-                  "int2w", "int3w", "int4w"):
+  spec = importlib.util.spec_from_file_location("hqdit_config", CONFIG_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for setting in module.SETTINGS:
     config = load_config(setting)
     assert config.name == setting
+  assert load_config("sq_w4a8").smooth.enabled and load_config("sq_w4a8").weight.format == "int4"
+  assert load_config("svdq_w4a4").lowrank.rank > 0 and load_config("svdq_w4a4").hadamard.enabled
   assert load_config("w4a8").act.format == "fp8_e4m3"
   assert load_config("int4_had").hadamard.enabled and load_config("int4_had").weight.format == "int4"
   assert not load_config("fp4_noh").hadamard.enabled
@@ -280,3 +284,90 @@ def test_quantize_from_trajectory_equals_from_stats(tiny):
   np.testing.assert_array_equal(np.asarray(a.packed_codes), np.asarray(b.packed_codes))
   np.testing.assert_allclose(float(a.act_scale), float(b.act_scale), rtol=1e-5)
   assert report["act_drift"]["per_layer"]["blocks_0/attn/proj"] >= 1.0
+
+
+def test_dead_channel_does_not_force_widest_format():
+  """A channel that is zero everywhere encodes exactly on every grid: it is left out of the
+  ratio (it used to hit the 1e-12 floor and send the layer to E3M0)."""
+  rng = np.random.default_rng(4)
+  tokens = np.linspace(1.0, 5.0, 10)[None, :] * rng.uniform(0.5, 1.0, (20, 10))
+  tokens[:, -1] = 5.0
+  before = hqdit.max_min_ratio(tokens, group_axis=0)
+  tokens[:, 3] = 0.0
+  after = hqdit.max_min_ratio(tokens, group_axis=0)
+  assert after <= before < 7.0
+  assert hqdit.select_by_ratio(after, formats.FP4_FORMATS) == "e1m2"
+  assert hqdit.max_min_ratio(np.zeros((4, 6)), group_axis=1) == 1.0
+
+
+def test_both_rules_reported_per_layer(tiny):
+  config = load_config("w4a4")
+  config.gptq.enabled = False
+  config.layer_patterns = [r"blocks_0/.*"]
+  _, report = hqdit.quantize_params(tiny["params"], tiny["model"], config, tiny["stats"])
+  picks = report["format_picks"]
+  assert len(picks) == 5
+  for path, p in picks.items():
+    layer = report["layers"][path]
+    assert p["weight_mse"] == min(layer["weight_format_mse"], key=layer["weight_format_mse"].get)
+    assert p["act_ratio"] == hqdit.select_by_ratio(layer["act_ratio"], formats.FP4_FORMATS)
+    assert p["weight"] == p["weight_ratio"] and p["act"] == p["act_ratio"]  # select='ratio'
+  table = hqdit.format_picks_markdown(report)
+  assert table.count("\n") == 1 + len(picks) and "blocks_0/mlp/fc2" in table
+
+
+def test_calibration_groups():
+  order = ["t_embedder/mlp_0", "blocks_0/adaLN_modulation_1", "blocks_0/attn/qkv",
+           "blocks_0/attn/proj", "blocks_1/adaLN_modulation_1", "blocks_1/attn/qkv"]
+  paths = sorted(order[1:])
+  assert hqdit.calibration_groups(order, paths, "fp", "block") == [order[1:]]
+  assert hqdit.calibration_groups(order, paths, "quantized", "block") == [order[1:4], order[4:]]
+  assert hqdit.calibration_groups(order, paths, "quantized", "layer") == [[p] for p in order[1:]]
+  with pytest.raises(ValueError, match="calib.inputs"):
+    hqdit.calibration_groups(order, paths, "noisy", "block")
+  with pytest.raises(ValueError, match="not called"):
+    hqdit.calibration_groups(order[:2], paths, "fp", "block")
+
+
+def test_sequential_calibration_uses_quantized_inputs(tiny):
+  """Block 1 is calibrated on what the model with block 0 quantized feeds it: its codes
+  equal those from statistics collected on that partially quantized model directly, and
+  differ from FP-input calibration; block 0 is the same either way."""
+  config = load_config("w4a4")
+  config.calib.samples_per_step = 48
+  config.calib.max_samples = 80
+  sequential, report = hqdit.quantize_from_config(tiny["model"], tiny["params"], config, tiny["traj"])
+  assert report["calibration_groups"] == 2
+  config.calib.inputs = "fp"
+  fp_inputs, fp_report = hqdit.quantize_from_config(tiny["model"], tiny["params"], config, tiny["traj"])
+  assert fp_report["calibration_groups"] == 1
+  codes = lambda qp, path: np.asarray(rules.get_path(qp, path + "/kernel").packed_codes)
+  block0 = [p for p in report["layers"] if p.startswith("blocks_0/")]
+  block1 = [p for p in report["layers"] if p.startswith("blocks_1/")]
+  for path in block0:
+    np.testing.assert_array_equal(codes(sequential, path), codes(fp_inputs, path))
+  assert any(not np.array_equal(codes(sequential, p), codes(fp_inputs, p)) for p in block1)
+  # Independent reference for block 1: statistics on the model with only block 0 quantized.
+  partial = tiny["params"]
+  for path in block0:
+    partial = rules.set_path(partial, path + "/kernel", rules.get_path(sequential, path + "/kernel"))
+  stats = act_stats.collect_layer_stats(tiny["model"], partial, tiny["traj"], block1, hessian=True,
+                                        samples_per_step=48, max_samples=80)
+  all_paths = list(report["layers"])
+  for path in block1:
+    weight, _ = hqdit.quantize_layer(rules.get_path(tiny["params"], path + "/kernel"), config,
+                                     stats[path], layer_seed=all_paths.index(path))
+    np.testing.assert_array_equal(np.asarray(weight.packed_codes), codes(sequential, path))
+
+
+@pytest.mark.parametrize("kind,block", [("hadamard", "hadamard 12x12"), ("random", "random 3x3")])
+def test_hadamard_block_kind_in_layer(kind, block):
+  rng = np.random.default_rng(2)
+  kernel = (rng.standard_normal((384, 8)) * 0.05).astype(np.float32)
+  config = load_config("w4a16")
+  config.gptq.enabled = False
+  config.hadamard.block = kind
+  weight, report = hqdit.quantize_layer(kernel, config, None, layer_seed=3)
+  assert report["hadamard_block"] == block
+  transform = hadamard.make_transform(384, 3, kind)
+  np.testing.assert_array_equal(np.asarray(weight.hadamard_block), transform.block)
