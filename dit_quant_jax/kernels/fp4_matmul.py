@@ -444,7 +444,10 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
 # int32 / float32 accumulator), "triton_int8" / "triton_fp8" / "triton_bf16" (the Pallas-Triton
 # act-quant kernel + fp4_mma kernel; interpret mode off GPU).  "triton_fp8" lowers to
 # mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc, so Triton refuses fp8
-# wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.
+# wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.  "mosaic_int8" /
+# "mosaic_fp8" (Hopper, jax >= 0.11; M, N multiples of 128): kernels/fp4_mosaic.py, lowered
+# off-GPU only (wgmma s8 / e4m3 in its Mosaic GPU MLIR), never run: GPU-test before dispatching.
+# UNVERIFIED = the path names no test has run (the dispatcher must skip them until a GPU run).
 
 
 def _interpret() -> bool:
@@ -547,6 +550,24 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
   return path
 
 
+def _mosaic_path(dot_kind: str, fixed_format=None):
+  """Triton act-quant + the Mosaic GPU (Hopper) matmul.  Lowering checked off-GPU only (see
+  kernels/fp4_mosaic.py): the dispatcher must not pick it before a GPU test passes."""
+
+  def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
+           config=None):
+    from dit_quant_jax.kernels import fp4_mosaic  # jax >= 0.11 only
+    values, row_scale = act_quant.quantize_rows(
+        x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=dot_kind,
+        interpret=_interpret(), **_quant_options(config))
+    options = {k: v for k, v in (config or {}).items()
+               if k in ("block_m", "block_n", "max_concurrent_steps")}
+    return fp4_mosaic.fp4_mosaic_matmul(values, row_scale, weight, bias, dot_kind=dot_kind,
+                                        out_dtype=jnp.float32, **options)
+
+  return path
+
+
 def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None):
   del config
   return _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform)
@@ -571,6 +592,7 @@ PATHS = {
         "xla_bf16": _quantized_path("xla", "xla", "bf16", _FP8),
         "triton_fp8": _quantized_path("triton", "triton", "fp8", _FP8),
         "triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8),
+        "mosaic_fp8": _mosaic_path("fp8", _FP8),
     },
     "w4a4": {
         "reference": _w4a4_reference,
@@ -580,9 +602,12 @@ PATHS = {
         "triton_fp8": _quantized_path("triton", "triton", "fp8"),
         # Triton act-quant kernel feeding the XLA int8 dot (large M: decode once per call).
         "triton_quant_xla_int8": _quantized_path("triton", "xla", "int8"),
+        "mosaic_int8": _mosaic_path("int8"),
+        "mosaic_fp8": _mosaic_path("fp8"),
     },
 }
 FP4_PATHS = PATHS
+UNVERIFIED = {("w4a8", "mosaic_fp8"), ("w4a4", "mosaic_int8"), ("w4a4", "mosaic_fp8")}
 
 
 def quantize_fp8_per_token(x, clip_ratio: float = 1.0):
