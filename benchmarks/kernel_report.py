@@ -36,9 +36,10 @@ def main():
       f"{jax.__version__}, triton {triton.__version__} (ptxas from triton's package).", "",
       "Per case: the dispatcher's path and config (kernels/dispatch.py) at that shape on that "
       "device, the tensor-core instruction and operand types in the PTX (static count), "
-      "registers and spills (ptxas -v), shared memory, static counts of cp.async and "
-      "global loads (v4 / v2 = 16 / 8-byte vector loads; 8-bit = byte loads) in the whole "
-      "kernel (K loop plus its software-pipelining prologue), atomics (the split-K fix-up), and "
+      "registers and spills (ptxas -v), shared memory, the cp.async, ld.global and tensor-core "
+      "instructions in one iteration of the K loop (the PTX's longest backward-branch region), "
+      "static counts in the whole kernel (K loop plus its software-pipelining prologue; v4 / v2 "
+      "= 16 / 8-byte vector loads, 8-bit = byte loads), atomics (the split-K fix-up), and "
       "the roofline floors (datasheet peaks: max(FLOPs / peak, bytes / bandwidth); "
       "vq_dequant_dot adds its decode pass to the bf16 dot's floor) with their ratio, the "
       "speedup a perfect kernel would reach. Floors are not measurements.",

@@ -83,3 +83,16 @@ def test_describe_lists_every_shape():
   rows = dispatch.describe("vq", DIT_XL2_SHAPES, (16, 4096), device_kind=H100)
   assert len(rows) == 10
   assert {row["path"] for row in rows} == {"vq_splitk", "vq_dequant_dot"}
+
+
+def test_fp4_paths_exist_and_are_verified():
+  """Every FP4 path the table names is in kernels/fp4_matmul.PATHS and not UNVERIFIED."""
+  from dit_quant_jax.kernels import fp4_matmul
+  for op in ("w4a16", "w4a8", "w4a4"):
+    for cls in dispatch.DEVICE_CLASSES:
+      for _, path in dispatch.TABLE[op][cls]:
+        assert path in fp4_matmul.PATHS[op], (op, cls, path)
+        assert (op, path) not in fp4_matmul.UNVERIFIED, (op, path)
+  assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=A100).path == "xla_bf16"
+  assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=H100).path == "xla_fp8"
+  assert dispatch.choose("w4a4", 16, 1152, 4608, device_kind=H100).config == {}

@@ -15,6 +15,7 @@ kernels' ``kernels.fp4_matmul.lowering_cases`` when that module defines it (a li
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import jax
@@ -56,16 +57,27 @@ def vq_lowering_cases(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, cc: int = 90
   return cases
 
 
-def fp4_lowering_cases(cc: int = 90):
+def fp4_lowering_cases(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, cc: int = 90):
   """The FP4 kernels' cases in the same form, if kernels/fp4_matmul.py provides them."""
   from dit_quant_jax.kernels import fp4_matmul
   provider = getattr(fp4_matmul, "lowering_cases", None)
   if provider is None:
     return []
+  mkn = [(m_rows, k_features, n_features) for k_features, n_features in shapes
+         for m_rows in tokens]
   cases = []
-  for name, fn, avals, config in provider():
-    cases.append((name, config.get("path", name), fn, avals, config, None))
+  for name, fn, avals, config in provider(shapes=mkn, device=CLASS_OF_CC[cc]):
+    numbers = dict(part.split("=") for part in name.split() if "=" in part)
+    shape = tuple(int(numbers[key]) for key in ("M", "K", "N")) if all(
+        key in numbers for key in ("M", "K", "N")) else None
+    cases.append((name, name.split()[0], fn, avals, config, shape))
   return cases
+
+
+def _aval_bytes(avals) -> int:
+  leaves = jax.tree_util.tree_leaves(avals)
+  return sum(int(math.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize for leaf in leaves
+             if hasattr(leaf, "shape"))
 
 
 def case_stats(fn, avals, config: dict, cc: int) -> list[dict]:
@@ -88,10 +100,22 @@ def _tensor_core_text(stats: dict) -> str:
   return "none (CUDA cores)"
 
 
-def _floor_text(path: str, mkn, peaks: roofline.Peaks) -> tuple[str, str, str]:
+def _floor_text(path: str, mkn, peaks: roofline.Peaks, avals=None) -> tuple[str, str, str]:
+  """(kernel floor, bf16 dot floor, ratio) in microseconds.  VQ paths: bench/roofline.py;
+  other kernels: their operand bytes (avals) + a bf16 output, int8 / fp8 dots at 2x rate."""
+  if mkn is None:
+    if avals is None:
+      return ("", "", "")
+    memory = _aval_bytes(avals) * 2 / peaks.bandwidth  # read the input, write its image
+    return (f"{memory * 1e6:.2f} (memory)", "", "")
   m_rows, k_features, n_features = mkn
   bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)
-  kernel = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+  if path.startswith("vq"):
+    kernel = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+  else:
+    moved = _aval_bytes(avals) + m_rows * n_features * roofline.BF16_BYTES
+    rate = 2.0 if ("int8" in path or "fp8" in path) else 1.0
+    kernel = roofline.floor_seconds(2 * m_rows * k_features * n_features, moved, peaks, rate)
   return (f"{kernel['floor_s'] * 1e6:.2f} ({kernel['bound']})",
           f"{bf16['floor_s'] * 1e6:.2f} ({bf16['bound']})",
           f"{bf16['floor_s'] / kernel['floor_s']:.2f}")
@@ -104,10 +128,13 @@ def build(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, ccs=(90, 80), log=print)
     peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
     rows = []
     for name, path, fn, avals, config, mkn in (vq_lowering_cases(shapes, tokens, cc)
-                                               + fp4_lowering_cases(cc)):
+                                               + fp4_lowering_cases(shapes, tokens, cc)):
       start = time.time()
-      stats = case_stats(fn, avals, config, cc) if fn is not None else []
-      floors = _floor_text(path, mkn, peaks) if mkn is not None else ("", "", "")
+      try:
+        stats = case_stats(fn, avals, config, cc) if fn is not None else []
+      except Exception as error:  # a case that does not lower: reported, not fatal
+        stats = [dict(compile_error=f"lowering failed: {type(error).__name__}: {error}")]
+      floors = _floor_text(path, mkn, peaks, avals)
       rows.append(dict(name=name, path=path, config=config, stats=stats, floors=floors))
       log(f"sm_{cc} {name}: {path} ({time.time() - start:.1f} s)")
     result[cc] = rows
@@ -121,8 +148,9 @@ def markdown(result: dict, header_lines) -> str:
     lines += ["", f"## sm_{cc}{'a' if cc >= 90 else ''} ({peaks.name}: "
               f"{peaks.matmul_flops / 1e12:.0f} TFLOP/s bf16, {peaks.bandwidth / 1e12:.2f} TB/s)",
               "",
-              "| case | path | config | tensor cores | regs | spills (B) | smem (KB) | cp.async "
-              "| ld.global (v4 / v2 / 8-bit) | atom | floor us | bf16 floor us | floor speedup |",
+              "| case | path | config | tensor cores | regs | spills (B) | smem (KB) | per K step: "
+              "cp.async / ld.global / MMA instr | whole kernel: cp.async, ld.global (v4 / v2 / "
+              "8-bit) | atom | floor us | bf16 floor us | floor speedup |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
       config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "path")
@@ -141,7 +169,8 @@ def markdown(result: dict, header_lines) -> str:
         lines.append(
             f"| {row['name']} | {row['path']} | {config} | {_tensor_core_text(stats)} | "
             f"{stats.get('registers')} | {spills} | {stats['shared_bytes'] / 1024:.0f} | "
-            f"{stats['cp_async']} | {stats['ld_global']} ({stats['ld_global_v4']} / "
+            f"{stats['step_cp_async']} / {stats['step_ld_global']} / {stats['step_mma']} | "
+            f"{stats['cp_async']}, {stats['ld_global']} ({stats['ld_global_v4']} / "
             f"{stats['ld_global_v2']} / {stats['ld_global_8bit']}) | {stats['atom']} | {floor} "
             f"| {bf16_floor} | {speedup} |")
   return "\n".join(lines) + "\n"

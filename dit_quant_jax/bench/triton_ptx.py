@@ -26,13 +26,14 @@ import jax
 
 # jax device_kind strings of the abstract devices, per compute capability.
 DEVICE_KIND = {90: "NVIDIA H100 80GB HBM3", 80: "NVIDIA A100-SXM4-80GB"}
+SM_COUNT = {90: 132, 80: 108}  # the abstract device's cores (Mosaic GPU sizes its grid by them)
 # The custom-call target of a Pallas-Triton call differs between jax releases.
 TRITON_CALL_TARGETS = ("__gpu$xla.gpu.triton", "triton_kernel_call")
 
 
 def abstract_gpu_mesh(cc: int = 90):
   """An empty AbstractMesh on an abstract NVIDIA GPU of compute capability ``cc``."""
-  device = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND[cc], num_cores=None,
+  device = jax.sharding.AbstractDevice(device_kind=DEVICE_KIND[cc], num_cores=SM_COUNT[cc],
                                        platform="gpu")
   return jax.sharding.AbstractMesh((), (), abstract_device=device)
 
@@ -125,6 +126,35 @@ def ptx_counts(ptx: str) -> dict:
       ptx_lines=ptx.count("\n"))
 
 
+def k_loop_body(ptx: str) -> str:
+  """PTX text of the kernel's main loop: the longest region from a label to a backward branch to
+  it.  In a software-pipelined Triton matmul that is one K step (its loads fetch a later step)."""
+  lines = ptx.splitlines()
+  labels = {}
+  best = (0, 0)
+  for number, line in enumerate(lines):
+    label = re.match(r"^\s*(\$L\w+):", line)
+    if label:
+      labels[label.group(1)] = number
+    branch = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+);", line)
+    if branch and branch.group(1) in labels:
+      start = labels[branch.group(1)]
+      if number - start > best[1] - best[0]:
+        best = (start, number)
+  return "\n".join(lines[best[0]:best[1] + 1])
+
+
+def per_k_step_counts(ptx: str) -> dict:
+  """The loads, async copies and tensor-core instructions in one iteration of the K loop."""
+  body = k_loop_body(ptx)
+  return dict(step_ld_global=_count(r"\bld\.global", body),
+              step_ld_global_v4=_count(r"\bld\.global[.\w]*\.v4", body),
+              step_ld_global_v2=_count(r"\bld\.global[.\w]*\.v2", body),
+              step_cp_async=_count(r"cp\.async\.(?:ca|cg)\.shared", body),
+              step_mma=_count(r"\bmma\.sync\.aligned", body) + _count(r"wgmma\.mma_async", body),
+              step_lines=body.count("\n") + 1 if body else 0)
+
+
 def find_ptxas() -> list[str]:
   """ptxas binaries, newest first: triton ships ``ptxas-blackwell`` (CUDA 13.x, knows the PTX
   ISA 9.x that triton 3.9 writes) and ``ptxas`` (CUDA 12.x); then one on PATH."""
@@ -194,5 +224,6 @@ def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict
   stats = dict(cc=cc, num_warps=num_warps, num_stages=num_stages,
                shared_bytes=kernel.metadata.shared)
   stats.update(ptx_counts(ptx))
+  stats.update(per_k_step_counts(ptx))
   stats.update(ptxas_resources(ptx, cc))
   return stats

@@ -57,6 +57,28 @@ TABLE = {
         # the CPU tests exercise the paths a GPU will take.
         "cpu": ((64, "vq_splitk"), (256, "vq_tiled"), (INF, "vq_dequant_dot")),
     },
+    # FP4 (kernels/fp4_matmul.py PATHS names).  Small M: the Triton kernel that reads the
+    # 4-bit weight once (1/4 of the bf16 bytes).  Large M: unpack once per call + the XLA dot on
+    # 8-bit tensor cores (int8 everywhere, fp8 on Hopper; 2x the bf16 rate) or bf16 for W4A16.
+    # The Mosaic GPU paths stay out until a GPU run verifies them (fp4_matmul.UNVERIFIED).
+    "w4a16": {
+        "hopper": ((64, "triton_bf16"), (INF, "xla_bf16")),
+        "ampere": ((64, "triton_bf16"), (INF, "xla_bf16")),
+        "gpu": ((64, "triton_bf16"), (INF, "xla_bf16")),
+        "cpu": ((64, "triton_bf16"), (INF, "xla_bf16")),
+    },
+    "w4a8": {
+        "hopper": ((64, "triton_bf16"), (INF, "xla_fp8")),
+        "ampere": ((64, "triton_bf16"), (INF, "xla_bf16")),  # no fp8 tensor cores on sm_80
+        "gpu": ((64, "triton_bf16"), (INF, "xla_bf16")),
+        "cpu": ((64, "triton_bf16"), (INF, "xla_fp8")),
+    },
+    "w4a4": {
+        "hopper": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
+        "ampere": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
+        "gpu": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
+        "cpu": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
+    },
 }
 
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
 from dit_quant_jax.kernels import dispatch
@@ -85,7 +86,7 @@ def _decode_tile_vectors(codebook_ref, packed_ref, *, bits, sub_dim, k_start, bl
   The tile's block_k / d indices per column are read once (8-bit indices: one contiguous
   (block_k / d, block_n) byte block; narrower: the bytes holding them, contiguous along N), then
   each index gathers its d-vector ``codebook[index, 0:d]`` in one load.  Masked (out of range)
-  sub-vectors decode to 0.
+  sub-vectors decode to codeword 0 (harmless: see below).
   """
   n_tile_sub = block_k // sub_dim
   sub_start = k_start // sub_dim
@@ -99,11 +100,14 @@ def _decode_tile_vectors(codebook_ref, packed_ref, *, bits, sub_dim, k_start, bl
     cols = col_start + jnp.arange(block_n, dtype=jnp.int32)
     indices = common.load_packed_codes(packed_ref, bits, subs, cols, index_mask, axis=0)
   lanes = jnp.arange(sub_dim, dtype=jnp.int32)
-  flat = indices[:, :, None] * sub_dim + lanes[None, None, :]  # (S_t, block_n, d)
-  vectors = common.gather(codebook_ref, flat, jnp.broadcast_to(index_mask[:, :, None],
-                                                               flat.shape))
-  # (S_t, block_n, d) -> (S_t, d, block_n) -> (block_k, block_n): row s * d + j.
-  return jnp.transpose(vectors, (0, 2, 1)).reshape(block_k, block_n).astype(jnp.bfloat16)
+  # Unmasked: masked indices loaded as 0 address codeword 0 (in range), and their weights meet
+  # zero x columns (k >= K) or are never stored (n >= N).  Without a select on the address,
+  # triton sees d contiguous, d-aligned elements per index and emits one d * 2-byte load.
+  flat = jnp.transpose(indices)[:, :, None] * sub_dim + lanes[None, None, :]  # (bn, S_t, d)
+  vectors = plgpu.load(codebook_ref.at[flat])
+  # (block_n, S_t, d) -> (block_n, block_k): column k = s * d + j of W^T, contiguous per index
+  # (a K-major operand tile: each thread's d values stay together in registers and smem).
+  return vectors.reshape(block_n, block_k).astype(jnp.bfloat16)
 
 
 def _decode_tile_per_element(codebook_ref, packed_ref, *, bits, sub_dim, k_start, block_k,
@@ -155,6 +159,9 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
           codebook_ref, packed_ref, bits=bits, sub_dim=sub_dim, k_start=k_start,
           block_k=block_k, col_start=col_start, block_n=block_n, col_mask=col_mask,
           k_features=k_features)
+    if vector:  # weight_tile is W^T: (block_n, block_k)
+      return acc + lax.dot_general(x_tile.astype(jnp.bfloat16), weight_tile,
+                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     return acc + jnp.dot(x_tile.astype(jnp.bfloat16), weight_tile,
                          preferred_element_type=jnp.float32)
 
