@@ -42,6 +42,7 @@ from dit_quant_jax.kernels import act_quant as aq
 from dit_quant_jax.kernels import common
 from dit_quant_jax.kernels import dispatch
 from dit_quant_jax.kernels import fp4_matmul as fm
+from dit_quant_jax.kernels import fp4_mma
 from dit_quant_jax.kernels import vq_matmul as vq
 from dit_quant_jax.numerics import packing
 
@@ -69,7 +70,11 @@ VARIANTS = {
     "w4a4": "FP4 weights, 4-bit per-token activations (pre-quantized), int8 dot, Pallas",
     "w4a4_e2e": "act_quant (Hadamard-like transform) + W4A4 matmul, both Pallas",
     "act_quant": "activation transform + per-token 4-bit quantization + packing, Pallas",
+    "fp4_w4a16": "FP4 E2M1 weights (tiled K-major layout), bf16 x, the dispatcher's path",
+    "fp4_w4a8": "FP4 weights, per-token FP8 act-quant included, the dispatcher's path",
+    "fp4_w4a4": "FP4 weights, per-token E2M1 act-quant included, the dispatcher's path",
 }
+FP4_OPS = {"fp4_w4a16": "w4a16", "fp4_w4a8": "w4a8", "fp4_w4a4": "w4a4"}
 VQ_CONFIGS = {"vq_w2": (256, 4), "vq_w3": (64, 2)}  # (codewords k, sub-vector length d)
 VQ_FORCED = {"vq_w2_splitk": "vq_splitk", "vq_w2_tiled": "vq_tiled",
              "vq_w2_dequant_dot": "vq_dequant_dot"}
@@ -165,7 +170,8 @@ def make_operands(key, m_rows: int, k_features: int, n_features: int) -> dict:
       weight=jax.random.normal(next(keys), (k_features, n_features), jnp.bfloat16),
       bias=jax.random.normal(next(keys), (n_features,), jnp.float32),
       lut=jnp.asarray(lut), int_lut=jnp.asarray(int_lut), multiplier=multiplier,
-      packed_weight=packing.pack_bits(w_codes, 4, axis=0), w_scale=w_scale)
+      packed_weight=packing.pack_bits(w_codes, 4, axis=0), w_scale=w_scale,
+      fp4_weight=fp4_mma.pack_weight(w_codes, w_scale, "e2m1"))
   for name, (n_codewords, sub_dim) in VQ_CONFIGS.items():
     indices = jax.random.randint(next(keys), (k_features // sub_dim, n_features), 0, n_codewords)
     operands[name] = (
@@ -261,6 +267,17 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
     return fm.w4a4_matmul(packed_x, x_scale, int_lut, packed_weight, int_lut, w_scale, bias,
                           k_features=k_features, out_dtype=jnp.bfloat16, **w4a4_options)
 
+  for name, op in FP4_OPS.items():
+    choice = dispatch.choose(op, m_rows, k_features, n_features)
+    path_fn = fm.PATHS[op][choice.path]
+    extra = dict(act_format="e2m1") if op == "w4a4" else {}
+    config = choice.config or None
+    calls[name] = (
+        functools.partial(path_fn, config=config, **extra),
+        functools.partial(fm.PATHS[op]["reference"], **extra),
+        (ops["x"], ops["fp4_weight"], ops["bias"]), flops,
+        x_bytes + ops["fp4_weight"].tiles.nbytes + 4 * n_features + out_bytes)
+    paths[name] = choice.path
   calls["w4a4_e2e"] = (
       jax.jit(w4a4_e2e), None,
       (ops["x"], ops["transform"], ops["int_lut"], ops["packed_weight"], scale_w, ops["bias"]),
@@ -282,7 +299,8 @@ def _max_rel_error(y, reference):
 # Tolerances: bf16 operands with float32 accumulation (VQ, W4A16); exact operands with float32
 # accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
 CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_tiled": 2e-2,
-                   "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2}
+                   "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2,
+                   "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 
 
@@ -325,7 +343,7 @@ def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: floa
     path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
     return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
                                   sub_dim)["floor_s"]
-  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8") else 1.0
+  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") else 1.0
   return roofline.floor_seconds(flops, moved, peaks, integer_dot)["floor_s"]
 
 
