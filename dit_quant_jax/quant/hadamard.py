@@ -235,9 +235,8 @@ def dense_matrix(transform: HadamardTransform) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------- applying Q
-def fwht(x, axis: int = -1):
-  """Normalized fast Walsh-Hadamard transform along ``axis`` (x @ H_b / sqrt(b)), O(n log n)."""
-  x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+def _fwht_last_axis(x, xp):
+  """Normalized FWHT of the last axis with array module xp (jax.numpy or numpy)."""
   b = x.shape[-1]
   if b & (b - 1):
     raise ValueError(f"fwht needs a power-of-two length, got {b}")
@@ -246,10 +245,15 @@ def fwht(x, axis: int = -1):
   while h < b:
     pairs = x.reshape(lead + (b // (2 * h), 2, h))
     first, second = pairs[..., 0, :], pairs[..., 1, :]
-    x = jnp.stack([first + second, first - second], axis=-2).reshape(lead + (b,))
+    x = xp.stack([first + second, first - second], axis=-2).reshape(lead + (b,))
     h *= 2
-  x = x * jnp.asarray(1.0 / np.sqrt(b), x.dtype)
-  return jnp.moveaxis(x, -1, axis)
+  return x * xp.asarray(1.0 / np.sqrt(b), x.dtype)
+
+
+def fwht(x, axis: int = -1):
+  """Normalized fast Walsh-Hadamard transform along ``axis`` (x @ H_b / sqrt(b)), O(n log n)."""
+  x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+  return jnp.moveaxis(_fwht_last_axis(x, jnp), -1, axis)
 
 
 def _check_match(k: int, signs_shape, block_shape) -> None:
@@ -284,17 +288,7 @@ def apply_transform(x, transform: HadamardTransform):
 
 def fwht_numpy(x: np.ndarray) -> np.ndarray:
   """Normalized FWHT of the last axis in numpy (same butterfly order as :func:`fwht`)."""
-  b = x.shape[-1]
-  if b & (b - 1):
-    raise ValueError(f"fwht needs a power-of-two length, got {b}")
-  lead = x.shape[:-1]
-  h = 1
-  while h < b:
-    pairs = x.reshape(lead + (b // (2 * h), 2, h))
-    x = np.stack([pairs[..., 0, :] + pairs[..., 1, :], pairs[..., 0, :] - pairs[..., 1, :]],
-                 axis=-2).reshape(lead + (b,))
-    h *= 2
-  return x / np.sqrt(b)
+  return _fwht_last_axis(np.asarray(x), np)
 
 
 def apply_numpy(x, transform: HadamardTransform) -> np.ndarray:
