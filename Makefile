@@ -26,7 +26,7 @@ TRITON312 ?= 3.9.0
 $(VENV312)/.installed: pyproject.toml
 	$(PYTHON312) -m venv $(VENV312)
 	$(PY312) -m pip install -q --upgrade pip
-	$(PY312) -m pip install -q "jax==$(JAX312)" "jaxlib==$(JAX312)" "triton==$(TRITON312)" -e ".[test]"
+	$(PY312) -m pip install -q "jax==$(JAX312)" "jaxlib==$(JAX312)" "triton==$(TRITON312)" -e ".[test,lowering]"
 	touch $@
 
 venv312: $(VENV312)/.installed
