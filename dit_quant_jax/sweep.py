@@ -20,6 +20,7 @@ from typing import Callable
 from absl import logging
 
 from dit_quant_jax import config_spec, pipeline
+from dit_quant_jax.utils import atomic
 
 RESULT_FILE = "result.json"
 AGG_COLUMNS = ("run", "method", "fd", "is", "class_acc", "precision", "recall", "paired_psnr",
@@ -44,7 +45,15 @@ def expand(sweep) -> list[dict]:
 
 
 def run_sweep(sweep, sweep_dir: str, progress: Callable[[str], None] = logging.info) -> list[str]:
-  """Run (or resume) every run of ``sweep`` into ``sweep_dir``; returns the result paths."""
+  """Run (or resume) every run of ``sweep`` into ``sweep_dir``; returns the result paths.
+
+  The sweep is validated first (every run's config).  A run whose result.json exists is
+  skipped only when it records the same run config (spec, overrides, sampling, model);
+  otherwise StaleOutputError names the difference.  A cut-off result.json is redone.
+  """
+  from dit_quant_jax import validation
+  from dit_quant_jax.utils import provenance
+  validation.check_sweep_config(sweep)
   runs = expand(sweep)
   os.makedirs(sweep_dir, exist_ok=True)
   fp_model, fp_params, _ = pipeline.load_dit(sweep.model)
@@ -59,8 +68,13 @@ def run_sweep(sweep, sweep_dir: str, progress: Callable[[str], None] = logging.i
     run_dir = os.path.join(sweep_dir, run["name"])
     result_path = os.path.join(run_dir, RESULT_FILE)
     paths.append(result_path)
-    if os.path.exists(result_path):
-      progress(f"[{index + 1}/{len(runs)}] {run['name']}: done already")
+    run_config = dict(spec=run["spec"], overrides=run["overrides"],
+                      sampling=sweep.sampling.to_dict(), model=sweep.model)
+    previous = pipeline.read_report(result_path) if os.path.exists(result_path) else None
+    if previous is not None:
+      provenance.check_stamp(f"sweep result {result_path}", previous.get("provenance"), run_config,
+                             f"a new --output, or delete {run_dir}")
+      progress(f"[{index + 1}/{len(runs)}] {run['name']}: done already (same config)")
       continue
     progress(f"[{index + 1}/{len(runs)}] {run['name']} ({time.time() - started:.0f} s elapsed)")
     if fp_images is None:
@@ -68,12 +82,14 @@ def run_sweep(sweep, sweep_dir: str, progress: Callable[[str], None] = logging.i
                                                 return_outputs=True, **kwargs)
     qconfig = config_spec.load(run["spec"], run["overrides"])
     report = pipeline.quantize_checkpoint(sweep.model, qconfig, os.path.join(run_dir, "quant"),
-                                          reuse=True)
+                                          reuse=True, fp_model_and_params=(fp_model, fp_params),
+                                          override_flag=f"a new --output, or delete {run_dir}")
     model, qparams, _ = pipeline.load_dit(os.path.join(run_dir, "quant", "params"))
     images, outputs = pipeline.generate(model, qparams, noise, labels, return_outputs=True, **kwargs)
     metrics = pipeline.score(images, labels, fp_images, outputs, fp_outputs)
     pipeline.write_json(result_path, dict(run=run["name"], spec=run["spec"],
-                                          overrides=run["overrides"], report=report, metrics=metrics))
+                                          overrides=run["overrides"], report=report, metrics=metrics,
+                                          provenance=provenance.make_stamp(run_config)))
   return paths
 
 
@@ -96,6 +112,5 @@ def aggregate(sweep_dir: str) -> str:
       cells.append(f"{value:.4g}" if isinstance(value, float) else str(value if value is not None else "—"))
     lines.append("| " + " | ".join(cells) + " |")
   table = "\n".join(lines) + "\n"
-  with open(os.path.join(sweep_dir, "table.md"), "w") as f:
-    f.write(table)
+  atomic.write_text(os.path.join(sweep_dir, "table.md"), table)
   return table

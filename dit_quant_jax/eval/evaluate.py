@@ -21,6 +21,7 @@ import numpy as np
 from dit_quant_jax.data import fashion_mnist
 from dit_quant_jax.eval import metrics
 from dit_quant_jax.eval.classifier import Classifier, check_images, load_classifier
+from dit_quant_jax.utils import atomic
 
 
 @dataclasses.dataclass
@@ -89,9 +90,7 @@ class RealFeatureCache:
     statistics = self.get(classifier)
     os.makedirs(self.cache_dir, exist_ok=True)
     radii = {f"radii_k{k}": r for k, r in statistics.radii.items()}
-    temporary = path + ".tmp.npz"
-    np.savez(temporary, features=statistics.features, logits=statistics.logits, **radii)
-    os.replace(temporary, path)
+    atomic.savez(path, features=statistics.features, logits=statistics.logits, **radii)
     return path
 
 
@@ -107,7 +106,9 @@ def default_classifier() -> Classifier:
 
 def evaluate_samples(images, labels, classifier: Optional[Classifier] = None,
                      real_features_cache: Optional[RealFeatureCache] = None,
-                     k: int = metrics.PRECISION_RECALL_K, batch_size: int = 500) -> dict:
+                     k: int = metrics.PRECISION_RECALL_K, batch_size: int = 500,
+                     bootstrap_resamples: int = 0,
+                     confidence: float = metrics.BOOTSTRAP_CONFIDENCE) -> dict:
   """Distribution metrics of class-conditional samples against the real test set.
 
   images: (N, 32, 32, 1) in [-1, 1], N > k; labels: (N,) the classes they were sampled for.
@@ -117,6 +118,8 @@ def evaluate_samples(images, labels, classifier: Optional[Classifier] = None,
     is: exp(E KL(p(y|x) || p(y))) of the classifier posterior (IS analogue, in [1, 10]);
     class_acc: share of samples classified as their label;
     precision, recall: k-NN manifold precision/recall of features (Kynkäänniemi et al. 2019).
+  With ``bootstrap_resamples`` > 0 also fd_ci and class_acc_ci: [low, high] percentile
+  bootstrap intervals (``confidence``) over resamples of the generated samples.
   """
   images = check_images(images, "evaluate_samples images")
   labels = np.asarray(labels)
@@ -138,6 +141,12 @@ def evaluate_samples(images, labels, classifier: Optional[Classifier] = None,
       "num_samples": int(images.shape[0]),
   }
   scores.update(metrics.precision_recall(real.features, features, k, real_radii=real.knn_radii(k)))
+  if bootstrap_resamples:
+    scores["fd_ci"] = list(metrics.frechet_distance_interval(
+        features, real.mean, real.covariance, bootstrap_resamples, confidence))
+    scores["class_acc_ci"] = list(metrics.class_accuracy_interval(
+        logits, labels, bootstrap_resamples, confidence))
+    scores["ci_confidence"] = confidence
   return scores
 
 

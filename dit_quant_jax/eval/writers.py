@@ -1,5 +1,7 @@
 """Writers for samples and results: PNG grids, ADM-evaluator .npz batches, metrics JSON.
 
+Every file is written atomically (temporary name, then rename: dit_quant_jax/utils/atomic.py).
+
 Images arrive in model space, (N, H, W, C) float in [-1, 1].  :func:`to_uint8` maps them to
 [0, 255] as the official DiT sampler does (clamp(127.5 x + 128) then truncate, i.e. round to
 nearest of 127.5 (x + 1)).
@@ -7,14 +9,13 @@ nearest of 127.5 (x + 1)).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
+
+from dit_quant_jax.utils import atomic
 
 # Fill of the gaps between grid cells (uint8 gray, distinct from the black Fashion-MNIST background).
 GRID_GAP_VALUE = 128
@@ -81,9 +82,7 @@ def write_sample_grid(path: str, images, labels, num_classes: Optional[int] = No
   if scale > 1:
     grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
   image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)  # uint8: "L" or "RGB"
-  _ensure_parent(path)
-  image.save(path, format="PNG")
-  return path
+  return atomic.save_image(path, image, format="PNG")
 
 
 def write_adm_npz(path: str, images, labels=None, expand_grayscale: bool = True) -> str:
@@ -105,9 +104,7 @@ def write_adm_npz(path: str, images, labels=None, expand_grayscale: bool = True)
     if labels.shape != (pixels.shape[0],):
       raise ValueError(f"write_adm_npz: {pixels.shape[0]} images but labels of shape {labels.shape}")
     arrays["arr_1"] = labels.astype(np.int64)
-  _ensure_parent(path)
-  np.savez(path, **arrays)
-  return path
+  return atomic.savez(path, **arrays)
 
 
 def _json_value(value: Any) -> Any:
@@ -129,16 +126,4 @@ def _json_value(value: Any) -> Any:
 def write_metrics_json(path: str, metrics: dict, **extra) -> str:
   """Write ``{**metrics, **extra}`` as indented, key-sorted strict JSON, atomically."""
   payload = _json_value({**metrics, **extra})
-  _ensure_parent(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as f:
-    json.dump(payload, f, indent=2, sort_keys=True, allow_nan=False)
-    f.write("\n")
-    temporary = f.name
-  os.replace(temporary, path)
-  return path
-
-
-def _ensure_parent(path: str) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  os.makedirs(parent, exist_ok=True)
+  return atomic.write_json(path, payload, indent=2, sort_keys=True, allow_nan=False)
