@@ -183,3 +183,53 @@ def test_per_step_mse_against_loop():
   np.testing.assert_allclose(metrics.per_step_mse(trajectory_a, trajectory_b), expected, rtol=1e-12)
   np.testing.assert_allclose(metrics.per_step_mse(list(trajectory_a), list(trajectory_b)), expected,
                              rtol=1e-12)
+
+
+# ------------------------------------------------------------------ bootstrap intervals
+def test_bootstrap_interval_of_a_mean_matches_the_closed_form():
+  # The bootstrap distribution of a sample mean has standard deviation s / sqrt(n) (s: the
+  # plug-in standard deviation); its central 95% interval is mean -/+ 1.96 s / sqrt(n).
+  rng = np.random.default_rng(3)
+  data = rng.normal(2.0, 1.5, 400)
+  low, high = metrics.bootstrap_interval(lambda idx: float(data[idx].mean()), data.shape[0],
+                                         num_resamples=4000, seed=1)
+  half_width = 1.959964 * data.std() / np.sqrt(data.shape[0])
+  np.testing.assert_allclose([low, high], [data.mean() - half_width, data.mean() + half_width],
+                             atol=0.08 * half_width)
+
+
+def test_class_accuracy_interval_matches_the_binomial_closed_form():
+  rng = np.random.default_rng(4)
+  labels = rng.integers(0, 10, 500)
+  logits = rng.normal(size=(500, 10))
+  correct = rng.random(500) < 0.8
+  logits[np.arange(500)[correct], labels[correct]] += 100.0  # ~80% classified as their label
+  p = float(np.mean(np.argmax(logits, -1) == labels))
+  low, high = metrics.class_accuracy_interval(logits, labels, num_resamples=4000, seed=2)
+  half_width = 1.959964 * np.sqrt(p * (1 - p) / 500)
+  np.testing.assert_allclose([low, high], [p - half_width, p + half_width], atol=0.1 * half_width)
+
+
+def test_fd_interval_equals_a_float64_reference_on_the_same_resamples():
+  rng = np.random.default_rng(5)
+  real = rng.normal(size=(600, 6)) @ rng.normal(size=(6, 6))
+  fake = rng.normal(0.3, 1.2, size=(120, 6)) @ rng.normal(size=(6, 6))
+  real_mean, real_cov = real.mean(0), np.cov(real, rowvar=False)
+  low, high = metrics.frechet_distance_interval(fake, real_mean, real_cov, num_resamples=50,
+                                                confidence=0.9, seed=7)
+  # Reference: the plain definition with a Denman-Beavers sqrtm, float64, same resamples.
+  values = []
+  for idx in metrics.bootstrap_indices(120, 50, seed=7):
+    mean, cov = fake[idx].mean(0), np.cov(fake[idx], rowvar=False)
+    covmean = sqrtm_denman_beavers(cov @ real_cov)
+    values.append(np.sum((mean - real_mean) ** 2) + np.trace(cov + real_cov - 2 * covmean))
+  np.testing.assert_allclose([low, high], np.percentile(values, [5, 95]), rtol=1e-6)
+  point = metrics.frechet_distance(fake, real)
+  assert low < point * 1.5 and high > point * 0.5
+
+
+def test_bootstrap_argument_errors():
+  with pytest.raises(ValueError, match="num_resamples"):
+    metrics.bootstrap_indices(10, 0)
+  with pytest.raises(ValueError, match="confidence"):
+    metrics.percentile_interval([1.0, 2.0], confidence=1.0)
