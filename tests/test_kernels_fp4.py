@@ -117,9 +117,10 @@ def test_fp4_mma_matches_float64(kind, name, m_rows, k_features, n_features, con
   bias = rng.normal(size=n_features).astype(np.float32)
   expected = (x64 @ dense) * row_scale[:, None] + bias
   tol = 1e-5 * np.abs(expected).max()
-  got = fp4_mma.fp4_mma(x, jnp.asarray(row_scale), weight, jnp.asarray(bias), dot_kind=kind,
-                        interpret=True, **config)
-  np.testing.assert_allclose(np.asarray(got), expected, atol=tol, rtol=0)
+  for predecode in (False, True):
+    got = fp4_mma.fp4_mma(x, jnp.asarray(row_scale), weight, jnp.asarray(bias), dot_kind=kind,
+                          predecode=predecode, interpret=True, **config)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=tol, rtol=0)
   got_xla = fp4_mma.xla_dot(x, jnp.asarray(row_scale), weight, jnp.asarray(bias), dot_kind=kind)
   np.testing.assert_allclose(np.asarray(got_xla), expected, atol=tol, rtol=0)
 

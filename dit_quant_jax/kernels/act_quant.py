@@ -382,7 +382,7 @@ def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale
                      act_format: str, clip_ratio: float, image: str, rows_per_token: int,
                      rows_pad: int, tokens_per_program: int, transform_dtype: str,
                      row_norm: float):
-  """x_ref: (M * a', c) (one token = a' rows); signs_ref: (a', c) float32; dense_t_ref:
+  """x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
   (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; out_ref: (M * a', c) 8-bit image
   (int8 / uint8 bits); scale_ref: (M,) float32 row scales (x ~= image * scale)."""
   code = None if act_format == FP8_FORMAT else fp4.fp4_code(act_format)
@@ -475,6 +475,9 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
     dense_t = jnp.zeros((rows_pad, rows_pad), jnp.float32).at[:rows, :rows].set(factors[1].T)
     hadamard = jnp.asarray(sylvester_unnormalized(c_size))
     row_norm = 1.0 / np.sqrt(c_size)
+  # Pad the signs to the kernel's tile (a static out-of-bounds block load, even masked, is an
+  # error in jax >= 0.12's interpret mode).
+  signs = jnp.pad(signs, ((0, rows_pad - rows), (0, 0)))
   stored_dtype = jnp.int8 if image == "int8" else jnp.uint8
   kernel = functools.partial(
       row_quant_kernel, act_format=act_format, clip_ratio=float(clip_ratio), image=image,

@@ -442,7 +442,9 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
 # Path names: "reference" (plain jnp, float32, table decode), "xla_int8" / "xla_fp8" /
 # "xla_bf16" (act-quant with XLA, the weight unpacked once per call, lax.dot_general with an
 # int32 / float32 accumulator), "triton_int8" / "triton_fp8" / "triton_bf16" (the Pallas-Triton
-# act-quant kernel + fp4_mma kernel; interpret mode off GPU).  "triton_fp8" lowers to
+# act-quant kernel + fp4_mma kernel decoding 4-bit tiles in its K loop; interpret mode off
+# GPU), "unpacked_triton_*" (the same, but the layer's 8-bit / bf16 image is decoded once per
+# call with XLA and the kernel only loads it: the large-M choice, see fp4_mma.fp4_mma).  "triton_fp8" lowers to
 # mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc, so Triton refuses fp8
 # wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.  "mosaic_int8" /
 # "mosaic_fp8" (Hopper, jax >= 0.11; M, N multiples of 128): kernels/fp4_mosaic.py, lowered
@@ -505,11 +507,15 @@ def _w4a16_xla(x, weight, bias=None, *, config=None):
                          out_dtype=x.dtype)
 
 
-def _w4a16_triton(x, weight, bias=None, *, config=None):
-  ones = jnp.ones((x.shape[0],), jnp.float32)
-  return fp4_mma.fp4_mma(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
-                         interpret=_interpret(), out_dtype=x.dtype,
-                         **_mma_options(x, weight, config))
+def _w4a16_triton_path(predecode: bool):
+
+  def path(x, weight, bias=None, *, config=None):
+    ones = jnp.ones((x.shape[0],), jnp.float32)
+    return fp4_mma.fp4_mma(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
+                           predecode=predecode, interpret=_interpret(), out_dtype=x.dtype,
+                           **_mma_options(x, weight, config))
+
+  return path
 
 
 def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform):
@@ -524,7 +530,8 @@ def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform):
   return y
 
 
-def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=None):
+def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=None,
+                    predecode: bool = False):
   """A w4a8 / w4a4 path: act-quant (XLA or Triton) into the dot kind's image, then the matmul
   (XLA unpack + dot_general, or the fp4_mma kernel)."""
 
@@ -545,7 +552,8 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
     if dot_impl == "xla":
       return fp4_mma.xla_dot(values, row_scale, weight, bias, dot_kind=dot_kind)
     return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
-                           interpret=_interpret(), **_mma_options(x, weight, config))
+                           predecode=predecode, interpret=_interpret(),
+                           **_mma_options(x, weight, config))
 
   return path
 
@@ -584,7 +592,8 @@ PATHS = {
     "w4a16": {
         "reference": _w4a16_reference,
         "xla_bf16": _w4a16_xla,
-        "triton_bf16": _w4a16_triton,
+        "triton_bf16": _w4a16_triton_path(False),
+        "unpacked_triton_bf16": _w4a16_triton_path(True),
     },
     "w4a8": {
         "reference": _w4a8_reference,
@@ -592,6 +601,7 @@ PATHS = {
         "xla_bf16": _quantized_path("xla", "xla", "bf16", _FP8),
         "triton_fp8": _quantized_path("triton", "triton", "fp8", _FP8),
         "triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8),
+        "unpacked_triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8, True),
         "mosaic_fp8": _mosaic_path("fp8", _FP8),
     },
     "w4a4": {
@@ -602,6 +612,7 @@ PATHS = {
         "triton_fp8": _quantized_path("triton", "triton", "fp8"),
         # Triton act-quant kernel feeding the XLA int8 dot (large M: decode once per call).
         "triton_quant_xla_int8": _quantized_path("triton", "xla", "int8"),
+        "unpacked_triton_int8": _quantized_path("triton", "triton", "int8", None, True),
         "mosaic_int8": _mosaic_path("int8"),
         "mosaic_fp8": _mosaic_path("fp8"),
     },
@@ -637,10 +648,12 @@ def lowering_cases(shapes=None, device: str = "hopper"):
     config = default_mma_config(m_rows, n_features, k_features, device)
     for kind in kinds:
       x = jax.ShapeDtypeStruct((m_rows, k_features), fp4_mma.x_dtype_for(kind))
-      fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, out_dtype=jnp.bfloat16,
-                                     **config))
-      cases.append((f"fp4_mma_{kind} M={m_rows} K={k_features} N={n_features}", fn,
-                    (x, row_scale, weight), dict(config)))
+      for predecode in ((False, True) if m_rows > 64 else (False,)):
+        fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=predecode,
+                                       out_dtype=jnp.bfloat16, **config))
+        prefix = "fp4_mma_unpacked" if predecode else "fp4_mma"
+        cases.append((f"{prefix}_{kind} M={m_rows} K={k_features} N={n_features}", fn,
+                      (x, row_scale, weight), dict(config, predecode=predecode)))
     a_order = {384: 12, 768: 12, 1152: 36, 4608: 36}.get(k_features)
     if a_order is not None and m_rows > 64:
       transform = (jax.ShapeDtypeStruct((k_features,), jnp.float32),

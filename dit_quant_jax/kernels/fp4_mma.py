@@ -52,7 +52,7 @@ HALF_TILE_K = TILE_K // 2
 NIBBLE_MASK = 15
 # Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
 DOT_KINDS = ("int8", "fp8", "bf16")
-STATIC_ARGS = ["dot_kind", "block_m", "block_n", "split_k", "num_warps", "num_stages",
+STATIC_ARGS = ["dot_kind", "predecode", "block_m", "block_n", "split_k", "num_warps", "num_stages",
                "interpret", "out_dtype"]
 
 
@@ -180,10 +180,12 @@ def acc_dtype_for(dot_kind: str):
 
 
 def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
-                   code: fp4.Fp4Code, dot_kind: str, block_m: int, block_n: int, split_k: int):
+                   code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
+                   block_n: int, split_k: int):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
-  (M, N), or (split_k * M, N) raw accumulator partials."""
+  (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
+  (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from :func:`decode_weight_image`."""
   m_rows, k_features = x_ref.shape
   n_features = out_ref.shape[1]
   row_start = pl.program_id(0) * block_m
@@ -195,10 +197,13 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
 
   def k_step(k_tile, acc):
     k_start = k_tile * TILE_K
-    byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
-                                 HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
-    planes = (lax.bitwise_and(byte_tile, np.int32(NIBBLE_MASK)),
-              lax.shift_right_logical(byte_tile, np.int32(4)))
+    if predecode:
+      planes = (None, None)
+    else:
+      byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
+                                   HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
+      planes = (lax.bitwise_and(byte_tile, np.int32(NIBBLE_MASK)),
+                lax.shift_right_logical(byte_tile, np.int32(4)))
     for half, codes in enumerate(planes):
       half_start = k_start + half * HALF_TILE_K
       k_mask = half_start + jnp.arange(HALF_TILE_K, dtype=jnp.int32) < k_features
@@ -206,7 +211,13 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
                                 k_mask)
       if dot_kind == "fp8":  # x arrives as E4M3 bit patterns (a masked fp8 load cannot lower)
         x_half = lax.bitcast_convert_type(x_half, jnp.float8_e4m3fn)
-      w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
+      if predecode:
+        w_half = common.load_tile(tiles_ref, col_start, block_n, half_start, HALF_TILE_K,
+                                  col_mask, all_half)
+        if dot_kind == "fp8":
+          w_half = lax.bitcast_convert_type(w_half, jnp.float8_e4m3fn)
+      else:
+        w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
       acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype)
     return acc
 
@@ -249,12 +260,17 @@ def _bias_or_zeros(bias, n_features):
 
 @functools.partial(jax.jit, static_argnames=STATIC_ARGS)
 def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
-            block_m: int = 128, block_n: int = 128, split_k: int = 1, num_warps: int = 8,
+            predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1, num_warps: int = 8,
             num_stages: int = 3, interpret: bool = False, out_dtype=jnp.float32):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias.
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
+
+  predecode=False: each program decodes its weight tiles in the K loop (the weight is read as
+  4 bits: the small-M choice; the decode repeats once per M tile).  predecode=True: the layer is
+  first decoded once with XLA into a transient (N, K_pad) 8-bit / bf16 image and the K loop only
+  loads it (the large-M choice: decode paid once per call, the fused epilogue kept).
   """
   _check_operands(x, row_scale, weight, bias, dot_kind)
   common.check_block("block_m", block_m)
@@ -264,11 +280,12 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   bias = _bias_or_zeros(bias, weight.n_features)
   row_scale = row_scale.astype(jnp.float32)
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
-                             block_m=block_m, block_n=block_n, split_k=split_k)
+                             predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k)
+  w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
   return common.launch_matmul(
-      kernel, (x, row_scale, weight.tiles, col_scale, bias), m_rows=x.shape[0],
+      kernel, (x, row_scale, w_operand, col_scale, bias), m_rows=x.shape[0],
       n_features=weight.n_features, out_dtype=out_dtype, acc_dtype=acc_dtype_for(dot_kind),
       block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
       num_stages=num_stages, interpret=interpret, name=f"fp4_mma_{dot_kind}",
@@ -292,6 +309,17 @@ def xla_dot(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   y = _scale_and_bias(acc, row_scale.astype(jnp.float32), weight.column_scale(dot_kind),
                       _bias_or_zeros(bias, weight.n_features))
   return y.astype(out_dtype)
+
+
+def decode_weight_image(weight: PackedFp4Weight, dot_kind: str):
+  """(N, K_pad) image of the whole layer (XLA, one memory-bound pass; padding codes are 0):
+  int8, uint8 E4M3 bit patterns (fp8) or bf16."""
+  tiles = weight.tiles.astype(jnp.int32).reshape(weight.n_features, -1, HALF_TILE_K)
+  planes = (lax.bitwise_and(tiles, np.int32(NIBBLE_MASK)),
+            lax.shift_right_logical(tiles, np.int32(4)))
+  codes = jnp.stack(planes, axis=2).reshape(weight.n_features, weight.k_padded)
+  image = decode_image(codes, weight.code, dot_kind)
+  return lax.bitcast_convert_type(image, jnp.uint8) if dot_kind == "fp8" else image
 
 
 def dequantize_reference(weight: PackedFp4Weight):

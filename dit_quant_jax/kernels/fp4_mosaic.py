@@ -125,7 +125,7 @@ def fp4_mosaic_matmul(x, row_scale, weight: fp4_mma.PackedFp4Weight, bias=None, 
             w_image_smem[plane] = decode_plane(w_smem[...], plane)
           plgpu.commit_smem()
           for plane, x_half in enumerate((x_low_smem, x_high_smem)):
-            plgpu.wgmma(acc_ref, x_half, plgpu.transpose_ref(w_image_smem.at[plane], (1, 0)))
+            plgpu.wgmma(acc_ref, x_half, w_image_smem.at[plane].transpose((1, 0)))
           plgpu.wgmma_wait(0)
 
         plgpu.emit_pipeline(
