@@ -34,10 +34,15 @@ def rows():
       _row("int4_had", "INT4 W4A4 + Hadamard", "configs/hqdit.py:int4_had", 4, 4),
       _row("hqdit_w4a8", "HQ-DiT W4A8", "configs/hqdit.py:w4a8", 4, 8),
       _row("hqdit_w4a4", "HQ-DiT W4A4", "configs/hqdit.py:w4a4", 4, 4),
-      # The paper's max/min-ratio rule picks E1M2 (= the INT4 grid / 4) on this model, so
-      # HQ-DiT W4A4 equals INT4 + Hadamard; the MSE format search is the alternative rule.
+      # This project's reading of the paper's max/min-ratio rule picks E1M2 (= the INT4 grid
+      # / 4) on this model, so HQ-DiT W4A4 equals INT4 + Hadamard; the MSE format search is
+      # the alternative rule (per-layer picks of both: results/hqdit_formats.md).
       _row("hqdit_w4a4_mse", "HQ-DiT W4A4 (MSE format)", "configs/hqdit.py:w4a4", 4, 4,
            overrides=(("weight.select", "mse"), ("act.select", "mse"))),
+      # Baselines a 4-bit diffusion reviewer expects (quant/smoothquant.py, quant/lowrank.py).
+      _row("sq_w8a8", "SmoothQuant W8A8", "configs/hqdit.py:sq_w8a8", 8, 8),
+      _row("sq_w4a8", "SmoothQuant W4A8", "configs/hqdit.py:sq_w4a8", 4, 8),
+      _row("svdq_w4a4", "SVDQuant-style W4A4 (r=16)", "configs/hqdit.py:svdq_w4a4", 4, 4),
       # Neither paper: VQ W2 weights with FP4 activations.
       _row("vq_w2a4", "VQ4DiT W2 + FP4 A4", "configs/vq4dit.py:w2a4", 2, 4),
   ]
