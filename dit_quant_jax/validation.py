@@ -506,12 +506,9 @@ def check_training_data(images, labels, num_classes: int, input_shape: tuple) ->
     raise DataError(f"training images have shape {images.shape}, the model needs (N, {input_shape})")
   if labels.shape != (images.shape[0],):
     raise DataError(f"{images.shape[0]} training images but labels of shape {labels.shape}")
-  if not np.issubdtype(labels.dtype, np.integer):
-    raise DataError(f"training labels must be integers, got dtype {labels.dtype}")
-  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
-  if bad.size:
-    raise DataError(f"{bad.size} training labels lie outside [0, {num_classes}) (first: index "
-                    f"{bad[0]}, label {labels[bad[0]]}); fix the label file or the model's num_classes")
+  from dit_quant_jax.data import fashion_mnist
+  fashion_mnist.check_labels(labels, "training labels", num_classes,
+                             "fix the labels, or the model's num_classes")
   if not np.all(np.isfinite(images)):
     raise DataError("training images contain NaN or Inf")
 

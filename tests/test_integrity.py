@@ -194,7 +194,7 @@ def test_labels_out_of_range_refused_before_training(tmp_path):
   config = config_spec.load("configs/fmnist_dit.py:tiny")
   images = np.zeros((8, 32, 32, 1), np.float32)
   labels = np.array([0, 1, 2, 3, 4, 5, 6, 12], np.int32)
-  with pytest.raises(DataError, match=r"1 training labels lie outside \[0, 10\)"):
+  with pytest.raises(DataError, match=r"training labels: 1 labels lie outside \[0, 10\)"):
     trainer.train(config, str(tmp_path / "w"), images, labels)
   assert not os.path.exists(tmp_path / "w" / "state")
 

@@ -71,7 +71,8 @@ def read_idx(path: str) -> np.ndarray:
   return np.frombuffer(data, dtype, offset=header_end).reshape(shape)
 
 
-def check_labels(labels: np.ndarray, where: str, num_classes: int = NUM_CLASSES) -> None:
+def check_labels(labels: np.ndarray, where: str, num_classes: int = NUM_CLASSES,
+                 fix: str = REINSTALL_HINT) -> None:
   """Labels must be integers in [0, num_classes): an out-of-range label indexes past the
   class-embedding table and trains to NaN."""
   labels = np.asarray(labels)
@@ -80,7 +81,7 @@ def check_labels(labels: np.ndarray, where: str, num_classes: int = NUM_CLASSES)
   bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
   if bad.size:
     raise DataError(f"{where}: {bad.size} labels lie outside [0, {num_classes}) (first at index "
-                    f"{bad[0]}: {labels[bad[0]]}); {REINSTALL_HINT}")
+                    f"{bad[0]}: {labels[bad[0]]}); {fix}")
 
 
 def to_model_range(images_uint8: np.ndarray) -> np.ndarray:
