@@ -37,6 +37,8 @@ def test_vq_configs_use_tensor_cores_without_spills(cc):
     else:  # split-K GEMV: mma.sync on a 16-row tile, one atomic for the in-launch reduction
       assert stats["mma"] > 0 and stats["atom"] == 1, (name, stats)
     assert stats["ld_global_8bit"] == 0, (name, stats)  # indices and codebook: vector loads
+    if path == "vq_tiled":  # the K step's loads are pipelined async copies, no scalar gathers
+      assert stats["step_cp_async"] >= 2 and stats["step_ld_global"] <= 2, (name, stats)
     seen.add(path)
   assert seen == {"vq_splitk", "vq_tiled"}
 

@@ -133,7 +133,7 @@ def build(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, ccs=(90, 80), log=print)
       try:
         stats = case_stats(fn, avals, config, cc) if fn is not None else []
       except Exception as error:  # a case that does not lower: reported, not fatal
-        stats = [dict(compile_error=f"lowering failed: {type(error).__name__}: {error}")]
+        stats = [dict(compile_error=f"(lowering) {type(error).__name__}: {error}")]
       floors = _floor_text(path, mkn, peaks, avals)
       rows.append(dict(name=name, path=path, config=config, stats=stats, floors=floors))
       log(f"sm_{cc} {name}: {path} ({time.time() - start:.1f} s)")
