@@ -400,6 +400,14 @@ def check_checkpoint_path(path: str, what: str = "model", flag: str = "--model")
   return record
 
 
+def check_not_quantized(record: dict, path: str, flag: str) -> None:
+  """A quantization's input must be a full-precision checkpoint."""
+  quantized = (record.get("metadata") or {}).get("quantization")
+  if quantized or record.get("quantized_nodes"):
+    raise ConfigError(f"{flag}: {path} is already quantized ({(quantized or {}).get('name', 'quantized nodes')}); "
+                      "pass the full-precision checkpoint")
+
+
 def check_dataset_available(data_dir: Optional[str], split: str, flag: str) -> None:
   """The Fashion-MNIST files of ``split`` exist (scoring and training read them)."""
   from dit_quant_jax.data import fashion_mnist
@@ -437,7 +445,12 @@ def check_reproduce_config(config) -> None:
   if duplicates:
     problems.add("--config.rows", f"row keys {duplicates} appear more than once")
   problems.raise_if_any()
+  for field in ("results_dir", "quant_dir"):
+    if os.path.isfile(str(config.get(field))):
+      problems.add(f"--config.{field}", f"{config.get(field)!r} is a file, not a directory")
+  problems.raise_if_any()
   record = check_checkpoint_path(config.model, "FP model", "--config.model")
+  check_not_quantized(record, config.model, "--config.model")
   check_dataset_available(None, "test", "scoring")
   from dit_quant_jax.reproduce import row_quantization_config, selected_rows
   try:

@@ -199,3 +199,18 @@ def test_missing_config_file_is_one_line_at_entry(tmp_path):
   assert errors == ["error: --config: config file 'configs/nope.py' does not exist (a path such as "
                     "configs/vq4dit.py:w2, relative to the current directory)"]
   assert "Traceback" not in result.stderr
+
+
+def test_quantized_checkpoint_refused_as_quantization_input():
+  validation.check_not_quantized({"metadata": {}, "quantized_nodes": {}}, "fp", "--model")
+  with pytest.raises(ConfigError, match="--model: q is already quantized \\(kmeans_w2\\)"):
+    validation.check_not_quantized({"metadata": {"quantization": {"name": "kmeans_w2"}}}, "q", "--model")
+
+
+def test_results_dir_that_is_a_file_refused(tiny_ckpt, tmp_path, no_expensive_work):
+  config = config_spec.load("configs/reproduce.py:tiny")
+  config.model = tiny_ckpt
+  config.results_dir = str(tmp_path / "file")
+  open(config.results_dir, "w").close()
+  with pytest.raises(ConfigError, match="--config.results_dir: .* is a file"):
+    reproduce.run(config)
