@@ -304,14 +304,18 @@ def test_both_rules_reported_per_layer(tiny):
   config = load_config("w4a4")
   config.gptq.enabled = False
   config.layer_patterns = [r"blocks_0/.*"]
+  _, ratio_report = hqdit.quantize_params(tiny["params"], tiny["model"], config, tiny["stats"])
+  config.weight.select = config.act.select = "mse"
   _, report = hqdit.quantize_params(tiny["params"], tiny["model"], config, tiny["stats"])
   picks = report["format_picks"]
   assert len(picks) == 5
   for path, p in picks.items():
-    layer = report["layers"][path]
+    layer, ratio_p = report["layers"][path], ratio_report["format_picks"][path]
     assert p["weight_mse"] == min(layer["weight_format_mse"], key=layer["weight_format_mse"].get)
+    assert p["act_mse"] == min(layer["act_format_mse"], key=layer["act_format_mse"].get)
     assert p["act_ratio"] == hqdit.select_by_ratio(layer["act_ratio"], formats.FP4_FORMATS)
-    assert p["weight"] == p["weight_ratio"] and p["act"] == p["act_ratio"]  # select='ratio'
+    assert p["weight"] == p["weight_mse"] and p["act"] == p["act_mse"]  # select='mse'
+    assert ratio_p["weight"] == p["weight_ratio"] and ratio_p["weight_mse"] is None
   table = hqdit.format_picks_markdown(report)
   assert table.count("\n") == 1 + len(picks) and "blocks_0/mlp/fc2" in table
 

@@ -390,8 +390,9 @@ def _weight_rtn_mse(kernel, fmt_name, ratios) -> float:
 def choose_weight_format(kernel, wcfg, report: dict) -> str:
   """Weight format per the weight config: a fixed name, or 'auto' by the ratio or MSE rule.
 
-  With 'auto' both rules are evaluated and their picks recorded in
-  ``report['weight_format_by_rule']`` (the configured one is used)."""
+  With 'auto' the (cheap) ratio rule's pick is always recorded in
+  ``report['weight_format_by_rule']``; with select='mse' the MSE rule's pick too (the MSE
+  search quantizes with every candidate, so it runs only when it is the configured rule)."""
   name = _get(wcfg, "format", "auto")
   if name != "auto":
     return formats.get_format(name).name
@@ -400,12 +401,13 @@ def choose_weight_format(kernel, wcfg, report: dict) -> str:
   ratio = max_min_ratio(kernel, group_axis=1)
   report["weight_ratio"] = ratio
   picks = {"ratio": select_by_ratio(ratio, candidates, _get(wcfg, "ratio_thresholds"))}
-  ratios = _clip_ratios(wcfg)
-  mses = {formats.get_format(c).name: _weight_rtn_mse(kernel, formats.get_format(c).name, ratios)
-          for c in candidates}
-  report["weight_format_mse"] = mses
-  picks["mse"] = min(mses, key=mses.get)
   report["weight_format_by_rule"] = picks
+  if method == "mse":
+    ratios = _clip_ratios(wcfg)
+    mses = {formats.get_format(c).name: _weight_rtn_mse(kernel, formats.get_format(c).name, ratios)
+            for c in candidates}
+    report["weight_format_mse"] = mses
+    picks["mse"] = min(mses, key=mses.get)
   return picks[method]
 
 
@@ -417,7 +419,8 @@ def _act_mse(samples, fmt_name, granularity, ratios, absmax):
 def choose_act_format(samples, acfg, granularity, report: dict, absmax=None) -> Optional[str]:
   """Activation format per the activation config; samples: (R, K) transformed inputs or None.
 
-  With 'auto' (and calibration rows) both rules' picks go to ``report['act_format_by_rule']``."""
+  With 'auto' (and calibration rows) the rules' picks go to ``report['act_format_by_rule']``
+  (the MSE rule's only with select='mse', as for the weights)."""
   name = _get(acfg, "format", None)
   if name is None or name == "none":
     return None
@@ -432,13 +435,14 @@ def choose_act_format(samples, acfg, granularity, report: dict, absmax=None) -> 
   ratio = max_min_ratio(samples, group_axis=0 if granularity == "per_token" else None)
   report["act_ratio"] = ratio
   picks = {"ratio": select_by_ratio(ratio, candidates, _get(acfg, "ratio_thresholds"))}
-  ratios = _clip_ratios(acfg)
-  mses = {formats.get_format(c).name: _act_mse(samples, formats.get_format(c).name, granularity,
-                                               ratios, absmax)[1]
-          for c in candidates}
-  report["act_format_mse"] = mses
-  picks["mse"] = min(mses, key=mses.get)
   report["act_format_by_rule"] = picks
+  if method == "mse":
+    ratios = _clip_ratios(acfg)
+    mses = {formats.get_format(c).name: _act_mse(samples, formats.get_format(c).name, granularity,
+                                                 ratios, absmax)[1]
+            for c in candidates}
+    report["act_format_mse"] = mses
+    picks["mse"] = min(mses, key=mses.get)
   return picks[method]
 
 
@@ -740,7 +744,8 @@ def summarize(params, qparams, layers, attn_paths, calib) -> dict:
 
 def format_picks(layers: Mapping[str, dict]) -> dict:
   """{layer: {weight_ratio, weight_mse, act_ratio, act_mse, weight, act}}: the format each
-  rule picks per layer (None where the format is fixed) and the one used."""
+  rule picks per layer (None where the format is fixed or the rule was not run) and the one
+  used."""
   picks = {}
   for path, r in layers.items():
     w, a = r.get("weight_format_by_rule", {}), r.get("act_format_by_rule", {})
@@ -755,7 +760,7 @@ def format_picks_markdown(report: Mapping) -> str:
   lines = ["| layer | W ratio rule | W MSE rule | A ratio rule | A MSE rule | W used | A used |",
            "|---|---|---|---|---|---|---|"]
   for path, p in report["format_picks"].items():
-    cells = [path] + [str(p[c]) if p[c] is not None else "fixed" for c in
+    cells = [path] + [str(p[c]) if p[c] is not None else "—" for c in
                       ("weight_ratio", "weight_mse", "act_ratio", "act_mse")] + [str(p["weight"]),
                                                                                 str(p["act"])]
     lines.append("| " + " | ".join(cells) + " |")
