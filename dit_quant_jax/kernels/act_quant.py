@@ -2,7 +2,7 @@
 
 For x: (M, K) the kernel produces what ``fp4_matmul.w4a4_matmul`` consumes:
 
-1. optional transform (notes/interfaces.md, "Hadamard / orthogonal transform"):
+1. optional transform (quant/hadamard.py's element layout):
    ``xq[m, i*b + j] = sum_{i', j'} x[m, i'*b + j'] * signs[i'*b + j'] * A[i', i] * B[j', j]``,
    i.e. ``xq = x @ diag(signs) @ kron(A, B)`` with A: (a, a), B: (b, b), K = a * b;
 2. per-token scale ``s[m] = clip_ratio * max_k |xq[m, k]| / magnitudes[-1]`` (the clipped
@@ -58,10 +58,6 @@ def check_magnitudes(magnitudes) -> tuple:
   return magnitudes
 
 
-def _midpoints(magnitudes) -> list:
-  return [np.float32((lo + hi) / 2) for lo, hi in zip(magnitudes, magnitudes[1:])]
-
-
 def _check_transform(transform, k_features):
   if transform is None:
     return None
@@ -78,16 +74,9 @@ def _check_transform(transform, k_features):
   return a_size, b_size
 
 
-def _quantize_codes(y, scale, midpoints):
+def _quantize_codes(y, scale, magnitudes):
   """y: (r, c) float32, scale: (r,) > 0 -> int32 sign-magnitude codes (module doc, step 3)."""
-  v = jnp.abs(y) / scale[:, None]
-  magnitude_index = jnp.zeros(y.shape, jnp.int32)
-  for t, mid in enumerate(midpoints):
-    # Between magnitudes t and t+1 a tie goes to whichever index is even.
-    above = (v > mid) if t % 2 == 0 else (v >= mid)
-    magnitude_index = magnitude_index + above.astype(jnp.int32)
-  negative = (y < 0) & (magnitude_index > 0)
-  return jnp.where(negative, magnitude_index + SIGN_BIT, magnitude_index)
+  return fp4.encode_magnitudes(y / scale[:, None], magnitudes)
 
 
 def _token_scale(absmax, magnitudes, clip_ratio):
@@ -119,7 +108,6 @@ def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, clip_ra
   absmax = lax.fori_loop(0, n_tiles, absmax_step, jnp.zeros((block_m,), jnp.float32))
   scale = _token_scale(absmax, magnitudes, clip_ratio)
   plgpu.store(scale_ref.at[pl.ds(row_start, block_m)], scale, mask=row_mask)
-  midpoints = _midpoints(magnitudes)
 
   def quantize_step(k_tile, carry):
     pair = k_tile * half + jnp.arange(half, dtype=jnp.int32)  # packed column = pair index
@@ -128,7 +116,7 @@ def act_quant_kernel(x_ref, packed_ref, scale_ref, *, magnitudes: tuple, clip_ra
       ks = 2 * pair + parity
       mask = row_mask[:, None] & (ks < k_features)[None, :]
       values = common.gather(x_ref, (rows[:, None], ks[None, :]), mask).astype(jnp.float32)
-      codes.append(_quantize_codes(values, scale, midpoints))
+      codes.append(_quantize_codes(values, scale, magnitudes))
     common.store_tile(packed_ref, _pack_pair(*codes), row_start, k_tile * half, row_mask,
                       pair < packed_cols)
     return carry
@@ -177,12 +165,11 @@ def act_quant_transform_kernel(x_ref, signs_ref, a_ref, b_even_ref, b_odd_ref, p
   absmax = lax.fori_loop(0, a_size, absmax_step, jnp.zeros((block_m,), jnp.float32))
   scale = _token_scale(absmax, magnitudes, clip_ratio)
   plgpu.store(scale_ref.at[pl.ds(row_start, block_m)], scale, mask=row_mask)
-  midpoints = _midpoints(magnitudes)
 
   def quantize_step(i, carry):
     even, odd = transformed_block(i)
-    packed = _pack_pair(_quantize_codes(even, scale, midpoints),
-                        _quantize_codes(odd, scale, midpoints))
+    packed = _pack_pair(_quantize_codes(even, scale, magnitudes),
+                        _quantize_codes(odd, scale, magnitudes))
     all_pairs = jnp.arange(half, dtype=jnp.int32) < half
     common.store_tile(packed_ref, packed, row_start, i * half, row_mask, all_pairs)
     return carry

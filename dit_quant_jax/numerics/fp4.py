@@ -183,14 +183,19 @@ def decode_values(codes, code: Fp4Code, dtype=jnp.float32):
 
 
 def encode_nearest_even(v, code: Fp4Code):
-  """v (any shape, float32, in grid units) -> int32 sign-magnitude codes: nearest magnitude,
-  ties to the even index, saturating; zero magnitude never gets the sign bit.  Comparisons
-  against the 7 midpoints (cheap in kernels; exact since midpoints are exact in float32)."""
-  mags = code.magnitudes
+  """v (any shape, float32, in grid units) -> int32 sign-magnitude codes of ``code``'s grid."""
+  return encode_magnitudes(v, code.magnitudes)
+
+
+def encode_magnitudes(v, magnitudes):
+  """v (any shape, float32, grid units), magnitudes: 8 ascending grid values from 0 -> int32
+  sign-magnitude codes: nearest magnitude, ties to the even index, saturating; zero magnitude
+  never gets the sign bit.  Comparisons against the 7 midpoints (cheap in kernels; exact since
+  midpoints of float32 grid values are exact in float32)."""
   a = jnp.abs(v)
   index = jnp.zeros(v.shape, jnp.int32)
-  for t in range(len(mags) - 1):
-    mid = np.float32((mags[t] + mags[t + 1]) / 2)
+  for t in range(len(magnitudes) - 1):
+    mid = np.float32((magnitudes[t] + magnitudes[t + 1]) / 2)
     above = (a > mid) if t % 2 == 0 else (a >= mid)  # a tie goes to the even index
     index = index + above.astype(jnp.int32)
   negative = (v < 0) & (index > 0)
