@@ -223,9 +223,32 @@ def test_fd_interval_equals_a_float64_reference_on_the_same_resamples():
     mean, cov = fake[idx].mean(0), np.cov(fake[idx], rowvar=False)
     covmean = sqrtm_denman_beavers(cov @ real_cov)
     values.append(np.sum((mean - real_mean) ** 2) + np.trace(cov + real_cov - 2 * covmean))
-  np.testing.assert_allclose([low, high], np.percentile(values, [5, 95]), rtol=1e-6)
-  point = metrics.frechet_distance(fake, real)
-  assert low < point * 1.5 and high > point * 0.5
+  point = metrics.frechet_distance_from_statistics(fake.mean(0), np.cov(fake, rowvar=False),
+                                                   real_mean, real_cov)
+  shift = point - np.mean(values)  # bias correction: the resamples' FDs are biased upward
+  np.testing.assert_allclose([low, high], np.percentile(values, [5, 95]) + shift, rtol=1e-6)
+  assert low < point < high
+
+
+def test_fd_interval_covers_the_expected_fd_at_its_nominal_rate():
+  # Independent sets of n samples from one Gaussian give the true sampling distribution of the
+  # FD of n samples; the interval from each single set should cover its mean about 90% of the
+  # time (the uncorrected percentile interval, shifted up by the resampling bias, does not).
+  # Measured at this (dim, n): corrected 0.92, uncorrected percentile interval 0.16.
+  rng = np.random.default_rng(8)
+  dim, n, repeats = 24, 80, 120
+  mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+  real_mean, real_cov = np.zeros(dim), np.eye(dim)
+  sets = [rng.normal(0.2, 1.0, size=(n, dim)) @ mixing for _ in range(repeats)]
+  fds = [metrics.frechet_distance_from_statistics(x.mean(0), np.cov(x, rowvar=False), real_mean,
+                                                  real_cov) for x in sets]
+  expected = float(np.mean(fds))
+  covered = 0
+  for i, x in enumerate(sets):
+    low, high = metrics.frechet_distance_interval(x, real_mean, real_cov, num_resamples=150,
+                                                  confidence=0.9, seed=i)
+    covered += low <= expected <= high
+  assert 0.78 <= covered / repeats <= 0.98, covered / repeats
 
 
 def test_bootstrap_argument_errors():
