@@ -19,8 +19,59 @@ def _base(arg):
   return c
 
 
+# VQ4DiT ablation (configs/vq4dit.py, calibrate/vq_calibrate.py): the public code's procedure
+# (the config default) and each of the six differences from our earlier procedure switched
+# back, one at a time; "ours_all" switches all six.
+VQ_BITS = [("w2", {"spec": "configs/vq4dit.py:w2"}), ("w3", {"spec": "configs/vq4dit.py:w3"})]
+VQ_VARIANTS = [
+    ("public", {}),
+    ("d1_codebook_always", {"calibration.codebook_schedule": "always"}),
+    ("d2_fp_input_loss", {"calibration.loss": "fp_input"}),
+    ("d3_fixed_biases", {"calibration.train_biases": False}),
+    ("d4_reg_always", {"calibration.regularizer_gate": "always", "calibration.regularizer_average": "all_layers"}),
+    ("d5_fixed_set_cfg1.5", {"calib.fresh_trajectories": False, "calib.cfg_scale": 1.5}),
+    ("d6_label_dropout", {"calibration.label_dropout": True}),
+    ("ours_all", {"calibration.codebook_schedule": "always", "calibration.loss": "fp_input",
+                  "calibration.train_biases": False, "calibration.regularizer_gate": "always",
+                  "calibration.regularizer_average": "all_layers", "calib.fresh_trajectories": False,
+                  "calib.cfg_scale": 1.5}),
+]
+# Beyond the public code: every layer hard from the start (the k-means assignments), and the
+# whole budget fine-tunes codebooks (and biases) on the end-to-end loss, at a higher codebook lr;
+# harden_at0.5: half the budget soft (public procedure), then forced hard and fine-tuned.
+VQ_BEYOND = [
+    ("finetune_cb1e-3", {"calibration.harden_at": 0.0, "calibration.codebook_lr": 1e-3}),
+    ("finetune_cb1e-3_bias1e-3", {"calibration.harden_at": 0.0, "calibration.codebook_lr": 1e-3,
+                                  "calibration.bias_lr": 1e-3}),
+    ("harden_at0.5", {"calibration.harden_at": 0.5}),
+]
+# The main job's calibration budget (configs/reproduce.py calibration_overrides) and longer ones.
+VQ_BUDGETS = [(f"steps{n}", {"calibration.steps": n, "calib.num_samples": 8}) for n in (150, 600, 1000)]
+
+
+def _vq_sweep(c, bits, variants, budgets):
+  c.axes = [list(bits), list(variants), list(budgets)]
+  return c
+
+
 def get_config(arg: str = "vq_bits_lambda"):
   c = _base(arg)
+  if arg == "vq_ablation":  # the whole grid: bits x (public, 6 differences, ours, beyond) x budgets
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS + VQ_BEYOND, VQ_BUDGETS)
+  if arg == "vq_ablation_150":  # what results/vq4dit_ablation.md ran: one-at-a-time at the main job's budget
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS + VQ_BEYOND, VQ_BUDGETS[:1])
+  if arg == "vq_headline":  # the public procedure and the fine-tune variants at the main job's budget
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS[:1] + VQ_BEYOND, VQ_BUDGETS[:1])
+  if arg == "vq_w2_beyond":
+    return _vq_sweep(c, VQ_BITS[:1], VQ_BEYOND[:2], VQ_BUDGETS[:1])
+  if arg == "vq_w3_beyond":
+    return _vq_sweep(c, VQ_BITS[1:], VQ_BEYOND[:1], VQ_BUDGETS[:1])
+  if arg == "vq_w2_ablation_150":  # W2 one-at-a-time ablations at the main job's budget
+    return _vq_sweep(c, VQ_BITS[:1], VQ_VARIANTS, VQ_BUDGETS[:1])
+  if arg == "vq_w2_1000":
+    return _vq_sweep(c, VQ_BITS[:1], VQ_VARIANTS[:1], VQ_BUDGETS[2:])
+  if arg == "vq_budget":  # longer budgets for the public procedure and the fine-tune variants
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS[:1] + VQ_BEYOND, VQ_BUDGETS[1:])
   if arg == "vq_bits_lambda":  # VQ4DiT: bits x ratio-regulariser weight
     c.axes = [
         [("w2", {"spec": "configs/vq4dit.py:w2"}), ("w3", {"spec": "configs/vq4dit.py:w3"})],
@@ -67,6 +118,7 @@ def get_config(arg: str = "vq_bits_lambda"):
         [("cal", {"calib.num_samples": 2, "calib.timestep_respacing": "ddim3"})],
     ]
   else:
-    raise ValueError(f"unknown sweep {arg!r}; expected vq_bits_lambda, vq_w2_investigation, "
+    raise ValueError(f"unknown sweep {arg!r}; expected vq_ablation, vq_ablation_150, vq_headline, vq_budget, "
+                     "vq_bits_lambda, vq_w2_investigation, "
                      "vq_candidates, hqdit_ablation, hqdit_bits or tiny")
   return c

@@ -58,17 +58,16 @@ def quantize(model, params, qconfig, workdir: Optional[str] = None):
     qparams, report = params, {}
   else:
     calib = None
-    needs_calib = (method == "hqdit") or int(qconfig.calibration.steps) > 0
+    # VQ4DiT draws its FP trajectories on the fly, inside calibration (calibrate/vq_calibrate.py).
+    needs_calib = method == "hqdit"
     if needs_calib:
       logging.info("collecting the FP calibration trajectory (%d samples, %s steps)",
                    qconfig.calib.num_samples, qconfig.calib.timestep_respacing)
       calib = calibration_inputs(model, params, qconfig.calib)
     if method == "vq4dit":
+      from dit_quant_jax.calibrate import vq_calibrate
       from dit_quant_jax.quant import vq4dit
-      if calib is None:
-        qparams, report = vq4dit.kmeans_only(params, qconfig)
-      else:
-        qparams, report = vq4dit.quantize_from_config(model, params, qconfig, calib, workdir=workdir)
+      qparams, report = vq_calibrate.quantize_from_config(model, params, qconfig, workdir=workdir)
       act = qconfig.get("act")
       if act is not None and act.get("format"):
         qparams = jax.tree_util.tree_map(

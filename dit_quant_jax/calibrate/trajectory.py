@@ -39,3 +39,47 @@ def random_calibration_set(model, params, diffusion, num_samples: int, rng,
   noise = jax.random.normal(noise_key, shape, jnp.float32)
   labels = jax.random.randint(label_key, (num_samples,), 0, model.num_classes)
   return fp_trajectory(model, params, diffusion, labels, noise, sample_key, cfg_scale, sampler)
+
+
+# ------------------------------------------------------------- on-the-fly trajectories
+# VQ4DiT calibration draws a fresh FP trajectory every diffusion.num_timesteps optimisation
+# steps (public VQ4DiT code, sample_quant.py: new noise and labels per trajectory; one
+# optimisation step per sampling step in gaussian_diffusion.py p_sample_loop_progressive_quant).
+# Everything below is a pure function of (key, trajectory index, step), so a calibration that
+# stores only the current x_t and the step number resumes bit-identically.
+
+
+def class_order(key, num_classes: int) -> jax.Array:
+  """(num_classes,) a seeded permutation of the classes; trajectories walk it in turn."""
+  return jax.random.permutation(jax.random.fold_in(key, 0), num_classes)
+
+
+def stratified_labels(order: jax.Array, trajectory_index, num_samples: int) -> jax.Array:
+  """(num_samples,) labels of trajectory j: order[(j * n + i) mod C], i < n.
+
+  Consecutive trajectories walk the class permutation, so over ceil(C / n) trajectories
+  every class is seen and no class is seen twice before all have been seen once.
+  """
+  offsets = trajectory_index * num_samples + jnp.arange(num_samples)
+  return order[offsets % order.shape[0]]
+
+
+def initial_noise(key, trajectory_index, shape) -> jax.Array:
+  """x_T of trajectory j: (N, H, W, C) standard normal."""
+  return jax.random.normal(jax.random.fold_in(jax.random.fold_in(key, 1), trajectory_index), shape,
+                           jnp.float32)
+
+
+def step_noise(key, trajectory_index, position, shape) -> jax.Array:
+  """The sampler's noise at sampling step ``position`` of trajectory j: (N, H, W, C)."""
+  trajectory_key = jax.random.fold_in(jax.random.fold_in(key, 2), trajectory_index)
+  return jax.random.normal(jax.random.fold_in(trajectory_key, position), shape, jnp.float32)
+
+
+def sampler_step(diffusion, model_output, x, t, noise, sampler: str = "ddpm", eta: float = 0.0):
+  """One reverse step x_t -> x_{t-1} (t: (N,) respaced indices), as ``sampling.sample`` takes it."""
+  if sampler == "ddpm":
+    return diffusion.p_sample_step(model_output, x, t, noise, False)[0]
+  if sampler == "ddim":
+    return diffusion.ddim_sample_step(model_output, x, t, noise, eta, False)[0]
+  raise ValueError(f"unknown sampler {sampler!r}; expected one of {sampling.SAMPLERS}")

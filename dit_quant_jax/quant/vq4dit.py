@@ -9,15 +9,16 @@ A pure transform ``params -> quantized params``.  Per selected linear layer (ker
    of dimension d; bits per weight = log2(k) / d.  k is clamped to a power of two at most a
    quarter of the sub-vector count (public code's ``get_num_centroids``, from "And the bit
    goes down", Stock et al. 2020).
-3. Candidates (paper Sec. 3.2): each sub-vector keeps its ``n`` nearest codewords and
+3. Candidates (public code, CompressedLinear.py ``prepare_sim``): each sub-vector keeps its ``n`` nearest codewords and
    learnable ratio logits; the soft weight is the softmax-ratio-weighted sum of the candidate
    codewords.  Logit initialisation (public code ``prepare_sim``), with Euclidean (not squared)
    distances dist_1 <= ... <= dist_n to the candidates: candidate i < n gets
    ``log(dist_n / (dist_i + 1e-5))``, the last gets 0 (n = 2: the nearest gets log(d2/d1),
    its ratio d2 / (d1 + d2)).
-4. Calibration (``calibrate/vq_calibrate.py``) trains codebooks and logits; sub-vectors whose
-   largest ratio passes a threshold are frozen; finally every sub-vector takes its argmax
-   candidate and the layer becomes a hard :class:`VQWeight`.
+4. Calibration (``calibrate/vq_calibrate.py``, which imports this module, never the other
+   way) trains logits, codebooks and biases; sub-vectors whose largest ratio passes a
+   threshold are frozen; finally every sub-vector takes its argmax candidate
+   (:func:`harden`) and the layer becomes a hard :class:`VQWeight`.
 
 Two pytree types: :class:`SoftVQWeight` (codebook + candidates + ratio logits + frozen mask,
 the trainable form; its ``dequantize`` is the soft reconstruction) and :class:`VQWeight` (the
@@ -47,7 +48,7 @@ MAX_CODEBOOK_SIZE = 2**packing.MAX_BITS
 SUBVECTORS_PER_CODEWORD_MIN = 4
 # Public code prepare_sim: log(dist_last / (dist_i + 1e-5)).
 LOGIT_INIT_EPS = 1e-5
-# Number of candidate codewords per sub-vector (paper: 2); the interface allows 1..4.
+# Number of candidate codewords per sub-vector (public code: top_indices_num = 2); 1..4 allowed.
 MAX_CANDIDATES = 4
 REGULARIZERS = ("public", "paper")
 
@@ -169,7 +170,7 @@ def _nbytes(x) -> int:
 # ------------------------------------------------------------------------- soft weight
 @struct.dataclass
 class SoftVQWeight(QuantizedWeight):
-  """The trainable form of a VQ layer (paper Sec. 3.2).
+  """The trainable form of a VQ layer (public code: CompressedLinear ``use_sim``).
 
   codebook: (k, d) float32                trainable
   ratio_logits: (S, N, n) float32          trainable; ratios = softmax over the last axis
@@ -259,8 +260,9 @@ def init_soft(kernel: jax.Array, codebook: jax.Array, num_candidates: int = 2,
                       frozen_index=candidates[..., 0], shape=tuple(kernel.shape))
 
 
-def update_freezing(soft: SoftVQWeight, subvector_threshold: float, layer_threshold: float) -> SoftVQWeight:
-  """Progressive freezing (paper Sec. 3.2; public code ``progressive_freeze``).
+def update_freezing(soft: SoftVQWeight, subvector_threshold, layer_threshold) -> SoftVQWeight:
+  """Progressive freezing (public code, CompressedLinear.py ``progressive_freeze`` and the
+  ``true_ratio > 0.99`` -> ``freeze_sim`` switch in gaussian_diffusion.py).
 
   A sub-vector whose largest ratio exceeds ``subvector_threshold`` is frozen to that candidate
   for good.  When more than ``layer_threshold`` of the layer's sub-vectors are frozen, the
@@ -283,9 +285,11 @@ def ratio_regularizer(soft: SoftVQWeight, kind: str = "public") -> jax.Array:
   """Pushes ratios of unfrozen sub-vectors towards one-hot; frozen ones contribute 0.
 
   "paper":  sum over unfrozen sub-vectors and candidates of (1 - |2 r - 1|), divided by the
-            layer's sub-vector count S*N (paper Eq. for L_r).
-  "public": n * mean over unfrozen (sub-vector, candidate) entries of r (1 - r) (public code
-            ``custom_loss_function`` scaled by top_indices_num).
+            layer's sub-vector count S*N (an alternative form, not the public code's).
+  "public": n * mean over unfrozen (sub-vector, candidate) entries of r (1 - r) (public code,
+            CompressedLinear.py: ``custom_loss_function`` scaled by top_indices_num).
+  How the per-layer values are combined, and when the term enters the loss, is the
+  calibration's business (calibrate/vq_calibrate.py ``regularizer``).
   """
   ratios = soft.ratios()
   live = (~soft.frozen)[..., None].astype(jnp.float32)
@@ -383,30 +387,21 @@ def kmeans_only(params, config) -> tuple[dict, dict]:
   return replace_kernels(params, weights), report
 
 
-def quantize_from_config(model, params, config, calib_inputs: Optional[Mapping[str, Any]],
-                         workdir: Optional[str] = None) -> tuple[dict, dict]:
-  """VQ4DiT end to end: k-means, candidates, block-wise calibration, hard assignments.
+def harden(params, softs: Mapping[str, SoftVQWeight], reports: dict,
+           biases: Optional[Mapping[str, jax.Array]] = None) -> tuple[dict, dict]:
+  """Calibrated soft layers -> (qparams with hard VQWeight kernels, report without 'calibration').
 
-  calib_inputs: fp_trajectory's dict(x=(S, B, H, W, C), t=(S, B), y=(S, B)); None or
-  ``config.calibration.steps == 0`` gives the k-means-only result.  workdir: where the
-  calibration checkpoints go (resumes from the latest one there); None disables them.
-  Returns (qparams with VQWeight kernels, report dict).
+  Every sub-vector takes its frozen index or argmax candidate (:meth:`SoftVQWeight.hard_indices`);
+  biases: {path: (N,)} replaces ``<path>/bias`` (calibrated biases), None keeps the FP ones.
   """
-  from dit_quant_jax.calibrate import vq_calibrate  # calibrate depends on quant, not vice versa
-
-  if calib_inputs is None or int(config.calibration.steps) == 0:
-    return kmeans_only(params, config)
-  start = time.perf_counter()
-  soft, reports = init_soft_layers(params, config, skip_kmeans=vq_calibrate.has_checkpoint(workdir))
-  soft, calib_report = vq_calibrate.calibrate(model, params, soft, calib_inputs, config.calibration,
-                                              workdir=workdir)
-  weights = {p: s.to_vqweight() for p, s in soft.items()}
-  for p, s in soft.items():
+  weights = {p: s.to_vqweight() for p, s in softs.items()}
+  for p, s in softs.items():
     reports[p]["frozen_fraction_before_argmax"] = float(s.frozen_fraction())
   _final_errors(params, weights, reports)
-  report = dict(layers=reports, sizes=_layer_size_report(weights), calibration=calib_report,
-                seconds=time.perf_counter() - start)
-  return replace_kernels(params, weights), report
+  qparams = replace_kernels(params, weights)
+  for path, bias in (biases or {}).items():
+    qparams = rules.set_path(qparams, path + "/bias", jnp.asarray(bias))
+  return qparams, dict(layers=reports, sizes=_layer_size_report(weights))
 
 
 def init_soft_layers(params, config, skip_kmeans: bool = False) -> tuple[dict, dict]:
