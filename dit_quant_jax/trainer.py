@@ -2,16 +2,20 @@
 
 Official recipe (Peebles & Xie, train.py): AdamW (no weight decay), EMA of the weights,
 class dropout 0.1 (in the model), learned sigma, loss = MSE(eps) + VB.  Data parallel over
-all local devices through ``jax.sharding``: a 1-D ``Mesh`` named ``data``; the batch is
+all devices through ``jax.sharding``: a 1-D ``Mesh`` named ``data``; the batch is
 ``NamedSharding(mesh, P('data'))``, params and optimizer state are replicated, so the same
-command trains on 1 CPU or 8 GPUs.  The whole state (params, EMA, optimizer, step) is
-checkpointed with orbax every ``checkpoint_every`` steps and restored from the latest on
-start; the data order is a function of (seed, step), so a resumed run sees the same batches.
+command trains on 1 CPU, 8 GPUs or several hosts (``utils/distributed.py``: each process
+gathers only the rows of the global batch that its own devices hold, and only process 0
+writes the training curve; every process takes part in the orbax checkpoints).  The whole
+state (params, EMA, optimizer, step) is checkpointed with orbax every ``checkpoint_every``
+steps and restored from the latest on start; the data order is a function of (seed, step),
+so a resumed run sees the same batches.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Optional
@@ -27,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from dit_quant_jax.diffusion import create_diffusion
 from dit_quant_jax.models import dit
 from dit_quant_jax.utils import checkpoint as ckpt_lib
+from dit_quant_jax.utils import distributed
 
 
 @flax.struct.dataclass
@@ -70,7 +75,8 @@ def ema_decay_at(step, config):
 
 
 def make_mesh() -> Mesh:
-  return Mesh(np.array(jax.devices()), ("data",))
+  """The 1-D 'data' mesh over every device of every process."""
+  return distributed.data_mesh()
 
 
 def init_state(config, model, rng) -> TrainState:
@@ -124,11 +130,19 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
   """Train (or resume) into ``workdir``; returns the final state.
 
   images: (N, H, W, C) in [-1, 1]; labels: (N,).  Loaded from config.data when omitted.
+  The config and the data are validated first; state in ``workdir`` from another config is
+  refused (StaleOutputError); a non-finite loss or params stops training with
+  TrainingDivergedError before anything is checkpointed.
   """
+  from dit_quant_jax import validation
+  from dit_quant_jax.utils import provenance
+  validation.check_train_config(config)
+  model = build_model(config)
   if images is None:
     from dit_quant_jax.data import fashion_mnist
     images, labels = fashion_mnist.load_split("train", config.data.get("data_dir") or None)
-  model = build_model(config)
+  validation.check_training_data(images, labels, model.num_classes,
+                                 (model.input_size, model.input_size, model.in_channels))
   mesh = make_mesh()
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices")
@@ -136,20 +150,25 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
   state = jax.jit(lambda key: init_state(config, model, key))(jax.random.PRNGKey(config.seed))
   state_dir = os.path.join(workdir, "state")
   curve_path = os.path.join(workdir, "training_curve.jsonl")
+  state = distributed.replicate(state, mesh)
+  provenance.guard_state_dir(state_dir, config, f"another --workdir (or delete {state_dir})",
+                             ignore=RESUME_IGNORED_FIELDS)
   start = ckpt_lib.latest_step(state_dir)
   if start is not None:
     state = ckpt_lib.restore_state(state_dir, state, step=start)
-    _truncate_curve(curve_path, start)
+    if distributed.is_primary():
+      _truncate_curve(curve_path, start)
     logging.info("resumed from step %d", start)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
   train_step = make_train_step(config, model, mesh)
   batch_sharding = NamedSharding(mesh, P("data"))
+  image_shape, label_shape = (config.batch_size,) + images.shape[1:], (config.batch_size,)
   step = int(state.step)
   t_start, step_start = time.time(), step
   while step < config.num_steps:
     idx = batch_indices(config.seed, step, config.batch_size, images.shape[0])
-    batch_x = jax.device_put(images[idx], batch_sharding)
-    batch_y = jax.device_put(labels[idx], batch_sharding)
+    # Each process reads only the rows of the global batch on its own devices.
+    batch_x = distributed.global_batch(lambda rows: images[idx[rows]], image_shape, batch_sharding)
+    batch_y = distributed.global_batch(lambda rows: labels[idx[rows]], label_shape, batch_sharding)
     state, metrics = train_step(state, batch_x, batch_y)
     step += 1
     if step % config.log_every == 0 or step == config.num_steps:
@@ -158,12 +177,36 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
       eta = (config.num_steps - step) / max(rate, 1e-9)
       logging.info("step %d/%d loss %.4f (mse %.4f vb %.4f) %.2f steps/s ETA %.0f s", step,
                    config.num_steps, metrics["loss"], metrics["mse"], metrics["vb"], rate, eta)
-      with open(curve_path, "a") as f:
-        f.write(json.dumps(dict(step=step, steps_per_s=rate, wall_s=time.time() - t_start,
-                                **metrics)) + "\n")
+      if distributed.is_primary():
+        with open(curve_path, "a") as f:
+          f.write(json.dumps(dict(step=step, steps_per_s=rate, wall_s=time.time() - t_start,
+                                  **metrics)) + "\n")
+    if step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == config.num_steps:
+      check_finite(state, metrics, step, state_dir)
     if step % config.checkpoint_every == 0 or step == config.num_steps:
       ckpt_lib.save_state(state_dir, step, state, keep=config.get("keep_checkpoints", 2))
   return state
+
+
+# Fields that change only the run's length or cadence: resuming across them is safe.
+RESUME_IGNORED_FIELDS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
+
+
+def check_finite(state: TrainState, metrics, step: int, state_dir: str) -> None:
+  """TrainingDivergedError if the loss or any param is NaN/Inf (checked before every log
+  line and checkpoint, so a diverged state is never saved)."""
+  from dit_quant_jax.errors import TrainingDivergedError
+  loss = float(metrics["loss"])
+  params_finite = bool(jax.tree_util.tree_reduce(
+      lambda ok, leaf: jnp.logical_and(ok, jnp.all(jnp.isfinite(leaf))), state.params, True))
+  if math.isfinite(loss) and params_finite:
+    return
+  last = ckpt_lib.latest_step(state_dir)
+  kept = f"the last checkpoint (step {last}) in {state_dir} is kept" if last is not None else \
+      "no checkpoint was written"
+  what = f"loss {loss}" if not math.isfinite(loss) else "non-finite params"
+  raise TrainingDivergedError(f"training diverged at step {step} ({what}); {kept}. Lower "
+                              f"--config.optimizer.learning_rate, or check the data")
 
 
 def _truncate_curve(path: str, last_step: int) -> None:
@@ -181,5 +224,5 @@ def export_ema(config, state: TrainState, path: str, extra: Optional[dict] = Non
   model = build_model(config)
   metadata = dict(training_config=json.loads(config.to_json_best_effort()),
                   step=int(state.step), **(extra or {}))
-  ckpt_lib.save_checkpoint(path, jax.device_get(state.ema_params), model.config_dict(), metadata,
+  ckpt_lib.save_checkpoint(path, distributed.to_host(state.ema_params), model.config_dict(), metadata,
                            overwrite=True)

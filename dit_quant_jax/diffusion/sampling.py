@@ -7,6 +7,12 @@ loop is reused across calls and params are never baked in as constants.
 
 Deterministic entry point for cross-implementation comparisons: :func:`ddim_deterministic`
 (DDIM, eta = 0, explicit initial noise, no randomness at all).
+
+Sharding: the loop is one jitted function of (noise, rng, params, labels); with ``noise``
+and labels sharded over a batch mesh (several devices or processes, utils/distributed.py)
+each device runs its rows.  The per-step DDPM noise is drawn inside the jit for the whole
+global batch shape, and jax's random bits do not depend on how the array is sharded, so a
+sharded run draws exactly the noise of a single-device run.
 """
 
 from __future__ import annotations
