@@ -78,6 +78,10 @@ def get_config(arg: str = "default"):
   )
   c.grid_per_class = 10
   c.grid_scale = 2
+  c.sheet_columns = 4  # methods per row of grids_side_by_side.png
+  # Intervals: percentile bootstrap over the generated samples (eval/metrics.py).
+  c.bootstrap_resamples = 200  # 0: no intervals
+  c.bootstrap_confidence = 0.95
 
   if arg == "full":
     c.sampling.per_class = 1000  # 10k samples
@@ -95,6 +99,7 @@ def get_config(arg: str = "default"):
         ("kmeans.num_iters", 3), ("gptq.enabled", False))
     c.grid_per_class = 1
     c.grid_scale = 1
+    c.bootstrap_resamples = 20
     c.command = "pytest tests/test_pipeline.py"
     c.readme = ""
   elif arg != "default":

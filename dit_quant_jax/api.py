@@ -41,6 +41,32 @@ def method_of(qconfig) -> str:
   return method
 
 
+# Fields of a ``calib`` block that determine its trajectory (calibration_inputs reads these).
+TRAJECTORY_FIELDS = ("num_samples", "timestep_respacing", "sampler", "cfg_scale", "seed")
+# FP trajectories kept in memory: rows of one process that ask for the same one share it.
+TRAJECTORY_CACHE_SIZE = 4
+_TRAJECTORY_CACHE: list = []  # [(params, key, trajectory)], newest last
+
+
+def cached_calibration_inputs(model, params, calib_cfg, seed_offset: int = 0):
+  """:func:`calibration_inputs`, computed once per (model, params object, trajectory fields).
+
+  The trajectory is a deterministic function of these, so a reused one is identical to a
+  recomputed one.  The cache holds a reference to ``params`` (an id cannot be reused while
+  its entry lives) and at most TRAJECTORY_CACHE_SIZE entries.
+  """
+  key = (repr(sorted(model.config_dict().items())), seed_offset,
+         tuple((f, repr(calib_cfg.get(f))) for f in TRAJECTORY_FIELDS))
+  for cached_params, cached_key, trajectory in _TRAJECTORY_CACHE:
+    if cached_params is params and cached_key == key:
+      logging.info("reusing the FP calibration trajectory computed for an earlier row")
+      return trajectory
+  trajectory = jax.block_until_ready(calibration_inputs(model, params, calib_cfg, seed_offset))
+  _TRAJECTORY_CACHE.append((params, key, trajectory))
+  del _TRAJECTORY_CACHE[:-TRAJECTORY_CACHE_SIZE]
+  return trajectory
+
+
 def calibration_inputs(model, params, calib_cfg, seed_offset: int = 0):
   """The FP trajectory described by a config's ``calib`` block (see calibrate/trajectory.py)."""
   diffusion = create_diffusion(calib_cfg.timestep_respacing, learn_sigma=model.learn_sigma)
@@ -63,7 +89,9 @@ def quantize(model, params, qconfig, workdir: Optional[str] = None):
     if needs_calib:
       logging.info("collecting the FP calibration trajectory (%d samples, %s steps)",
                    qconfig.calib.num_samples, qconfig.calib.timestep_respacing)
-      calib = calibration_inputs(model, params, qconfig.calib)
+      calib_start = time.perf_counter()
+      calib = cached_calibration_inputs(model, params, qconfig.calib)
+      calib_set_time_s = time.perf_counter() - calib_start
     if method == "vq4dit":
       from dit_quant_jax.calibrate import vq_calibrate
       from dit_quant_jax.quant import vq4dit
@@ -77,6 +105,8 @@ def quantize(model, params, qconfig, workdir: Optional[str] = None):
       from dit_quant_jax.quant import hqdit
       qparams, report = hqdit.quantize_from_config(model, params, qconfig, calib)
   report = dict(report)
+  if method != "fp" and calib is not None:
+    report["calib_set_time_s"] = calib_set_time_s
   report["method"] = method
   report["setting"] = qconfig.get("name", method)
   report["wall_time_s"] = time.perf_counter() - start

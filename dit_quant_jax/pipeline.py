@@ -18,9 +18,13 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dit_quant_jax.utils import distributed
 from dit_quant_jax.diffusion import create_diffusion, sampling
 from dit_quant_jax.models import dit
 from dit_quant_jax import api as quant_api
+from dit_quant_jax.errors import CheckpointDamagedError, StaleOutputError, UserError
+from dit_quant_jax.quant.qtensor import is_quantized
+from dit_quant_jax.utils import atomic, provenance
 from dit_quant_jax.utils import checkpoint as ckpt_lib
 
 
@@ -29,32 +33,106 @@ def load_dit(path: str, expected_config: Optional[dict] = None):
   """An orbax DiT checkpoint (FP or quantized) -> (model, params, metadata)."""
   params, model_config, metadata = ckpt_lib.restore_checkpoint(path, expected_config)
   model = dit.create_model(None, **model_config)
+  check_params_match_model(path, model, params)
   return model, params, metadata
 
 
-def quantize_checkpoint(model_path: str, qconfig, output_dir: str, reuse: bool = True) -> dict:
+def check_params_match_model(path: str, model, params) -> None:
+  """The params must hold exactly the arrays (names, shapes) that the recorded model config
+  builds: a record saying depth 3 over params with 4 blocks is a damaged checkpoint, not a
+  3-block model.  Quantized kernels are compared by their dense ``shape``."""
+  expected = jax.eval_shape(lambda: dit.init_params(model, jax.random.PRNGKey(0)))
+  expected_flat = {jax.tree_util.keystr(k): v.shape
+                   for k, v in jax.tree_util.tree_flatten_with_path(expected)[0]}
+  actual_flat = {}
+  for key, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_quantized)[0]:
+    actual_flat[jax.tree_util.keystr(key)] = tuple(leaf.shape)
+  missing = sorted(set(expected_flat) - set(actual_flat))
+  extra = sorted(set(actual_flat) - set(expected_flat))
+  wrong = [k for k in sorted(set(expected_flat) & set(actual_flat))
+           if tuple(expected_flat[k]) != tuple(actual_flat[k])]
+  if missing or extra or wrong:
+    config = {k: model.config_dict()[k] for k in ("depth", "hidden_size", "patch_size", "num_classes")}
+    parts = ([f"{len(extra)} arrays the record's model does not have (first {extra[0]})"] if extra else [])
+    parts += ([f"{len(missing)} arrays missing (first {missing[0]})"] if missing else [])
+    parts += ([f"{wrong[0]} has shape {actual_flat[wrong[0]]}, the record's model needs "
+               f"{tuple(expected_flat[wrong[0]])}"] if wrong else [])
+    raise CheckpointDamagedError(f"checkpoint {os.path.abspath(path)}: its record ({config}) does not "
+                                 f"match its params: {'; '.join(parts)}; re-create or re-convert it")
+
+
+REPORT_FILE = "report.json"
+# Calibration fields that change only logging/checkpoint cadence: resuming across them is safe.
+RESUME_IGNORED_FIELDS = ("calibration.log_every", "calibration.checkpoint_every",
+                         "calibration.checkpoints_to_keep")
+
+
+def quantization_provenance(model_path: str, qconfig) -> dict:
+  """What a quantized output depends on: the quantization config and the FP model's content
+  (its params digest when recorded, else its absolute path)."""
+  source = ckpt_lib.content_fingerprint(model_path) or os.path.abspath(model_path)
+  return dict(quantization=quant_api.config_to_dict(qconfig), source_model=source)
+
+
+def read_report(report_path: str) -> Optional[dict]:
+  """A quantization report.json, or None when it is cut off (a kill mid-write by older code,
+  a damaged disk): the output is then incomplete and is redone."""
+  try:
+    with open(report_path) as f:
+      report = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    logging.warning("%s is cut off or damaged (%s): the output is incomplete and is redone", report_path, e)
+    return None
+  return report if isinstance(report, dict) else None
+
+
+def quantize_checkpoint(model_path: str, qconfig, output_dir: str, reuse: bool = True,
+                        fp_model_and_params: Optional[tuple] = None,
+                        override_flag: str = "--reuse=False") -> dict:
   """Quantize the DiT at ``model_path`` with ``qconfig``; write ``output_dir``/{params, report.json}.
 
-  With ``reuse`` an existing complete output is returned as is (its report).  Calibration
-  state goes to ``output_dir``/calib_state and is resumed after a kill.
+  The report records the config that made it (``provenance``: hash + readable config, FP
+  model digest).  With ``reuse`` an existing complete output made by the same config is
+  returned as is (its report); one made by another config is refused (StaleOutputError naming
+  the difference and ``override_flag``); without ``reuse`` it is redone.  Calibration state
+  goes to ``output_dir``/calib_state and is resumed after a kill, only by the same config.
+  ``fp_model_and_params``: the already loaded (model, params) of ``model_path`` (skips a reload).
   """
-  report_path = os.path.join(output_dir, "report.json")
+  from dit_quant_jax import validation
+  record = validation.check_checkpoint_path(model_path, "FP model", "--model")
+  validation.check_not_quantized(record, model_path, "--model")
+  validation.check_quantization_config(qconfig, record["model_config"])
+  report_path = os.path.join(output_dir, REPORT_FILE)
   params_path = os.path.join(output_dir, "params")
-  if reuse and os.path.exists(report_path) and os.path.isdir(params_path):
-    logging.info("reusing quantized model in %s", output_dir)
-    with open(report_path) as f:
-      return json.load(f)
-  model, params, fp_meta = load_dit(model_path)
-  qparams, report = quant_api.quantize(model, params, qconfig,
-                                       workdir=os.path.join(output_dir, "calib_state"))
+  expected = quantization_provenance(model_path, qconfig)
+  # Process 0's disk decides for every process (they must all take the same branch).
+  if reuse and distributed.primary_value(os.path.exists(report_path) and os.path.isdir(params_path)):
+    report = read_report(report_path)
+    if report is not None:
+      provenance.check_stamp(f"quantized model in {os.path.abspath(output_dir)}",
+                             report.get("provenance"), expected, override_flag)
+      logging.info("reusing quantized model in %s (same config %s)", output_dir,
+                   report["provenance"]["config_hash"])
+      return report
+  state_dir = os.path.join(output_dir, "calib_state")
+  provenance.guard_state_dir(state_dir, expected, override_flag, ignore=[
+      "quantization." + f for f in RESUME_IGNORED_FIELDS], discard_stale=not reuse)
+  if fp_model_and_params is None:
+    model, params, _ = load_dit(model_path)
+  else:
+    model, params = fp_model_and_params
+  qparams, report = quant_api.quantize(model, params, qconfig, workdir=state_dir)
   report["source_model"] = os.path.abspath(model_path)
-  report["config"] = quant_api.config_to_dict(qconfig)
+  report["config"] = expected["quantization"]
+  report["provenance"] = provenance.make_stamp(expected)
   os.makedirs(output_dir, exist_ok=True)
+  if distributed.is_primary() and os.path.exists(report_path):
+    os.remove(report_path)  # the output is incomplete until the new report is written
   ckpt_lib.save_checkpoint(params_path, qparams, model.config_dict(),
-                           dict(quantization=report["config"], source_model=model_path),
+                           dict(quantization=report["config"], source_model=model_path,
+                                provenance=report["provenance"]),
                            overwrite=True)
-  with open(report_path, "w") as f:
-    json.dump(_jsonable(report), f, indent=1)
+  write_json(report_path, report)
   return report
 
 
@@ -72,8 +150,8 @@ def noise_and_labels(model, per_class: int, seed: int):
 
 
 def device_mesh() -> Mesh:
-  """A 1-D mesh named 'data' over all local devices (batch sharding)."""
-  return Mesh(np.array(jax.devices()), ("data",))
+  """A 1-D mesh named 'data' over every device of every process (batch sharding)."""
+  return distributed.data_mesh()
 
 
 def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler: str = "ddim",
@@ -105,17 +183,18 @@ def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler
       batch_noise = np.concatenate([batch_noise, batch_noise[:pad]])
       batch_labels = np.concatenate([batch_labels, batch_labels[:pad]])
     sharding = NamedSharding(mesh, P("data"))
-    x = jax.device_put(jnp.asarray(batch_noise), sharding)
-    y = jax.device_put(jnp.asarray(batch_labels), sharding)
+    # Every process holds the whole (seeded) batch and puts only its devices' rows.
+    x = distributed.put_batch(batch_noise, sharding)
+    y = distributed.put_batch(batch_labels, sharding)
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), b)
     result = sampling.sample(diffusion, model_fn, x, rng, sampler=sampler, eta=eta,
                              model_args=(params, y), return_trajectory=return_outputs)
     if return_outputs:
       x0, traj = result
-      outputs.append(np.asarray(traj["out"])[:, :valid])
+      outputs.append(distributed.to_host(traj["out"])[:, :valid])
     else:
       x0 = result
-    x0 = np.asarray(x0)[:valid]
+    x0 = distributed.to_host(x0)[:valid]
     images.append(np.clip(x0, -1.0, 1.0) if clip else x0)
     if progress is not None:
       done = start + valid
@@ -128,11 +207,13 @@ def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler
 
 
 # ----------------------------------------------------------------------------- scoring
-def score(images, labels, fp_images=None, outputs=None, fp_outputs=None) -> dict:
-  """Distribution metrics (FD, IS, class accuracy, precision, recall) and, when the FP
-  model's samples from the same noise are given, paired PSNR/MSE and per-step output MSE."""
+def score(images, labels, fp_images=None, outputs=None, fp_outputs=None,
+          bootstrap_resamples: int = 0) -> dict:
+  """Distribution metrics (FD, IS, class accuracy, precision, recall; with
+  ``bootstrap_resamples`` their fd_ci / class_acc_ci intervals) and, when the FP model's
+  samples from the same noise are given, paired PSNR/MSE and per-step output MSE."""
   from dit_quant_jax.eval import evaluate, metrics
-  result = dict(evaluate.evaluate_samples(images, labels))
+  result = dict(evaluate.evaluate_samples(images, labels, bootstrap_resamples=bootstrap_resamples))
   if fp_images is not None:
     paired = evaluate.paired_metrics(images, fp_images)
     result["paired_psnr"] = paired["psnr"]
@@ -156,9 +237,22 @@ def _jsonable(value):
 
 
 def write_json(path: str, payload: dict) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(_jsonable(payload), f, indent=1)
+  """``payload`` as indented JSON, written atomically (temporary name, then rename)."""
+  atomic.write_json(path, _jsonable(payload))
+
+
+def run_main(main: Callable) -> Callable:
+  """Wrap an absl ``main``: a :class:`UserError` (bad input, damaged or stale files) ends
+  the script with its one-line message and exit status 2, not a traceback."""
+  import sys
+
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+  return wrapped
 
 
 # ----------------------------------------------------------------------------- large runs
@@ -180,33 +274,23 @@ def sample_adm_shards(model, params, noise_labels, output_dir: str, *, shard_siz
   started = time.time()
   for index in range(num_shards):
     path = os.path.join(shard_dir, f"shard_{index:05d}.npz")
-    if os.path.exists(path):
+    if distributed.primary_value(os.path.exists(path)):  # process 0's disk decides for all
       continue
     sl = slice(index * shard_size, (index + 1) * shard_size)
     samples = generate(model, params, noise[sl], labels[sl], **generate_kwargs)
     images = decode(samples) if decode is not None else samples
-    writers.write_adm_npz(path + ".tmp.npz", images, labels[sl])
-    os.replace(path + ".tmp.npz", path)  # atomic: a shard on disk is complete
+    if distributed.is_primary():
+      writers.write_adm_npz(path, images, labels[sl])  # atomic: a shard on disk is complete
     elapsed = time.time() - started
     progress(f"shard {index + 1}/{num_shards} done, {elapsed:.0f} s, "
              f"ETA {elapsed / (index + 1) * (num_shards - index - 1):.0f} s")
-  arrays, shard_labels = [], []
-  for index in range(num_shards):
-    with np.load(os.path.join(shard_dir, f"shard_{index:05d}.npz")) as shard:
-      arrays.append(shard["arr_0"])
-      shard_labels.append(shard["arr_1"])
   merged = os.path.join(output_dir, "samples.npz")
-  np.savez(merged, arr_0=np.concatenate(arrays), arr_1=np.concatenate(shard_labels))
+  if distributed.is_primary():
+    arrays, shard_labels = [], []
+    for index in range(num_shards):
+      with np.load(os.path.join(shard_dir, f"shard_{index:05d}.npz")) as shard:
+        arrays.append(shard["arr_0"])
+        shard_labels.append(shard["arr_1"])
+    atomic.savez(merged, arr_0=np.concatenate(arrays), arr_1=np.concatenate(shard_labels))
+  distributed.sync("adm shards merged")
   return merged
-
-
-def maybe_initialize_distributed() -> bool:
-  """Multi-host: ``jax.distributed.initialize()`` when the environment names a coordinator
-  (JAX_COORDINATOR_ADDRESS, or a cluster jax auto-detects with DIT_QUANT_DISTRIBUTED=1).
-  The sharded code then spans every host's devices.  Returns whether it initialized."""
-  if os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("DIT_QUANT_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
-    logging.info("jax.distributed initialized: process %d of %d, %d devices", jax.process_index(),
-                 jax.process_count(), jax.device_count())
-    return True
-  return False

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dit_quant_jax import config_spec, pipeline
+from dit_quant_jax import config_spec, pipeline, validation
+from dit_quant_jax.utils import distributed
 from dit_quant_jax.models import convert_vae, vae
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dit_xl2.py", "DiT-XL/2 setting.")
@@ -25,8 +26,9 @@ flags.mark_flag_as_required("output")
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
-  pipeline.maybe_initialize_distributed()
-  c = _CONFIG.value
+  distributed.initialize_from_flags()
+  c = validation.config_from_flag(_CONFIG)
+  validation.check_dit_xl2_config(c)
   model_path = c.model
   if c.quant_spec:
     quant_dir = c.quant_dir or os.path.join(_OUTPUT.value, "quant")
@@ -54,4 +56,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(pipeline.run_main(main))

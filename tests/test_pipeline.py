@@ -45,7 +45,7 @@ def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
   for key in keep - {"fp"}:
     assert np.isfinite(by_key[key]["paired_psnr"]), key
     assert by_key[key]["size_mb"] < by_key["fp"]["size_mb"], key
-  for name in ("results.md", "results.json", "grids_side_by_side.png", "quality_vs_bits.png"):
+  for name in ("results.md", "results.json", "grids_side_by_side.png", "size_vs_quality.png"):
     assert os.path.getsize(os.path.join(config.results_dir, name)) > 0, name
   table = open(os.path.join(config.results_dir, "results.md")).read()
   assert "VQ4DiT W2" in table and "HQ-DiT W4A4" in table

@@ -9,6 +9,9 @@ temporary file lies in the same directory as the target, which is where it is cr
   atomic.save_image(path, pil_image)         # PNG
   atomic.savez(path, arr_0=..., arr_1=...)   # numpy .npz
   atomic.savefig(path, matplotlib_figure)
+
+In a multi-process run only process 0 writes (``utils/distributed.is_primary``): on the
+others every function here is a no-op that returns ``path``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import json
 import os
 import tempfile
 from typing import Any, Callable, Iterator
+
+from dit_quant_jax.utils import distributed
 
 TEMP_SUFFIX = ".partial"  # temporary names end with this (cleaned up on failure)
 
@@ -37,16 +42,13 @@ def _temporary_name(path: str) -> str:
   return temporary
 
 
-def write_with(path: str, writer: Callable[[str], Any]) -> str:
-  """Call ``writer(temporary_path)`` then rename the temporary file to ``path``.
-
-  The temporary file sits next to ``path`` (same file system) and keeps ``path``'s extension
-  before the suffix, so extension-sniffing writers (PIL, numpy) see the right format.  On any
-  exception the temporary file is removed and ``path`` is left as it was.  Returns ``path``.
-  """
+@contextlib.contextmanager
+def _replacing(path: str) -> Iterator[str]:
+  """Yield a temporary path next to ``path``; on success fsync it and rename it to ``path``,
+  on any exception remove it (``path`` is left as it was)."""
   temporary = _temporary_name(path)
   try:
-    writer(temporary)
+    yield temporary
     with open(temporary, "rb") as f:
       os.fsync(f.fileno())
     os.replace(temporary, path)
@@ -54,6 +56,19 @@ def write_with(path: str, writer: Callable[[str], Any]) -> str:
     with contextlib.suppress(FileNotFoundError):
       os.remove(temporary)
     raise
+
+
+def write_with(path: str, writer: Callable[[str], Any]) -> str:
+  """Call ``writer(temporary_path)`` then rename the temporary file to ``path``.
+
+  The temporary file sits next to ``path`` (same file system) and keeps ``path``'s extension
+  before the suffix, so extension-sniffing writers (PIL, numpy) see the right format.  On any
+  exception the temporary file is removed and ``path`` is left as it was.  Returns ``path``.
+  """
+  if not distributed.is_primary():
+    return path
+  with _replacing(path) as temporary:
+    writer(temporary)
   return path
 
 
@@ -62,17 +77,14 @@ def open_for_write(path: str, mode: str = "w", encoding: str | None = "utf-8") -
   """``with open_for_write(path) as f:`` writes ``path`` atomically (text or ``mode='wb'``)."""
   if "w" not in mode:
     raise ValueError(f"open_for_write needs a write mode, got {mode!r}")
-  temporary = _temporary_name(path)
-  try:
-    with open(temporary, mode, encoding=None if "b" in mode else encoding) as f:
+  encoding = None if "b" in mode else encoding
+  if not distributed.is_primary():
+    with open(os.devnull, mode, encoding=encoding) as f:
       yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(temporary)
-    raise
+    return
+  with _replacing(path) as temporary:
+    with open(temporary, mode, encoding=encoding) as f:
+      yield f
 
 
 def write_text(path: str, text: str) -> str:
