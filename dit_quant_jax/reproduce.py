@@ -173,9 +173,10 @@ def _header(config, num_samples: int) -> str:
   s = config.sampling
   resamples = int(config.get("bootstrap_resamples", 0))
   intervals = (f" Brackets: {100 * float(config.get('bootstrap_confidence', 0.95)):.0f}% bootstrap "
-               f"intervals over the {num_samples} generated samples ({resamples} resamples; the real "
-               f"test-set statistics held fixed); rank two methods only where their intervals do "
-               f"not overlap." if resamples else "")
+               f"intervals over the {num_samples} generated samples ({resamples} resamples, the real "
+               f"test-set statistics held fixed; FD's shifted by the resampling bias, "
+               f"eval/metrics.py); rank two methods only where their intervals do not overlap."
+               if resamples else "")
   return (f"# Results on the embedded default (Fashion-MNIST DiT)\n\n"
           f"Model `{config.model}`; {num_samples} samples ({s.per_class} per class), "
           f"{s.sampler} {s.respacing}, cfg {s.cfg_scale}, seed {s.seed}; identical noise and labels "
