@@ -427,11 +427,13 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
 # "quant" options of the act-quant kernel) or None for the defaults; returns (M, N)):
 #
 #   PATHS["w4a16"][name](x, weight, bias=None, *, config=None) -> x.dtype
-#   PATHS["w4a8"][name](x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None)
-#       -> float32;  activations: per-token FP8 E4M3, scale = clip_ratio * absmax / 448,
-#       saturating (the calibrated clip ratio is honoured on every path)
+#   PATHS["w4a8"][name](x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None,
+#                       out_dtype=float32) -> out_dtype (bf16 halves the output bytes);
+#       activations: per-token FP8 E4M3, scale = clip_ratio * absmax / 448, saturating (the
+#       calibrated clip ratio is honoured on every path)
 #   PATHS["w4a4"][name](x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
-#                       config=None) -> float32;  act_format 'e1m2' | 'e2m1' | 'e3m0' | 'int4'
+#                       config=None, out_dtype=float32) -> out_dtype;
+#       act_format 'e1m2' | 'e2m1' | 'e3m0' | 'int4'
 #
 # transform: None or (signs (K,), block (a, a)) for Q = diag(signs) kron(block, H_b / sqrt(b)),
 # b = K / a a power of two (quant/hadamard.py's layout); the act-quant step (transform,
@@ -444,11 +446,20 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
 # int32 / float32 accumulator), "triton_int8" / "triton_fp8" / "triton_bf16" (the Pallas-Triton
 # act-quant kernel + fp4_mma kernel decoding 4-bit tiles in its K loop; interpret mode off
 # GPU), "unpacked_triton_*" (the same, but the layer's 8-bit / bf16 image is decoded once per
-# call with XLA and the kernel only loads it: the large-M choice, see fp4_mma.fp4_mma).  "triton_fp8" lowers to
-# mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc, so Triton refuses fp8
-# wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.  "mosaic_int8" /
-# "mosaic_fp8" (Hopper, jax >= 0.11; M, N multiples of 128): kernels/fp4_mosaic.py, lowered
-# off-GPU only (wgmma s8 / e4m3 in its Mosaic GPU MLIR), never run: GPU-test before dispatching.
+# call with XLA and the kernel only loads it: the large-M choice, see fp4_mma.fp4_mma).
+# "triton_fp8" lowers to mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc,
+# so Triton refuses fp8 wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.
+# "mosaic_int8" / "mosaic_fp8" (Hopper, jax >= 0.11; M, N multiples of 128):
+# kernels/fp4_mosaic.py, lowered off-GPU only (wgmma s8 / e4m3 in its Mosaic GPU MLIR), never
+# run: GPU-test before dispatching.
+#
+# Roofline (H100 SXM, static SASS counts; see the h11a report): decoding 4-bit tiles inside the
+# K loop costs ~12 instructions per weight element per M tile in Triton (SASS: 777 per thread
+# per 128 x 128 x 128 step vs 4 IGMMA), 3-6x the int8 tensor-core time at block_m = 128, so the
+# in-loop paths are for small M only; at large M the unpacked_* paths (decode once, 176
+# instructions per step) and the XLA dots are the candidates.  The XLA dots write an int32 /
+# float32 (M, N) accumulator and scale it in a second fusion unless XLA fuses that epilogue into
+# the GEMM: measure before preferring them to unpacked_triton_*.
 # UNVERIFIED = the path names no test has run (the dispatcher must skip them until a GPU run).
 
 
@@ -460,7 +471,8 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
                        device: str | None = None) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
-  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).  Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
+  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).
+  Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
   device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
   exercise the Hopper configs)."""
   if m_rows > 64:
@@ -536,7 +548,7 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
   (XLA unpack + dot_general, or the fp4_mma kernel)."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None):
+           config=None, out_dtype=jnp.float32):
     if x.ndim != 2:
       raise ValueError(f"x must be (M, K), got shape {x.shape}")
     image = "int8" if dot_kind == "int8" else "fp8"
@@ -550,9 +562,10 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
     if dot_kind == "bf16":
       values = values.astype(jnp.bfloat16)
     if dot_impl == "xla":
-      return fp4_mma.xla_dot(values, row_scale, weight, bias, dot_kind=dot_kind)
+      return fp4_mma.xla_dot(values, row_scale, weight, bias, dot_kind=dot_kind,
+                             out_dtype=out_dtype)
     return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
-                           predecode=predecode, interpret=_interpret(),
+                           predecode=predecode, interpret=_interpret(), out_dtype=out_dtype,
                            **_mma_options(x, weight, config))
 
   return path
@@ -563,7 +576,7 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
   kernels/fp4_mosaic.py): the dispatcher must not pick it before a GPU test passes."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None):
+           config=None, out_dtype=jnp.float32):
     from dit_quant_jax.kernels import fp4_mosaic  # jax >= 0.11 only
     values, row_scale = act_quant.quantize_rows(
         x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=dot_kind,
@@ -571,20 +584,22 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
     options = {k: v for k, v in (config or {}).items()
                if k in ("block_m", "block_n", "max_concurrent_steps")}
     return fp4_mosaic.fp4_mosaic_matmul(values, row_scale, weight, bias, dot_kind=dot_kind,
-                                        out_dtype=jnp.float32, **options)
+                                        out_dtype=out_dtype, **options)
 
   return path
 
 
-def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None):
+def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None,
+                    out_dtype=jnp.float32):
   del config
-  return _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform)
+  y = _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform)
+  return y.astype(out_dtype)
 
 
 def _w4a4_reference(x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
-                    config=None):
+                    config=None, out_dtype=jnp.float32):
   del config
-  return _quantized_reference(x, weight, bias, act_format, clip_ratio, transform)
+  return _quantized_reference(x, weight, bias, act_format, clip_ratio, transform).astype(out_dtype)
 
 
 _FP8 = act_quant.FP8_FORMAT

@@ -260,8 +260,9 @@ def _bias_or_zeros(bias, n_features):
 
 @functools.partial(jax.jit, static_argnames=STATIC_ARGS)
 def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
-            predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1, num_warps: int = 8,
-            num_stages: int = 3, interpret: bool = False, out_dtype=jnp.float32):
+            predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1,
+            num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
+            out_dtype=jnp.float32):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias.
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
