@@ -34,7 +34,19 @@ def load_dit(path: str, expected_config: Optional[dict] = None):
   params, model_config, metadata = ckpt_lib.restore_checkpoint(path, expected_config)
   model = dit.create_model(None, **model_config)
   check_params_match_model(path, model, params)
+  check_params_finite(path, params)
   return model, params, metadata
+
+
+def check_params_finite(path: str, params) -> None:
+  """No float array of a checkpoint may hold NaN or Inf (a model saved after diverging)."""
+  for key, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    array = np.asarray(leaf)
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+      raise CheckpointDamagedError(
+          f"checkpoint {os.path.abspath(path)}: array {jax.tree_util.keystr(key)} holds "
+          f"{int(np.sum(~np.isfinite(array)))} NaN/Inf values; the model it holds diverged, "
+          "re-train or re-quantize it")
 
 
 def check_params_match_model(path: str, model, params) -> None:

@@ -105,6 +105,15 @@ def test_record_depth_must_match_params(tmp_path):
     pipeline.load_dit(path)
 
 
+def test_nan_params_refused_on_load(tmp_path):
+  model, params = tiny_model_and_params()
+  params["blocks_1"]["mlp"]["fc2"]["bias"] = params["blocks_1"]["mlp"]["fc2"]["bias"].at[3].set(jnp.nan)
+  path = ckpt_lib.save_checkpoint(str(tmp_path / "nan"), params, model.config_dict())
+  with pytest.raises(CheckpointDamagedError, match=r"array \['blocks_1'\]\['mlp'\]\['fc2'\]\['bias'\] "
+                                                   r"holds 1 NaN/Inf values"):
+    pipeline.load_dit(path)
+
+
 # --------------------------------------------------------------------- stale outputs
 def _tiny_qconfig(spec):
   return config_spec.load(spec, {"kmeans.num_iters": 2, "codebook_size": 16})
