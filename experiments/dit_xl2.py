@@ -32,7 +32,8 @@ def main(argv):
   model_path = c.model
   if c.quant_spec:
     quant_dir = c.quant_dir or os.path.join(_OUTPUT.value, "quant")
-    pipeline.quantize_checkpoint(c.model, config_spec.load(c.quant_spec), quant_dir)
+    pipeline.quantize_checkpoint(c.model, config_spec.load(c.quant_spec), quant_dir,
+                                 override_flag="another --config.quant_dir")
     model_path = os.path.join(quant_dir, "params")
   model, params, _ = pipeline.load_dit(model_path)
   if model.input_size != c.expected_input_size or model.in_channels != 4:
