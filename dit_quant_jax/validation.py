@@ -102,40 +102,34 @@ def number_format(allow: Iterable = ()) -> Rule:
   return rule
 
 
-def number_list(low: float, high: float) -> Rule:
-  inner = number_in(low, high)
-
+def list_of(item: Rule, what: str) -> Rule:
+  """A non-empty list whose every element passes ``item``; the first problem is reported."""
   def rule(v):
     if isinstance(v, str) or not hasattr(v, "__iter__") or not list(v):
-      return f"must be a non-empty list of numbers in [{low}, {high}], got {v!r}"
-    problems = [inner(x) for x in v if inner(x)]
+      return f"must be a non-empty list of {what}, got {v!r}"
+    problems = [p for p in (item(x) for x in v) if p]
     return problems[0] if problems else None
   return rule
 
 
+def _regex(pattern) -> Optional[str]:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError) as e:
+    return f"pattern {pattern!r} is not a regex: {e}"
+  return None
+
+
+def number_list(low: float, high: float) -> Rule:
+  return list_of(number_in(low, high), f"numbers in [{low}, {high}]")
+
+
 def format_list() -> Rule:
-  def rule(v):
-    if isinstance(v, str) or not hasattr(v, "__iter__") or not list(v):
-      return f"must be a non-empty list of format names, got {v!r}"
-    for name in v:
-      problem = number_format()(name)
-      if problem:
-        return problem
-    return None
-  return rule
+  return list_of(number_format(), "format names")
 
 
 def regex_list() -> Rule:
-  def rule(v):
-    if isinstance(v, str) or not hasattr(v, "__iter__") or not list(v):
-      return f"must be a non-empty list of regexes, got {v!r}"
-    for pattern in v:
-      try:
-        re.compile(pattern)
-      except (re.error, TypeError) as e:
-        return f"pattern {pattern!r} is not a regex: {e}"
-    return None
-  return rule
+  return list_of(_regex, "regexes")
 
 
 def respacing() -> Rule:
