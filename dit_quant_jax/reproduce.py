@@ -49,6 +49,7 @@ def run(config, progress: Callable[[str], None] = logging.info) -> list[dict]:
   from dit_quant_jax import validation
   validation.check_reproduce_config(config)
   selected = selected_rows(config)
+  pipeline.enable_compilation_cache(config.get("compilation_cache_dir", ""))
   os.makedirs(config.results_dir, exist_ok=True)
   grid_dir = os.path.join(config.results_dir, "grids")
   os.makedirs(grid_dir, exist_ok=True)
