@@ -65,7 +65,12 @@ def get_config(arg: str = "vq_bits_lambda"):
   if arg == "vq_w2_beyond":
     return _vq_sweep(c, VQ_BITS[:1], VQ_BEYOND[:2], VQ_BUDGETS[:1])
   if arg == "vq_w3_beyond":
-    return _vq_sweep(c, VQ_BITS[1:], VQ_BEYOND[:1], VQ_BUDGETS[:1])
+    return _vq_sweep(c, VQ_BITS[1:], VQ_BEYOND[:2], VQ_BUDGETS[:1])
+  if arg == "vq_w3_finetune_bias":
+    return _vq_sweep(c, VQ_BITS[1:], VQ_BEYOND[1:2], VQ_BUDGETS[:1])
+  if arg in ("vq_w2_ablation_150_part1", "vq_w2_ablation_150_part2"):  # the W2 ablation in two processes
+    part = [4, 2, 1, 6] if arg.endswith("part1") else [5, 3, 7]
+    return _vq_sweep(c, VQ_BITS[:1], [VQ_VARIANTS[i] for i in part], VQ_BUDGETS[:1])
   if arg == "vq_w2_ablation_150":  # W2 one-at-a-time ablations at the main job's budget
     return _vq_sweep(c, VQ_BITS[:1], VQ_VARIANTS, VQ_BUDGETS[:1])
   if arg == "vq_w2_1000":

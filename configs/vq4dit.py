@@ -8,8 +8,8 @@ arg (``--config=configs/vq4dit.py:w2``):
   kmeans_w3   likewise for w3.
   kmeans_w4   likewise for w4.
   finetune_w2 w2 with every layer hard from the start (the k-means assignments) and the whole
-              budget fine-tuning codebooks and biases on the end-to-end loss, codebook lr 1e-3
-              (not in the public code; results/vq4dit_ablation.md: best at short budgets).
+              budget fine-tuning codebooks and biases on the end-to-end loss, lr 1e-3 (not in
+              the public code; results/vq4dit_ablation.md: best at the main job's budget).
   finetune_w3 likewise for w3.
   w2a4        w2 weights with dynamic per-token FP4 (E2M1) activations: the combination
               not in the public code (activations quantized on the fly in VQWeight.linear).
@@ -27,9 +27,10 @@ from dit_quant_jax.quant import rules
 BIT_SETTINGS = {"w2": (256, 4), "w3": (64, 2), "w4": (256, 2)}
 SETTINGS = ("w2", "w3", "w4", "kmeans_w2", "kmeans_w3", "kmeans_w4", "finetune_w2", "finetune_w3", "w2a4",
             "tiny")
-# finetune_*: codebook learning rate of the fine-tune (10x the public code's 1e-4; one
-# measured setting, configs/sweeps.py:vq_headline).
+# finetune_*: codebook and bias learning rates of the fine-tune (10x the public code's 1e-4;
+# measured: configs/sweeps.py VQ_BEYOND, results/vq4dit_ablation.md).
 FINETUNE_CODEBOOK_LR = 1e-3
+FINETUNE_BIAS_LR = 1e-3
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -125,6 +126,7 @@ def get_config(arg: str = "w2") -> ml_collections.ConfigDict:
   if arg.startswith("finetune_"):
     c.calibration.harden_at = 0.0
     c.calibration.codebook_lr = FINETUNE_CODEBOOK_LR
+    c.calibration.bias_lr = FINETUNE_BIAS_LR
   if arg.startswith("kmeans_"):
     c.calibration.steps = 0  # k-means only: nearest codeword, no calibration
   if arg == "tiny":
