@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_quant_jax.diffusion import sampling
+from dit_quant_jax.utils import distributed
 
 
 def fp_trajectory(model, params, diffusion, labels, noise, rng, cfg_scale: Optional[float] = None,
@@ -33,12 +34,24 @@ def fp_trajectory(model, params, diffusion, labels, noise, rng, cfg_scale: Optio
 
 def random_calibration_set(model, params, diffusion, num_samples: int, rng,
                            cfg_scale: Optional[float] = None, sampler: str = "ddpm"):
-  """fp_trajectory on fresh Gaussian noise and uniformly random labels (no dataset)."""
+  """fp_trajectory on fresh Gaussian noise and uniformly random labels (no dataset).
+
+  With several devices (of one or several processes) and N divisible by their count, each
+  device samples its share of the N trajectories (the 'data' mesh of utils/distributed.py)
+  and every process gets the whole trajectory back as host arrays.
+  """
   noise_key, label_key, sample_key = jax.random.split(rng, 3)
   shape = (num_samples, model.input_size, model.input_size, model.in_channels)
   noise = jax.random.normal(noise_key, shape, jnp.float32)
   labels = jax.random.randint(label_key, (num_samples,), 0, model.num_classes)
-  return fp_trajectory(model, params, diffusion, labels, noise, sample_key, cfg_scale, sampler)
+  mesh = distributed.data_mesh()
+  if mesh.size == 1 or num_samples % mesh.size:
+    return fp_trajectory(model, params, diffusion, labels, noise, sample_key, cfg_scale, sampler)
+  sharding = distributed.batch_sharding(mesh)
+  trajectory = fp_trajectory(model, distributed.replicate(params, mesh), diffusion,
+                             distributed.put_batch(labels, sharding), distributed.put_batch(noise, sharding),
+                             sample_key, cfg_scale, sampler)
+  return distributed.to_host(trajectory)
 
 
 # ------------------------------------------------------------- on-the-fly trajectories

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 from dit_quant_jax.errors import StaleOutputError
 from dit_quant_jax.utils import atomic
+from dit_quant_jax.utils import distributed
 
 STAMP_SUFFIX = ".config.json"  # <state_dir>.config.json records the config of <state_dir>
 MAX_LISTED_DIFFERENCES = 8
@@ -130,5 +131,7 @@ def guard_state_dir(state_dir: str, config: Any, override: str, ignore: Iterable
     except StaleOutputError:
       if not discard_stale:
         raise
-      shutil.rmtree(state_dir)
+      if distributed.is_primary():  # one process deletes; the barrier below orders the others
+        shutil.rmtree(state_dir)
   atomic.write_json(path, make_stamp(config))
+  distributed.sync("resumable state guarded")  # no process resumes before process 0 decided
