@@ -37,6 +37,8 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dit_quant_jax.errors import ConfigError
+
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
@@ -55,8 +57,8 @@ _AUTO = flags.DEFINE_bool(
     "distributed_auto", None, f"Multi-process on a cluster jax detects (SLURM, MPI, ...) (env {ENV_AUTO}=1).")
 
 
-class DistributedConfigError(ValueError):
-  """A partial or malformed multi-process configuration."""
+class DistributedConfigError(ConfigError):
+  """A partial or malformed multi-process configuration (scripts print it as one line)."""
 
 
 @dataclasses.dataclass(frozen=True)
