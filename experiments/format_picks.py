@@ -24,7 +24,8 @@ def main(argv):
   parts = ["# HQ-DiT: the FP4 format each rule picks, per layer\n",
            "'ratio' is this project's reading of the paper's max/min-ratio rule (quant/hqdit.py; "
            "the paper gives no formula), 'mse' the smallest quantization error on the weight / "
-           "calibration rows. Both are evaluated for every layer; 'used' is the configured one.\n"]
+           "calibration rows. The ratio rule is evaluated for every layer, the MSE rule whenever "
+           "it is the configured one (— where it was not run); 'used' is the configured one.\n"]
   if _COMMAND.value:
     parts.append(f"Reports made by:\n\n    {_COMMAND.value}\n")
   parts.append("Table made by:\n\n    python experiments/format_picks.py --reports="
