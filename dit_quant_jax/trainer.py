@@ -147,12 +147,13 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
   if config.batch_size % mesh.size:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {mesh.size} devices")
   os.makedirs(workdir, exist_ok=True)
-  state = jax.jit(lambda key: init_state(config, model, key))(jax.random.PRNGKey(config.seed))
   state_dir = os.path.join(workdir, "state")
-  curve_path = os.path.join(workdir, "training_curve.jsonl")
-  state = distributed.replicate(state, mesh)
+  # Before any compile: state from another config is refused at once.
   provenance.guard_state_dir(state_dir, config, f"another --workdir (or delete {state_dir})",
                              ignore=RESUME_IGNORED_FIELDS)
+  state = jax.jit(lambda key: init_state(config, model, key))(jax.random.PRNGKey(config.seed))
+  curve_path = os.path.join(workdir, "training_curve.jsonl")
+  state = distributed.replicate(state, mesh)
   start = ckpt_lib.latest_step(state_dir)
   if start is not None:
     state = ckpt_lib.restore_state(state_dir, state, step=start)
