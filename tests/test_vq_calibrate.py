@@ -312,3 +312,17 @@ def test_bad_options(setup):
   outside["final_layer/linear"] = soft["blocks_0/mlp/fc1"]
   with pytest.raises(ValueError, match="outside blocks_i"):
     vq_calibrate.make_spec(config, outside, model)
+
+
+def test_config_default_is_the_public_procedure():
+  c = load_config("w2")
+  cal = c.calibration
+  assert (cal.codebook_schedule, cal.loss, cal.train_biases) == ("after_hard", "end_to_end", True)
+  assert (cal.regularizer_gate, cal.regularizer_average, cal.label_dropout) == ("above_running_min",
+                                                                              "soft_layers", False)
+  assert (cal.codebook_lr, cal.bias_lr, cal.logits_lr, cal.rmsprop_decay) == (1e-4, 1e-4, 5e-2, 0.9)
+  assert (c.calib.cfg_scale, c.calib.timestep_respacing, c.calib.sampler, c.calib.fresh_trajectories) == (
+      4.0, "50", "ddpm", True)
+  assert cal.harden_at is None
+  finetune = load_config("finetune_w3")
+  assert finetune.calibration.harden_at == 0.0 and (finetune.codebook_size, finetune.subvector_dim) == (64, 2)
