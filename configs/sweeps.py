@@ -109,6 +109,28 @@ def get_config(arg: str = "vq_bits_lambda"):
          ("int_w4a8", {"spec": "configs/hqdit.py:int8", "weight.format": "int4"})],
         [("cal8", {"calib.num_samples": 8})],
     ]
+  elif arg == "hqdit_calibration":  # HQ-DiT W4A4: calibration inputs FP vs quantized predecessors
+    w4a4 = {"spec": "configs/hqdit.py:w4a4", "calib.num_samples": 8}
+    c.axes = [
+        [("w4a4", w4a4)],
+        [("fp_inputs", {"calib.inputs": "fp"}),
+         ("seq_block", {"calib.inputs": "quantized", "calib.sequential_unit": "block"}),
+         ("seq_layer", {"calib.inputs": "quantized", "calib.sequential_unit": "layer"})],
+    ]
+  elif arg == "hqdit_lowrank":  # SVDQuant-style W4A4: rank of the bf16 branch (size, FD, PSNR)
+    svdq = {"spec": "configs/hqdit.py:svdq_w4a4", "calib.num_samples": 8}
+    c.axes = [
+        [("svdq_w4a4", svdq)],
+        [(f"r{r}", {"lowrank.rank": r}) for r in (8, 16, 32, 64)]
+        + [("r32_no_smooth", {"lowrank.rank": 32, "smooth.enabled": False})],
+    ]
+  elif arg == "hqdit_smoothquant":  # SmoothQuant: alpha searched per layer vs the paper's 0.5
+    c.axes = [
+        [("sq_w8a8", {"spec": "configs/hqdit.py:sq_w8a8"}),
+         ("sq_w4a8", {"spec": "configs/hqdit.py:sq_w4a8"})],
+        [("alpha_search", {}), ("alpha0.5", {"smooth.alphas": (0.5,)})],
+        [("cal8", {"calib.num_samples": 8})],
+    ]
   elif arg == "hqdit_bits":  # formats x activation bits
     c.axes = [
         [("w4a4", {"spec": "configs/hqdit.py:w4a4"}), ("w4a8", {"spec": "configs/hqdit.py:w4a8"}),
@@ -125,5 +147,6 @@ def get_config(arg: str = "vq_bits_lambda"):
   else:
     raise ValueError(f"unknown sweep {arg!r}; expected vq_ablation, vq_ablation_150, vq_headline, vq_budget, "
                      "vq_bits_lambda, vq_w2_investigation, "
-                     "vq_candidates, hqdit_ablation, hqdit_bits or tiny")
+                     "vq_candidates, hqdit_ablation, hqdit_calibration, hqdit_lowrank, "
+                     "hqdit_smoothquant, hqdit_bits or tiny")
   return c
