@@ -12,7 +12,8 @@ Per selected linear layer (``rules.select_layers``), each component switchable i
    modulation scales channels per sample, which no fixed rotation commutes with.
 2. Format selection, separately for weights and activations, among E1M2 / E2M1 / E3M0 (the
    paper's "hybrid" FP4).  The paper only says the choice follows the data's max/min
-   ratio; our exact rule (``select='ratio'``, :func:`max_min_ratio`):
+   ratio (we do not have its full text); the rule below is this project's reading, not a
+   formula from the paper.  Our exact rule (``select='ratio'``, :func:`max_min_ratio`):
    the data are viewed as the quantizer sees them, in scaling groups along the reduction
    axis K (weights: one output column, activations: one token, or the whole tensor for
    static per-tensor scales).  Each entry is divided by its group's absmax, and for every
@@ -29,6 +30,14 @@ Per selected linear layer (``rules.select_layers``), each component switchable i
    of the max in [clip_min, 1] by smallest quantization MSE (``quant.rtn``).
 4. GPTQ (``quant.gptq``) on the chosen grid with the chosen per-channel scales, using the
    layer's input Hessian from calibration (transformed by Q when the Hadamard is on).
+
+Beyond the paper, switchable in the same config: SmoothQuant (``smooth``,
+``quant.smoothquant``) before step 1 and an SVDQuant-style low-rank branch (``lowrank``,
+``quant.lowrank``) whose residual goes through steps 1-4.  Calibration
+(:func:`quantize_from_config`) is sequential by default: each DiT block's statistics are
+collected with every earlier block already quantized (``calib.inputs``).  Every offline
+transform of weights and calibration data, and GPTQ, runs in float64 numpy, so the codes do
+not depend on the machine's thread count (results/hqdit_determinism.md).
 
 Activation quantization travels with the weight (``FP4Weight`` static fields):
 
