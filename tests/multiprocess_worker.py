@@ -169,7 +169,8 @@ def main(out_dir, jobs):
   # Every job starts from a checkpoint written and read by all processes (orbax), as the
   # experiment scripts do (pipeline.load_dit).
   checkpoint = os.path.join(out_dir, "tiny_dit")
-  save_tiny_checkpoint(checkpoint)  # jax arrays on each process's own device
+  if not distributed.primary_value(os.path.isdir(checkpoint)):  # a relaunch finds it
+    save_tiny_checkpoint(checkpoint)  # jax arrays on each process's own device
   model, params, _ = pipeline.load_dit(checkpoint)
   result = {}
   timings = {}
