@@ -73,6 +73,8 @@ def get_config(arg: str = "vq_bits_lambda"):
     return _vq_sweep(c, VQ_BITS[:1], [VQ_VARIANTS[i] for i in part], VQ_BUDGETS[:1])
   if arg == "vq_w2_ablation_150":  # W2 one-at-a-time ablations at the main job's budget
     return _vq_sweep(c, VQ_BITS[:1], VQ_VARIANTS, VQ_BUDGETS[:1])
+  if arg == "vq_w2_finetune_1000":
+    return _vq_sweep(c, VQ_BITS[:1], VQ_BEYOND[1:2], VQ_BUDGETS[2:])
   if arg == "vq_w2_1000":
     return _vq_sweep(c, VQ_BITS[:1], VQ_VARIANTS[:1], VQ_BUDGETS[2:])
   if arg == "vq_budget":  # longer budgets for the public procedure and the fine-tune variants
