@@ -36,6 +36,11 @@ VQ_VARIANTS = [
                   "calibration.regularizer_average": "all_layers", "calib.fresh_trajectories": False,
                   "calib.cfg_scale": 1.5}),
 ]
+# Difference 5 has two halves; each switched back alone (the d5 row above switches both).
+VQ_D5_SPLIT = [
+    ("d5a_fixed_set", {"calib.fresh_trajectories": False}),
+    ("d5b_cfg1.5", {"calib.cfg_scale": 1.5}),
+]
 # Beyond the public code: every layer hard from the start (the k-means assignments), and the
 # whole budget fine-tunes codebooks (and biases) on the end-to-end loss, at a higher codebook lr;
 # harden_at0.5: half the budget soft (public procedure), then forced hard and fine-tuned.
@@ -57,7 +62,13 @@ def _vq_sweep(c, bits, variants, budgets):
 def get_config(arg: str = "vq_bits_lambda"):
   c = _base(arg)
   if arg == "vq_ablation":  # the whole grid: bits x (public, 6 differences, ours, beyond) x budgets
-    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS + VQ_BEYOND, VQ_BUDGETS)
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS + VQ_D5_SPLIT + VQ_BEYOND, VQ_BUDGETS)
+  if arg == "vq_d5_split_150":  # the two halves of difference 5, at W2 and W3, main job's budget
+    return _vq_sweep(c, VQ_BITS, VQ_D5_SPLIT, VQ_BUDGETS[:1])
+  if arg == "vq_w3_ablation_150":  # W3 one-at-a-time ablations at the main job's budget
+    return _vq_sweep(c, VQ_BITS[1:], VQ_VARIANTS[1:], VQ_BUDGETS[:1])
+  if arg == "vq_public_budget":  # the public procedure at the longer budgets, W2 and W3
+    return _vq_sweep(c, VQ_BITS, VQ_VARIANTS[:1], VQ_BUDGETS[1:])
   if arg == "vq_ablation_150":  # what results/vq4dit_ablation.md ran: one-at-a-time at the main job's budget
     return _vq_sweep(c, VQ_BITS, VQ_VARIANTS + VQ_BEYOND, VQ_BUDGETS[:1])
   if arg == "vq_headline":  # the public procedure and the fine-tune variants at the main job's budget

@@ -169,13 +169,24 @@ def test_packing_round_trip(name, k):
   scale = rng.uniform(0.5, 2.0, n).astype(np.float32)
   weight = FP4Weight.from_codes(jnp.asarray(codes, jnp.uint8), scale, name)
   assert weight.packed_codes.dtype == jnp.uint8
-  assert weight.packed_codes.shape == (packing.packed_length(k, fmt.bits), n)
-  np.testing.assert_array_equal(np.asarray(weight.codes()), codes)
   expected = fmt.lut[codes] * scale[None, :]
+  if fmt.bits == 4:  # the kernels' tiled layout: K padded to 128, (N, 64) bytes per K tile
+    assert weight.layout == "k_tiles"
+    assert weight.packed_codes.shape == (n, 64)
+    packed = np.asarray(weight.packed_codes)  # byte r of channel n: codes k = r | r + 64
+    padded = np.zeros((128, n), np.int64)
+    padded[:k] = codes
+    np.testing.assert_array_equal(packed, (padded[:64] | (padded[64:] << 4)).T)
+    # the older pack_bits layout (4-bit weights saved before) decodes to the same weight
+    old = FP4Weight.from_codes(jnp.asarray(codes, jnp.uint8), scale, name, layout="pack_bits")
+    assert old.packed_codes.shape == (packing.packed_length(k, 4), n)
+    np.testing.assert_array_equal(np.asarray(old.packed_codes)[0], codes[0] | (codes[1] << 4))
+    np.testing.assert_array_equal(np.asarray(old.dequantize()), expected.astype(np.float32))
+  else:
+    assert weight.layout == "pack_bits"
+    assert weight.packed_codes.shape == (packing.packed_length(k, fmt.bits), n)
+  np.testing.assert_array_equal(np.asarray(weight.codes()), codes)
   np.testing.assert_array_equal(np.asarray(weight.dequantize()), expected.astype(np.float32))
-  if fmt.bits == 4:  # interfaces.md: row 2i low nibble, row 2i + 1 high nibble
-    packed = np.asarray(weight.packed_codes)
-    np.testing.assert_array_equal(packed[0], codes[0] | (codes[1] << 4))
 
 
 @pytest.mark.parametrize("bad", ["e5m5", "fp16", "nf4", "int"])

@@ -113,7 +113,8 @@ def test_w4a4_pipeline_types_and_report(tiny):
     assert weight.act_format in formats.FP4_FORMATS and weight.act_granularity == "per_token"
     assert weight.hadamard_signs is not None and weight.hadamard_seed is not None
     assert weight.packed_codes.dtype == jnp.uint8
-    assert weight.packed_codes.shape == ((weight.shape[0] + 1) // 2, weight.shape[1])
+    assert weight.layout == "k_tiles"  # the FP4 kernels' tiled layout, K padded to 128
+    assert weight.packed_codes.shape == (weight.shape[1], -(-weight.shape[0] // 128) * 64)
     assert report["layers"][path]["gptq"] is False
     assert 0 < report["layers"][path]["output_rel_error"] < 0.5
   for block in ("blocks_0", "blocks_1"):
@@ -192,7 +193,8 @@ def test_fp4_weight_pytree_and_registry():
   static = {f: getattr(weight, f) for f in ("shape", "format_name", "hadamard_seed", "act_format",
                                             "act_granularity", "act_clip_ratio")}
   json.dumps(static)
-  assert weight.nbytes_breakdown() == {"codes": 9, "scale": 12}
+  # stored bytes: K = 6 pads to one 128-code tile, 64 bytes per output channel
+  assert weight.nbytes_breakdown() == {"codes": 3 * 64, "scale": 12}
   with pytest.raises(ValueError, match="granularity"):
     hqdit.FP4Weight.from_codes(jnp.zeros((4, 2), jnp.uint8), jnp.ones((2,)), "e2m1",
                                act_granularity="per_block")

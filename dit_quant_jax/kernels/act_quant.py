@@ -302,7 +302,7 @@ def quantize_activations(x, magnitudes, transform=None, *, clip_ratio: float = 1
 
 MAX_FAST_FACTOR = 128  # largest power-of-two factor applied as one dense +-1 (c, c) dot
 IMAGES = ("int8", "fp8", "packed")
-TRANSFORM_DTYPES = ("float32", "tf32", "bfloat16")
+TRANSFORM_DTYPES = ("bf16x3", "float32", "tf32", "bfloat16")
 FP8_FORMAT = "fp8_e4m3"
 
 
@@ -365,6 +365,16 @@ def _image_scale_factor(code, image):
   return float(code.multiplier) if image == "int8" else code.e4m3_factor
 
 
+def _split_bf16(v):
+  """float32 v -> (hi, lo) bfloat16 with hi + lo == v to ~2^-16 relative."""
+  hi = v.astype(jnp.bfloat16)
+  return hi, (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot_f32(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32)
+
+
 def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale_ref, *,
                      act_format: str, clip_ratio: float, image: str, rows_per_token: int,
                      rows_pad: int, tokens_per_program: int, transform_dtype: str,
@@ -379,14 +389,20 @@ def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale
   cols = jnp.ones((c_size,), jnp.bool_)
   row_valid = jnp.arange(rows_pad, dtype=jnp.int32) < rows_per_token
   signs = common.load_tile(signs_ref, 0, rows_pad, 0, c_size, row_valid, cols)
+  split = transform_dtype == "bf16x3"
   if transform_dtype == "float32":
     precision, dot_dtype = lax.Precision.HIGHEST, jnp.float32
   elif transform_dtype == "tf32":
     precision, dot_dtype = lax.Precision.DEFAULT, jnp.float32
   else:
     precision, dot_dtype = None, jnp.bfloat16
-  dense_t = dense_t_ref[...].astype(dot_dtype) if dense_t_ref is not None else None
+  dense_t = dense_t_ref[...] if dense_t_ref is not None else None
   hadamard = hadamard_ref[...].astype(dot_dtype) if hadamard_ref is not None else None
+  if split and dense_t is not None:
+    dense_t_hi, dense_t_lo = _split_bf16(dense_t)
+  elif dense_t is not None:
+    dense_t = dense_t.astype(dot_dtype)
+  x_is_bf16 = x_ref.dtype == jnp.bfloat16
   first_token = pl.program_id(0) * tokens_per_program
   factor = np.float32(_image_scale_factor(code, image))
 
@@ -397,7 +413,18 @@ def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale
     x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
                               cols).astype(jnp.float32)
     y = x_tile
-    if hadamard is not None:
+    if hadamard is not None and split:
+      # bf16x3: operands split into bf16 hi + lo parts, products summed in float32 (H is
+      # +-1, exact in bf16); error ~2^-16 relative, like float32, on bf16 tensor cores.
+      signed = y * signs
+      if x_is_bf16:  # x * (+-1) is exact in bf16: no lo part
+        y = _dot_f32(signed.astype(jnp.bfloat16), hadamard)
+      else:
+        hi, lo = _split_bf16(signed)
+        y = _dot_f32(hi, hadamard) + _dot_f32(lo, hadamard)
+      hi, lo = _split_bf16(y)
+      y = (_dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi, lo)) + _dot_f32(dense_t_lo, hi)
+    elif hadamard is not None:
       y = jnp.dot((y * signs).astype(dot_dtype), hadamard, precision=precision,
                   preferred_element_type=jnp.float32)
       y = jnp.dot(dense_t, y.astype(dot_dtype), precision=precision,
@@ -423,21 +450,37 @@ def _row_view(k_features: int, transform):
   return k_features // c_size, c_size, (signs, dense)
 
 
+def quantize_rows_applies(k_features: int, transform=None) -> bool:
+  """Whether :func:`quantize_rows` takes rows of width K with this transform (the power-of-two
+  factor must fill a 16-wide dot tile; K / a a power of two); else use quantize_rows_xla."""
+  if transform is None:
+    return min(MAX_FAST_FACTOR, pl.next_power_of_2(k_features)) >= common.MIN_BLOCK
+  a_size = int(transform[1].shape[0])
+  if k_features % a_size:
+    return False
+  b_size = k_features // a_size
+  return not b_size & (b_size - 1) and min(b_size, MAX_FAST_FACTOR) >= common.MIN_BLOCK
+
+
 @functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
                                              "tokens_per_program", "num_warps", "num_stages",
                                              "interpret", "transform_dtype"])
 def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
                   image: str = "int8", tokens_per_program: int = 8, num_warps: int = 4,
                   num_stages: int = 1, interpret: bool = False,
-                  transform_dtype: str = "bfloat16"):
+                  transform_dtype: str = "bf16x3"):
   """x: (M, K) float -> (image (M, K) int8 or float8_e4m3fn, row_scale (M,) float32) with
   x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
   power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
   (nearest, ties to even, saturating; FP8 E4M3: saturating cast), all in one pass per token.
 
   image 'int8': multiplier * value (W4A4 int8 path); 'fp8': the exact E4M3 image (W4A4 fp8
-  path, W4A8).  transform_dtype: dtype of the two transform dots ('float32' IEEE, 'tf32' or
-  'bfloat16' tensor cores; the latter two may flip codes at near-ties vs the reference).
+  path, W4A8).  transform_dtype: arithmetic of the two transform dots.  'bf16x3' (default):
+  bf16 tensor cores on hi/lo splits of both operands (x @ H_c: one dot for bf16 x, two for
+  float32; L^T @ y: three), float32-accurate, so the codes are the reference's (a code flips
+  only at an exact tie).  'bfloat16': one bf16 dot each, ~2x fewer tensor-core FLOPs, but
+  the bf16 rounding of y and of L moves ~0.5% of the codes by a grid step and the per-token
+  scales by ~0.3% (W4A4 outputs then ~2% from the reference; tests/test_kernels_fp4.py).  'float32' IEEE (CUDA cores, slow) or 'tf32'.
   """
   if x.ndim != 2:
     raise ValueError(f"x must be (M, K), got shape {x.shape}")

@@ -36,7 +36,9 @@ from jax.experimental import pallas as pl
 
 from dit_quant_jax.kernels import act_quant
 from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import dispatch
 from dit_quant_jax.kernels import fp4_mma
+from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
 
 CODE_BITS = 4
@@ -677,8 +679,75 @@ def lowering_cases(shapes=None, device: str = "hopper"):
                    jax.ShapeDtypeStruct((a_order, a_order), jnp.float32))
       quant_config = dict(tokens_per_program=8, num_warps=4, num_stages=1)
       fn = jax.jit(lambda x, t: act_quant.quantize_rows(
-          x, t, act_format="e2m1", image="int8", transform_dtype="bfloat16", **quant_config))
+          x, t, act_format="e2m1", image="int8", **quant_config))
       cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
                     (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16), transform),
                     dict(quant_config)))
   return cases
+
+
+# ----------------------------------------------------------------------------------------
+# The quantized linear's entry: dispatch by shape, fall back where a kernel does not apply.
+# ----------------------------------------------------------------------------------------
+
+# Paths whose act-quant step is the Triton kernel (act_quant.quantize_rows) -> the path with
+# the same dot but XLA act-quant, for widths the kernel does not take (power-of-two factor of K
+# below a 16-wide dot tile, e.g. the tiny test models).
+_XLA_QUANT_FALLBACK = {
+    ("w4a8", "triton_fp8"): "xla_fp8", ("w4a8", "triton_bf16"): "xla_bf16",
+    ("w4a8", "unpacked_triton_bf16"): "xla_bf16", ("w4a8", "mosaic_fp8"): "xla_fp8",
+    ("w4a4", "triton_int8"): "xla_int8", ("w4a4", "triton_fp8"): "xla_fp8",
+    ("w4a4", "triton_quant_xla_int8"): "xla_int8", ("w4a4", "unpacked_triton_int8"): "xla_int8",
+    ("w4a4", "mosaic_int8"): "xla_int8", ("w4a4", "mosaic_fp8"): "xla_fp8",
+}
+
+
+def choose_path(op: str, m_rows: int, k_features: int, n_features: int, *, transform=None,
+                act_format=None, device_kind=None) -> dispatch.Choice:
+  """dispatch.choose for an FP4 op, adjusted to what applies at this shape: the XLA act-quant
+  where the Triton one does not take K, the int8 image for formats with no exact E4M3 image,
+  and no path in UNVERIFIED."""
+  choice = dispatch.choose(op, m_rows, k_features, n_features, device_kind=device_kind)
+  path = choice.path
+  if (op, path) in UNVERIFIED:
+    raise ValueError(f"the dispatch table picked {op}/{path}, which no GPU run has verified")
+  if op == "w4a4" and path.endswith("fp8") and not fp4.fp4_code(act_format).has_e4m3_image:
+    path = path[:-3] + "int8"
+  if ((op, path) in _XLA_QUANT_FALLBACK
+      and not act_quant.quantize_rows_applies(k_features, transform)):
+    path = _XLA_QUANT_FALLBACK[(op, path)]
+  if path not in PATHS[op]:
+    raise AssertionError(f"dispatch chose {op}/{path}, not in fp4_matmul.PATHS[{op!r}]")
+  return dispatch.Choice(path, choice.config)
+
+
+def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format=None,
+           clip_ratio: float = 1.0, transform=None, path=None, device_kind=None,
+           out_dtype=None):
+  """x: (..., K) -> (..., N) through the path the dispatcher picks for (M, K, N, device)
+  (``choose_path``), or the named ``path``.  op: 'w4a16' (x already transformed and, for
+  fake-quantized activations, quantized), 'w4a8' (per-token FP8 E4M3 activations) or 'w4a4'
+  (per-token 4-bit ``act_format``); for these two, transform (signs (K,), block (a, a)) and
+  clip_ratio are applied by the path's act-quant step.  out_dtype: default x.dtype."""
+  if op not in PATHS:
+    raise ValueError(f"unknown FP4 op {op!r}; expected one of {sorted(PATHS)}")
+  if op == "w4a4" and act_format is None:
+    raise ValueError("w4a4 needs act_format ('e1m2' | 'e2m1' | 'e3m0' | 'int4')")
+  x2d, lead = common.flatten_rows(x, weight.k_features)
+  out_dtype = x.dtype if out_dtype is None else out_dtype
+  if path is None:
+    choice = choose_path(op, x2d.shape[0], weight.k_features, weight.n_features,
+                         transform=transform, act_format=act_format, device_kind=device_kind)
+    path, config = choice.path, choice.config or None
+  else:
+    if path not in PATHS[op]:
+      raise ValueError(f"unknown {op} path {path!r}; known: {sorted(PATHS[op])}")
+    config = None
+  fn = PATHS[op][path]
+  if op == "w4a16":
+    y = fn(x2d, weight, bias, config=config).astype(out_dtype)
+  else:
+    extra = dict(act_format=act_format) if op == "w4a4" else {}
+    y = fn(x2d, weight, bias, clip_ratio=clip_ratio, transform=transform, config=config,
+           out_dtype=out_dtype, **extra)
+  return y.reshape(lead + (weight.n_features,))

@@ -72,6 +72,7 @@ from dit_quant_jax.quant.qtensor import (ActivationQuantizer, QuantizedWeight,
                                          register_quantized_type)
 
 SELECT_METHODS = ("ratio", "mse")
+LAYOUTS = ("k_tiles", "pack_bits")  # FP4Weight code storage (class doc)
 ATTN_QUANT_NAMES = ("q_quant", "k_quant", "v_quant", "probs_quant")
 
 
@@ -91,8 +92,13 @@ def _unpack_codes(packed, bits, rows):
 class FP4Weight(QuantizedWeight):
   """A (K, N) kernel on a sign-magnitude grid (FP4 E1M2/E2M1/E3M0, FP8 E4M3 or INT-b).
 
-  packed_codes: uint8 (packing.packed_length(K, bits), N), codes packed along K with
-    ``packing.pack_bits(codes, bits, axis=0)`` (4 bits: two per byte, notes/interfaces.md);
+  packed_codes: the codes in the storage ``layout``:
+    'k_tiles' (4-bit formats, what ``from_codes`` writes): uint8 (N, K_pad / 2), the tiled
+      K-major layout the FP4 kernels read (``kernels.fp4_mma.pack_weight``: K zero-padded to
+      a multiple of 128, a 128-code K tile of one output channel in 64 contiguous bytes);
+    'pack_bits' (other widths, and 4-bit weights saved before the tiled layout existed):
+      uint8 (packing.packed_length(K, bits), N), codes packed along K with
+      ``packing.pack_bits(codes, bits, axis=0)``;
   scale: (N,) float32, W[k, n] = lut[code[k, n]] * scale[n];
   hadamard_signs (K,) / hadamard_block (a, a): when set, the stored W is Q^T W_original and
     ``linear`` applies x @ Q online (quant.hadamard); hadamard_seed records their seed;
@@ -105,7 +111,7 @@ class FP4Weight(QuantizedWeight):
     (quant.lowrank), y += ((x * input_scale) @ down) @ up on the unquantized input; the
     stored codes then hold the residual W - down @ up.
   Full forward: y = Qa((x * input_scale) @ Q) @ dequantize() + (x * input_scale) @ down @ up + bias.
-  The class name is historical (notes/interfaces.md); ``format_name`` says the grid.
+  The class name is historical; ``format_name`` says the grid.
   """
 
   packed_codes: jax.Array
@@ -122,6 +128,7 @@ class FP4Weight(QuantizedWeight):
   input_scale: Optional[jax.Array] = None
   lowrank_down: Optional[jax.Array] = None
   lowrank_up: Optional[jax.Array] = None
+  layout: str = struct.field(pytree_node=False, default="pack_bits")
 
   @classmethod
   def from_codes(cls, codes, scale, format_name: str, **fields) -> "FP4Weight":
@@ -133,13 +140,24 @@ class FP4Weight(QuantizedWeight):
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != (codes.shape[1],):
       raise ValueError(f"scale of shape {scale.shape} does not match {codes.shape[1]} outputs")
-    packed = _pack_codes(codes.astype(jnp.uint32), fmt.bits)
+    if fmt.bits == 4 and "layout" not in fields:
+      from dit_quant_jax.kernels import fp4_mma
+      packed, layout = fp4_mma.pack_weight(codes, scale, fmt.name).tiles, "k_tiles"
+    else:
+      layout = fields.pop("layout", "pack_bits")
+      if layout != "pack_bits":
+        raise ValueError(f"from_codes writes the {layout!r} layout only for 4-bit formats")
+      packed = _pack_codes(codes.astype(jnp.uint32), fmt.bits)
     weight = cls(packed_codes=packed, scale=scale, shape=tuple(int(d) for d in codes.shape),
-                 format_name=fmt.name, **fields)
+                 format_name=fmt.name, layout=layout, **fields)
     weight.validate()
     return weight
 
   def validate(self) -> None:
+    if self.layout not in LAYOUTS:
+      raise ValueError(f"unknown FP4Weight layout {self.layout!r}; expected one of {LAYOUTS}")
+    if self.layout == "k_tiles":
+      self.packed_weight().validate()
     if self.act_granularity not in rtn.GRANULARITIES:
       raise ValueError(f"unknown activation granularity {self.act_granularity!r}; known: "
                        f"{rtn.GRANULARITIES}")
@@ -171,7 +189,23 @@ class FP4Weight(QuantizedWeight):
 
   def codes(self) -> jax.Array:
     """(K, N) uint8 codes."""
+    if self.layout == "k_tiles":
+      from dit_quant_jax.kernels import fp4_mma
+      return fp4_mma.unpack_weight_codes(self.packed_weight()).astype(jnp.uint8)
     return _unpack_codes(self.packed_codes, self.bits, self.shape[0])
+
+  def packed_weight(self):
+    """The 4-bit weight as the FP4 kernels take it (``kernels.fp4_mma.PackedFp4Weight``): a
+    view of the stored arrays for the 'k_tiles' layout; for 'pack_bits' (4-bit weights saved
+    before the tiled layout) a relayout, one pass over the weight per call."""
+    from dit_quant_jax.kernels import fp4_mma
+    if self.bits != 4:
+      raise ValueError(f"{self.format_name} weights have no 4-bit kernel layout")
+    if self.layout == "k_tiles":
+      return fp4_mma.PackedFp4Weight(self.packed_codes, self.scale, self.format_name,
+                                     self.shape[0])
+    return fp4_mma.weight_from_pack_bits(self.packed_codes, self.scale, self.format_name,
+                                         self.shape[0])
 
   def dequantize(self, dtype=jnp.float32) -> jax.Array:
     """The stored (K, N) kernel (Q^T W when the Hadamard is folded in)."""
@@ -207,10 +241,13 @@ class FP4Weight(QuantizedWeight):
   def linear(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
     """x: (..., K) -> (..., N): online transform, activation quantization, matmul.
 
-    On GPU (kernels.common.resolve_impl), 4-bit weights run the Pallas kernels from their
-    packed form: W4A16 for weight-only, the fused act-quant kernel + exact INT8-tensor-core
-    W4A4 for 4-bit per-token activations, W4A8 for FP8 per-token activations.  Elsewhere
-    (and for other settings) the plain-jnp path: dequantized weight, fake-quantized input.
+    On GPU (kernels.common.resolve_impl; forced with ``kernel_impl("pallas")``, interpret
+    mode off GPU), 4-bit weights run ``kernels.fp4_matmul.linear``: the path the dispatch
+    table (kernels/dispatch.py) picks for (M, K, N, device), on the tiled weight: W4A16 for
+    weight-only, W4A4 (act-quant with the Hadamard, the calibrated clip ratio, codes into an
+    exact int8 / fp8 image, then an 8-bit dot) for 4-bit per-token activations, W4A8 for FP8
+    per-token activations.  Elsewhere (and for other settings) the plain-jnp path:
+    dequantized weight, fake-quantized input.  Both compute the same function.
     """
     from dit_quant_jax.kernels import common
     smoothed = self.smooth_input(x)
@@ -224,35 +261,33 @@ class FP4Weight(QuantizedWeight):
       y = y + bias.astype(y.dtype)
     return self._add_branch(y, smoothed)
 
+  def kernel_op(self) -> tuple[str, Optional[str]]:
+    """(FP4 op, activation format) of the kernel path: ('w4a16', None) weight-only or with
+    activations fake-quantized beforehand, ('w4a4', fmt) for 4-bit per-token activations,
+    ('w4a8', 'fp8_e4m3') for FP8 per-token activations."""
+    from dit_quant_jax.numerics import fp4
+    if self.act_granularity == "per_token":
+      if self.act_format in fp4.FP4_CODE_FORMATS:
+        return "w4a4", self.act_format
+      if self.act_format == "fp8_e4m3":
+        return "w4a8", self.act_format
+    return "w4a16", None
+
   def _kernel_linear(self, x, bias):
-    """The Pallas path (kernels/fp4_matmul.py, kernels/act_quant.py) on the smoothed input x
-    (the low-rank branch is added by linear()); see linear()."""
-    from dit_quant_jax.kernels import act_quant, fp4_matmul
-    w_fmt = self.fmt
-    if self.act_granularity == "none":
-      return fp4_matmul.w4a16_linear(self.rotate_input(x), self.packed_codes, w_fmt.lut,
-                                     self.scale, bias)
-    a_fmt = formats.get_format(self.act_format)
-    if a_fmt.bits == 4:
-      transform = None
-      if self.hadamard_signs is not None:
-        b = self.shape[0] // self.hadamard_block.shape[0]
-        walsh = hadamard.fwht(jnp.eye(b, dtype=jnp.float32), axis=-1)  # H_b / sqrt(b)
-        transform = (self.hadamard_signs, self.hadamard_block, walsh)
-      packed_x, x_scale = act_quant.quantize_activations(
-          x, a_fmt.magnitudes, transform, clip_ratio=self.act_clip_ratio)
-      return fp4_matmul.w4a4_linear(
-          packed_x, x_scale / a_fmt.multiplier, jnp.asarray(a_fmt.int_lut, jnp.int8),
-          self.packed_codes, jnp.asarray(w_fmt.int_lut, jnp.int8), self.scale / w_fmt.multiplier,
-          bias, k_features=self.shape[0])
-    if a_fmt.name == "fp8_e4m3":
-      xt = self.rotate_input(x.astype(jnp.float32))
-      x2d = xt.reshape(-1, xt.shape[-1])
-      x_fp8, x_scale = fp4_matmul.quantize_fp8_per_token(x2d, self.act_clip_ratio)
-      y = fp4_matmul.w4a8_linear(x_fp8, x_scale, self.packed_codes, w_fmt.lut, self.scale, bias)
-      return y.reshape(x.shape[:-1] + (self.shape[1],))
-    xq = self.quantize_activation(self.rotate_input(x.astype(jnp.float32)))
-    return fp4_matmul.w4a16_linear(xq.astype(x.dtype), self.packed_codes, w_fmt.lut, self.scale, bias)
+    """The kernel path on the smoothed input x (the low-rank branch is added by linear())."""
+    from dit_quant_jax.kernels import fp4_matmul
+    op, act_format = self.kernel_op()
+    weight = self.packed_weight()
+    if op == "w4a16":
+      xt = self.rotate_input(x)
+      if self.act_granularity != "none":  # e.g. INT8 per-token: fake-quantized in float32
+        xt = self.quantize_activation(xt.astype(jnp.float32)).astype(x.dtype)
+      return fp4_matmul.linear("w4a16", xt, weight, bias)
+    transform = None
+    if self.hadamard_signs is not None:
+      transform = (self.hadamard_signs, self.hadamard_block)
+    return fp4_matmul.linear(op, x, weight, bias, act_format=act_format,
+                             clip_ratio=self.act_clip_ratio, transform=transform)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel of the original input x (activation quantization aside):
