@@ -41,8 +41,10 @@ def main():
       "static counts in the whole kernel (K loop plus its software-pipelining prologue; v4 / v2 "
       "= 16 / 8-byte vector loads, 8-bit = byte loads), atomics (the split-K fix-up), and "
       "the roofline floors (datasheet peaks: max(FLOPs / peak, bytes / bandwidth); "
-      "vq_dequant_dot adds its decode pass to the bf16 dot's floor) with their ratio, the "
-      "speedup a perfect kernel would reach. Floors are not measurements.",
+      "vq_dequant_dot adds its decode pass to the bf16 dot's floor; quantize_rows counts x read "
+      "once, its 8-bit image written and the transform's bf16x3 tensor-core FLOPs) with their "
+      "ratio, the speedup a perfect kernel would reach. Floors are not measurements. First, per "
+      "device, the targets of issue 11 against the floors of the paths the dispatcher picks.",
   ]
   with open(args.out, "w") as f:
     f.write(static_report.markdown(result, header))

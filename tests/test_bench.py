@@ -46,6 +46,33 @@ def test_roofline_closed_forms():
   assert big["floor_s"] > roofline.bf16_dot_floor(16384, k, n, H100)["floor_s"]
 
 
+def test_fp4_roofline_closed_forms():
+  # act-quant at K = 1152 with the 36-block: token row as (36 -> 64 padded, 32); bf16x3 on a
+  # bf16 x: one (64, 32) @ (32, 32) dot and three (64, 64) @ (64, 32) dots
+  assert roofline.act_quant_token_flops(1152, 36) == 2 * (64 * 32 * 32 + 3 * 64 * 64 * 32)
+  assert roofline.act_quant_token_flops(1152, 36, "bfloat16") == 2 * (64 * 32 * 32 + 64 * 64 * 32)
+  assert roofline.act_quant_token_flops(1152, None) == 0
+  m, k, n = 4096, 1152, 3456
+  act = roofline.act_quant_floor(m, k, 36, H100)
+  assert act["memory_s"] == pytest.approx((3 * m * k + 4 * m) / 3.35e12)
+  floor = roofline.fp4_path_floor("w4a4", "triton_quant_xla_int8", m, k, n, H100, 36)
+  decode = (k * n / 2 + k * n) / 3.35e12
+  dot = max(2 * m * k * n / (2 * 989e12), (m * k + k * n + 4 * n + 2 * m * n) / 3.35e12)
+  assert floor["floor_s"] == pytest.approx(act["floor_s"] + decode + dot)
+  assert floor["act_quant_s"] == pytest.approx(act["floor_s"])
+
+
+def test_static_report_target_rows():
+  from dit_quant_jax.bench import static_report
+  rows = static_report.target_rows(90, shapes=((1152, 3456),))
+  by_key = {(r["op"], r["m"]): r for r in rows}
+  assert by_key[("vq", 16)]["path"] == "vq_splitk" and by_key[("vq", 16)]["speedup"] > 3
+  assert by_key[("w4a4", 4096)]["path"] == "triton_quant_xla_int8"
+  assert 0 < by_key[("w4a4", 4096)]["act_quant_s"] < by_key[("w4a4", 4096)]["floor_s"]
+  text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 3456),)))
+  assert "| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | triton_quant_xla_int8 |" in text
+
+
 def test_smoke_run_writes_report(tmp_path):
   path = kernels.run(smoke=True, out_dir=str(tmp_path), names=["bf16_xla", "vq_w2"],
                      tokens=(8,), shapes=((64, 96),), dit_step=False)

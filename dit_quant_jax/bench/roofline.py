@@ -72,3 +72,72 @@ def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peak
     dot = bf16_dot_floor(m_rows, k_features, n_features, peaks)
     return dict(dot, decode_s=decode, floor_s=decode + dot["floor_s"])
   return floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+
+
+# ----------------------------------------------------------------------------------------
+# FP4 paths: act-quant step, decode pass, dot (kernels/fp4_matmul.py PATHS names).
+# ----------------------------------------------------------------------------------------
+
+MAX_FAST_FACTOR = 128  # kernels/act_quant.py: largest power-of-two factor as one dense dot
+MIN_TILE = 16
+
+
+def _next_power_of_2(n: int) -> int:
+  return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16x3",
+                          x_bf16: bool = True) -> float:
+  """Tensor-core FLOPs per token of act_quant.quantize_rows' transform (0 without one): the
+  token row as a (a', c) tile (c = min(K / a, 128), a' = K / c padded to a power of two >= 16),
+  one (a'_pad, c) @ (c, c) +-1 dot and one (a'_pad, a'_pad) @ (a'_pad, c) dot; bf16x3 runs the
+  first on hi + lo (lo skipped for bf16 x) and the second three times."""
+  if not a_order:
+    return 0.0
+  c_size = min(k_features // int(a_order), MAX_FAST_FACTOR)
+  rows_pad = max(MIN_TILE, _next_power_of_2(k_features // c_size))
+  first = rows_pad * c_size * c_size
+  second = rows_pad * rows_pad * c_size
+  if transform_dtype == "bf16x3":
+    first *= 1 if x_bf16 else 2
+    second *= 3
+  return 2.0 * (first + second)
+
+
+def act_quant_floor(m_rows: int, k_features: int, a_order, peaks: Peaks,
+                    transform_dtype: str = "bf16x3") -> dict:
+  """quantize_rows: read x (bf16) once, write its 8-bit image and a float32 scale per token;
+  the transform dots at the bf16 tensor-core rate."""
+  flops = m_rows * act_quant_token_flops(k_features, a_order, transform_dtype)
+  moved = m_rows * k_features * (BF16_BYTES + 1) + m_rows * FP32_BYTES
+  return floor_seconds(flops, moved, peaks)
+
+
+def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Peaks) -> float:
+  """XLA unpack of a 4-bit layer into a transient (K, N) image: K N / 2 read, K N x image written."""
+  return (k_features * n_features / 2 + k_features * n_features * image_bytes) / peaks.bandwidth
+
+
+def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
+                   peaks: Peaks, a_order=None) -> dict:
+  """Floor of one FP4 path (act-quant + decode + dot, each at its own floor, run one after the
+  other): dict(floor_s, act_quant_s, gemm_s = the rest, bound of the dot)."""
+  flops = 2 * m_rows * k_features * n_features
+  act_s = 0.0
+  if op in ("w4a4", "w4a8"):
+    act_s = act_quant_floor(m_rows, k_features, a_order, peaks)["floor_s"]
+  x_bytes = 1 if op in ("w4a4", "w4a8") else BF16_BYTES
+  if path.startswith("xla") or path.startswith("triton_quant_xla") or path.startswith("unpacked"):
+    image = BF16_BYTES if path.endswith("bf16") else 1
+    decode_s = _decode_pass_s(k_features, n_features, image, peaks)
+    dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features,
+                                            k_features * n_features * image, x_bytes),
+                        peaks, 1.0 if image == BF16_BYTES else 2.0)
+  else:  # a Triton kernel decoding the 4-bit tiles in its K loop
+    decode_s = 0.0
+    rate = 1.0 if path.endswith("bf16") else 2.0
+    dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features,
+                                            k_features * n_features // 2, x_bytes), peaks, rate)
+  gemm_s = decode_s + dot["floor_s"]
+  return dict(floor_s=act_s + gemm_s, act_quant_s=act_s, gemm_s=gemm_s, decode_s=decode_s,
+              bound=dot["bound"])
