@@ -443,20 +443,21 @@ def _random_quantized_params(params, kind: str, seed: int = 0):
       codebook = rng.standard_normal((256, 4)).astype(np.float32) * 0.02
       indices = rng.integers(0, 256, (k_in // 4, n_out))
       weight = vq4dit.VQWeight.from_indices(codebook, indices, (k_in, n_out))
-    else:  # HQ-DiT W4A4: E2M1 weights, Hadamard, per-token E2M1 activations
+    else:  # HQ-DiT: E2M1 weights, Hadamard, per-token E2M1 (W4A4) or FP8 E4M3 (W4A8) acts
+      act_format = {"hqdit_w4a4": "e2m1", "hqdit_w4a8": "fp8_e4m3"}[kind]
       transform = hadamard.make_transform(k_in, seed + index)
       codes = rng.integers(0, 16, (k_in, n_out)).astype(np.uint8)
       weight = hqdit.FP4Weight.from_codes(
           codes, np.full((n_out,), 0.01, np.float32), "e2m1",
           hadamard_signs=transform.signs, hadamard_block=transform.block,
-          hadamard_seed=transform.seed, act_format="e2m1", act_granularity="per_token")
+          hadamard_seed=transform.seed, act_format=act_format, act_granularity="per_token")
     out = rules.set_path(out, path + "/kernel", weight)
   return out
 
 
 def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
   """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
-  sees 16), for FP bf16, VQ W2 and HQ-DiT W4A4 with random weights in the real shapes.
+  sees 16), for FP bf16, VQ W2, HQ-DiT W4A4 and W4A8 with random weights in the real shapes.
   Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
   from dit_quant_jax.diffusion import create_diffusion, sampling
   from dit_quant_jax.models import dit
@@ -484,7 +485,7 @@ def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
     return x_next
 
   variants = {}
-  for name in ("vq_w2", "hqdit_w4a4"):
+  for name in ("vq_w2", "hqdit_w4a4", "hqdit_w4a8"):
     variants[name] = (step, (_random_quantized_params(params, name), x, t, labels, noise))
   bf16 = jax.tree_util.tree_map(lambda p: p.astype(jnp.bfloat16), params)
   variants["fp_bf16"] = (step, (bf16, x, t, labels, noise))
