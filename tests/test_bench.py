@@ -103,3 +103,16 @@ def test_gpu_check_smoke_mode(tmp_path):
   stages = open(tmp_path / "stages.txt").read()
   assert "device rc=0" in stages and "bench_smoke rc=0" in stages, stages
   assert any(name.startswith("kernels_smoke_") for name in os.listdir(tmp_path))
+
+
+def test_dit_step_estimate_sums_the_block_floors():
+  from dit_quant_jax.bench import static_report
+  rows = {r["variant"]: r for r in static_report.dit_step_estimate(90)}
+  assert rows["bf16"]["speedup"] == 1.0
+  # bf16 linears: 28 blocks x (4 token linears at M = 4096 + adaLN at M = 16)
+  shapes = [(4096, 1152, 3456), (4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152),
+            (16, 1152, 6912)]
+  linears = 28 * sum(roofline.bf16_dot_floor(m, k, n, H100)["floor_s"] for m, k, n in shapes)
+  assert rows["bf16"]["linears_s"] == pytest.approx(linears)
+  assert rows["HQ-DiT W4A4"]["linears_s"] < rows["bf16"]["linears_s"]
+  assert all(r["attention_s"] == rows["bf16"]["attention_s"] for r in rows.values())

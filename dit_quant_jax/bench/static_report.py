@@ -213,10 +213,69 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
   return lines
 
 
+# DiT-XL/2 at 256 px, batch 8 with CFG: 16 images x 256 tokens per block; 28 blocks.
+DIT_XL2_BLOCK = dict(tokens=16 * 256, images=16, seq=256, hidden=1152, heads=16, depth=28)
+DIT_XL2_BLOCK_LINEARS = (("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608),
+                         ("fc2", 4608, 1152))
+STEP_VARIANTS = (("bf16", None), ("VQ W2", "vq"), ("HQ-DiT W4A4", "w4a4"),
+                 ("HQ-DiT W4A8", "w4a8"))
+
+
+def dit_step_estimate(cc: int) -> list[dict]:
+  """Floors of one DiT-XL/2 sampling step's matmuls per variant: the 4 token linears (M =
+  4096) and the adaLN linear (M = 16 images, 1152 -> 6912) of each block through the
+  dispatcher's path, plus the attention matmuls (bf16, QK^T and PV, unchanged by quantization).
+  LayerNorm / modulate / GELU / residual passes are left out (the same in every variant)."""
+  cls = CLASS_OF_CC[cc]
+  peaks = roofline.DATASHEET[cls]
+  kind = triton_ptx.DEVICE_KIND[cc]
+  b = DIT_XL2_BLOCK
+  attn_flops = 2 * 2 * b["images"] * b["seq"] * b["seq"] * b["hidden"]
+  attn_bytes = 4 * b["tokens"] * b["hidden"] * roofline.BF16_BYTES  # q, k, v read, out written
+  attention_s = roofline.floor_seconds(attn_flops, attn_bytes, peaks)["floor_s"]
+  rows = []
+  for name, op in STEP_VARIANTS:
+    linears_s = 0.0
+    for m_rows, k_features, n_features in (
+        [(b["tokens"], k, n) for _, k, n in DIT_XL2_BLOCK_LINEARS] + [(b["images"], 1152, 6912)]):
+      if op is None:
+        floor = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)
+      else:
+        path = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind).path
+        if op == "vq":
+          floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+        else:
+          floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
+                                          HADAMARD_ORDER.get(k_features))
+      linears_s += floor["floor_s"]
+    step_s = b["depth"] * (linears_s + attention_s)
+    rows.append(dict(variant=name, linears_s=b["depth"] * linears_s,
+                     attention_s=b["depth"] * attention_s, step_s=step_s))
+  base = rows[0]["step_s"]
+  for row in rows:
+    row["speedup"] = base / row["step_s"]
+  return rows
+
+
+def dit_step_markdown(cc: int) -> list[str]:
+  peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
+  lines = ["", f"### DiT-XL/2 sampling step (256 px, batch 8 with CFG), sm_{cc} ({peaks.name})",
+           "", "Sum of floors over the 28 blocks: the five linears through the dispatcher's "
+           "paths and the bf16 attention matmuls; elementwise passes (LayerNorm, modulate, GELU, "
+           "residuals; the same in every variant) are not counted, so real speedups are lower.",
+           "", "| variant | linears us | attention us | step floor us | floor speedup |",
+           "|---|---|---|---|---|"]
+  for row in dit_step_estimate(cc):
+    lines.append(f"| {row['variant']} | {row['linears_s'] * 1e6:.0f} | "
+                 f"{row['attention_s'] * 1e6:.0f} | {row['step_s'] * 1e6:.0f} | "
+                 f"{row['speedup']:.2f} |")
+  return lines
+
+
 def markdown(result: dict, header_lines) -> str:
   lines = list(header_lines)
   for cc in result:
-    lines += targets_markdown(cc)
+    lines += targets_markdown(cc) + dit_step_markdown(cc)
   for cc, rows in result.items():
     peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
     lines += ["", f"## sm_{cc}{'a' if cc >= 90 else ''} ({peaks.name}: "
