@@ -103,6 +103,14 @@ def test_gpu_check_smoke_mode(tmp_path):
   stages = open(tmp_path / "stages.txt").read()
   assert "device rc=0" in stages and "bench_smoke rc=0" in stages, stages
   assert any(name.startswith("kernels_smoke_") for name in os.listdir(tmp_path))
+  # stage 6: VQ4DiT calibration throughput (tiny DiT here), extrapolated to the budgets
+  assert "calibration_smoke rc=0" in stages, stages
+  import json
+  result = json.load(open(tmp_path / "calibration" / "calibration_throughput.json"))
+  assert result["timed_steps"] == 2 and result["steps_per_second"] > 0
+  assert result["extrapolated_seconds"]["50000"] == pytest.approx(
+      50000 * result["seconds_per_step"])
+  assert "steps / s" in open(tmp_path / "calibration" / "calibration_throughput.md").read()
 
 
 def test_dit_step_estimate_sums_the_block_floors():

@@ -455,11 +455,10 @@ def _random_quantized_params(params, kind: str, seed: int = 0):
   return out
 
 
-def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
-  """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
-  sees 16), for FP bf16, VQ W2, HQ-DiT W4A4 and W4A8 with random weights in the real shapes.
-  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
-  from dit_quant_jax.diffusion import create_diffusion, sampling
+def random_dit(smoke: bool):
+  """(model, float32 params): DiT-XL/2 for 256 px latents (32 x 32 x 4, 1000 classes, bf16
+  compute) with random weights, non-zero adaLN / final layer as after training; smoke: a
+  one-block 128-wide DiT (CPU)."""
   from dit_quant_jax.models import dit
   if smoke:
     model = dit.create_model("DiT-S/8", input_size=16, depth=1, hidden_size=128, num_heads=2,
@@ -467,8 +466,17 @@ def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
   else:
     model = dit.create_model("DiT-XL/2", input_size=32, num_classes=1000, dtype=jnp.bfloat16)
   params = jax.jit(lambda key: dit.init_params(model, key))(jax.random.PRNGKey(0))
-  params = jax.tree_util.tree_map(  # non-zero adaLN / final layer, as after training
+  params = jax.tree_util.tree_map(
       lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+  return model, params
+
+
+def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
+  """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
+  sees 16), for FP bf16, VQ W2, HQ-DiT W4A4 and W4A8 with random weights in the real shapes.
+  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
+  from dit_quant_jax.diffusion import create_diffusion, sampling
+  model, params = random_dit(smoke)
   diffusion = create_diffusion("250")
   model_fn = sampling.cfg_model_fn(model, 1.5)
   batch = 8
