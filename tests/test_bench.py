@@ -55,11 +55,22 @@ def test_fp4_roofline_closed_forms():
   m, k, n = 4096, 1152, 3456
   act = roofline.act_quant_floor(m, k, 36, H100)
   assert act["memory_s"] == pytest.approx((3 * m * k + 4 * m) / 3.35e12)
-  floor = roofline.fp4_path_floor("w4a4", "triton_quant_xla_int8", m, k, n, H100, 36)
-  decode = (k * n / 2 + k * n) / 3.35e12
+  decode = (k * n / 2 + k * n) / 3.35e12  # 4-bit layer read, int8 image written
   dot = max(2 * m * k * n / (2 * 989e12), (m * k + k * n + 4 * n + 2 * m * n) / 3.35e12)
-  assert floor["floor_s"] == pytest.approx(act["floor_s"] + decode + dot)
-  assert floor["act_quant_s"] == pytest.approx(act["floor_s"])
+  # decode once + Triton int8 kernel with the scales in its epilogue
+  unpacked = roofline.fp4_path_floor("w4a4", "unpacked_triton_int8", m, k, n, H100, 36)
+  assert unpacked["floor_s"] == pytest.approx(act["floor_s"] + decode + dot)
+  assert unpacked["act_quant_s"] == pytest.approx(act["floor_s"])
+  # the XLA int8 dot: the same plus its int32 accumulator written and read back (8 B / output)
+  xla = roofline.fp4_path_floor("w4a4", "triton_quant_xla_int8", m, k, n, H100, 36)
+  assert xla["floor_s"] - unpacked["floor_s"] == pytest.approx(8 * m * n / 3.35e12)
+  # in-loop decode: the 4-bit layer read by the kernel, no decode pass (ALU cost not modelled)
+  inloop = roofline.fp4_path_floor("w4a4", "triton_int8", 16, k, n, H100, 36)
+  assert inloop["decode_s"] == 0
+  assert inloop["floor_s"] - inloop["act_quant_s"] == pytest.approx(
+      (16 * k + k * n / 2 + 4 * n + 2 * 16 * n) / 3.35e12)
+  # W4A16's XLA path folds the scale into its bf16 layer: no epilogue pass
+  assert roofline.fp4_path_floor("w4a16", "xla_bf16", m, k, n, H100)["epilogue_s"] == 0
 
 
 def test_static_report_target_rows():
@@ -67,10 +78,10 @@ def test_static_report_target_rows():
   rows = static_report.target_rows(90, shapes=((1152, 3456),))
   by_key = {(r["op"], r["m"]): r for r in rows}
   assert by_key[("vq", 16)]["path"] == "vq_splitk" and by_key[("vq", 16)]["speedup"] > 3
-  assert by_key[("w4a4", 4096)]["path"] == "triton_quant_xla_int8"
+  assert by_key[("w4a4", 4096)]["path"] == "unpacked_triton_int8"
   assert 0 < by_key[("w4a4", 4096)]["act_quant_s"] < by_key[("w4a4", 4096)]["floor_s"]
   text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 3456),)))
-  assert "| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | triton_quant_xla_int8 |" in text
+  assert "| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | unpacked_triton_int8 |" in text
 
 
 def test_smoke_run_writes_report(tmp_path):
@@ -123,4 +134,9 @@ def test_dit_step_estimate_sums_the_block_floors():
   linears = 28 * sum(roofline.bf16_dot_floor(m, k, n, H100)["floor_s"] for m, k, n in shapes)
   assert rows["bf16"]["linears_s"] == pytest.approx(linears)
   assert rows["HQ-DiT W4A4"]["linears_s"] < rows["bf16"]["linears_s"]
+  # W4A4 linears: the same blocks through the dispatched paths' floors
+  w4a4 = 28 * sum(roofline.fp4_path_floor(
+      "w4a4", "triton_int8" if m <= 64 else "unpacked_triton_int8", m, k, n, H100,
+      static_report.HADAMARD_ORDER.get(k))["floor_s"] for m, k, n in shapes)
+  assert rows["HQ-DiT W4A4"]["linears_s"] == pytest.approx(w4a4)
   assert all(r["attention_s"] == rows["bf16"]["attention_s"] for r in rows.values())

@@ -182,9 +182,13 @@ def test_packing_round_trip(name, k):
     assert old.packed_codes.shape == (packing.packed_length(k, 4), n)
     np.testing.assert_array_equal(np.asarray(old.packed_codes)[0], codes[0] | (codes[1] << 4))
     np.testing.assert_array_equal(np.asarray(old.dequantize()), expected.astype(np.float32))
+    explicit = FP4Weight.from_codes(jnp.asarray(codes, jnp.uint8), scale, name, layout="k_tiles")
+    np.testing.assert_array_equal(np.asarray(explicit.packed_codes), packed)
   else:
     assert weight.layout == "pack_bits"
     assert weight.packed_codes.shape == (packing.packed_length(k, fmt.bits), n)
+    with pytest.raises(ValueError, match="4-bit formats"):
+      FP4Weight.from_codes(jnp.asarray(codes, jnp.uint8), scale, name, layout="k_tiles")
   np.testing.assert_array_equal(np.asarray(weight.codes()), codes)
   np.testing.assert_array_equal(np.asarray(weight.dequantize()), expected.astype(np.float32))
 

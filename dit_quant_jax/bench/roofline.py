@@ -120,24 +120,42 @@ def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Pe
 
 def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
                    peaks: Peaks, a_order=None) -> dict:
-  """Floor of one FP4 path (act-quant + decode + dot, each at its own floor, run one after the
-  other): dict(floor_s, act_quant_s, gemm_s = the rest, bound of the dot)."""
+  """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
+  each at its own floor, run one after the other.  -> dict(floor_s, act_quant_s, gemm_s (the
+  rest), decode_s, epilogue_s, bound of the dot).
+
+  * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order;
+    the ``*_bf16`` W4A8 paths also convert the fp8 image to bf16 (M K read at 1 B, written at 2);
+  * ``xla_*``, ``triton_quant_xla_*``, ``unpacked_*``: the layer decoded once per call into a
+    transient (K, N) image (K N / 2 read, K N x image bytes written), the dot reads the image;
+    the Triton in-loop paths (``triton_*``) read the 4-bit weight directly;
+  * epilogue: the XLA dots with per-row (token) or 8-bit per-column scales write their int32 /
+    float32 (M, N) accumulator and a second fusion reads it back (8 B per output element): XLA
+    does not fuse vector scales into the cuBLAS GEMM.  W4A16's XLA path folds the column scale
+    into its bf16 image (dot + bias, as the bf16 baseline); the Triton kernels scale in their
+    epilogue.
+  """
   flops = 2 * m_rows * k_features * n_features
   act_s = 0.0
   if op in ("w4a4", "w4a8"):
     act_s = act_quant_floor(m_rows, k_features, a_order, peaks)["floor_s"]
-  x_bytes = 1 if op in ("w4a4", "w4a8") else BF16_BYTES
-  if path.startswith("xla") or path.startswith("triton_quant_xla") or path.startswith("unpacked"):
-    image = BF16_BYTES if path.endswith("bf16") else 1
+    if path.endswith("bf16"):  # fp8 image -> bf16 operand
+      act_s += m_rows * k_features * (1 + BF16_BYTES) / peaks.bandwidth
+  x_bytes = 1 if op in ("w4a4", "w4a8") and not path.endswith("bf16") else BF16_BYTES
+  image = BF16_BYTES if path.endswith("bf16") else 1
+  rate = 1.0 if image == BF16_BYTES else 2.0
+  xla = path.startswith(("xla", "triton_quant_xla"))
+  if xla or path.startswith("unpacked"):
     decode_s = _decode_pass_s(k_features, n_features, image, peaks)
-    dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features,
-                                            k_features * n_features * image, x_bytes),
-                        peaks, 1.0 if image == BF16_BYTES else 2.0)
+    weight_bytes = k_features * n_features * image
   else:  # a Triton kernel decoding the 4-bit tiles in its K loop
     decode_s = 0.0
-    rate = 1.0 if path.endswith("bf16") else 2.0
-    dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features,
-                                            k_features * n_features // 2, x_bytes), peaks, rate)
-  gemm_s = decode_s + dot["floor_s"]
+    weight_bytes = k_features * n_features // 2
+  dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes),
+                      peaks, rate)
+  epilogue_s = 0.0
+  if xla and not (op == "w4a16"):
+    epilogue_s = 2 * m_rows * n_features * FP32_BYTES / peaks.bandwidth
+  gemm_s = decode_s + dot["floor_s"] + epilogue_s
   return dict(floor_s=act_s + gemm_s, act_quant_s=act_s, gemm_s=gemm_s, decode_s=decode_s,
-              bound=dot["bound"])
+              epilogue_s=epilogue_s, bound=dot["bound"])

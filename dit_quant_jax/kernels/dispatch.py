@@ -58,8 +58,9 @@ TABLE = {
         "cpu": ((64, "vq_splitk"), (256, "vq_tiled"), (INF, "vq_dequant_dot")),
     },
     # FP4 (kernels/fp4_matmul.py PATHS names).  Small M: the Triton kernel that reads the
-    # 4-bit weight once (1/4 of the bf16 bytes).  Large M: unpack once per call + the XLA dot on
-    # 8-bit tensor cores (int8 everywhere, fp8 on Hopper; 2x the bf16 rate) or bf16 for W4A16.
+    # 4-bit weight once (1/4 of the bf16 bytes).  Large M: unpack once per call, then W4A16:
+    # the XLA bf16 dot on the scale-folded bf16 layer; W4A8: the XLA fp8 dot (Hopper; the
+    # Triton fp8 dot lowers to mma.sync f16) or bf16 (Ampere); W4A4: see below.
     # The Mosaic GPU paths stay out until a GPU run verifies them (fp4_matmul.UNVERIFIED).
     "w4a16": {
         "hopper": ((64, "triton_bf16"), (INF, "xla_bf16")),
@@ -73,11 +74,16 @@ TABLE = {
         "gpu": ((64, "triton_bf16"), (INF, "xla_bf16")),
         "cpu": ((64, "triton_bf16"), (INF, "xla_fp8")),
     },
+    # W4A4 large M: the layer's int8 image decoded once per call (XLA), then the Triton int8
+    # kernel with the row x column scales and bias in its epilogue.  The XLA int8 dot
+    # ("triton_quant_xla_int8") writes an int32 (M, N) accumulator that a second fusion scales
+    # (8 B per output element: at M = 4096 on an H100 its floor is 0.5-0.8x the bf16 dot's vs
+    # 0.95-1.5x here, bench/roofline.fp4_path_floor); a GPU run decides.
     "w4a4": {
-        "hopper": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
-        "ampere": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
-        "gpu": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
-        "cpu": ((64, "triton_int8"), (INF, "triton_quant_xla_int8")),
+        "hopper": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
+        "ampere": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
+        "gpu": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
+        "cpu": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
     },
 }
 

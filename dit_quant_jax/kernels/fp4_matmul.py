@@ -516,9 +516,7 @@ def _w4a16_reference(x, weight, bias=None, *, config=None):
 
 def _w4a16_xla(x, weight, bias=None, *, config=None):
   del config
-  ones = jnp.ones((x.shape[0],), jnp.float32)
-  return fp4_mma.xla_dot(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
-                         out_dtype=x.dtype)
+  return fp4_mma.xla_dot_folded(x, weight, bias, out_dtype=x.dtype)
 
 
 def _w4a16_triton_path(predecode: bool):
@@ -703,16 +701,19 @@ _XLA_QUANT_FALLBACK = {
 
 
 def choose_path(op: str, m_rows: int, k_features: int, n_features: int, *, transform=None,
-                act_format=None, device_kind=None) -> dispatch.Choice:
+                act_format=None, weight_format=None, device_kind=None) -> dispatch.Choice:
   """dispatch.choose for an FP4 op, adjusted to what applies at this shape: the XLA act-quant
-  where the Triton one does not take K, the int8 image for formats with no exact E4M3 image,
-  and no path in UNVERIFIED."""
+  where the Triton one does not take K, no fp8 image where the weight's (or the 4-bit
+  activations') format has no exact E4M3 image (INT4: int8 for W4A4, bf16 for W4A8), and no
+  path in UNVERIFIED."""
   choice = dispatch.choose(op, m_rows, k_features, n_features, device_kind=device_kind)
   path = choice.path
   if (op, path) in UNVERIFIED:
     raise ValueError(f"the dispatch table picked {op}/{path}, which no GPU run has verified")
-  if op == "w4a4" and path.endswith("fp8") and not fp4.fp4_code(act_format).has_e4m3_image:
-    path = path[:-3] + "int8"
+  if path.endswith("fp8"):
+    codes = [weight_format] + ([act_format] if op == "w4a4" else [])
+    if not all(fp4.fp4_code(c).has_e4m3_image for c in codes if c is not None):
+      path = path[:-3] + ("int8" if op == "w4a4" else "bf16")
   if ((op, path) in _XLA_QUANT_FALLBACK
       and not act_quant.quantize_rows_applies(k_features, transform)):
     path = _XLA_QUANT_FALLBACK[(op, path)]
@@ -737,7 +738,8 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
   out_dtype = x.dtype if out_dtype is None else out_dtype
   if path is None:
     choice = choose_path(op, x2d.shape[0], weight.k_features, weight.n_features,
-                         transform=transform, act_format=act_format, device_kind=device_kind)
+                         transform=transform, act_format=act_format,
+                         weight_format=weight.format_name, device_kind=device_kind)
     path, config = choice.path, choice.config or None
   else:
     if path not in PATHS[op]:

@@ -312,6 +312,20 @@ def xla_dot(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   return y.astype(out_dtype)
 
 
+@functools.partial(jax.jit, static_argnames=["out_dtype"])
+def xla_dot_folded(x, weight: PackedFp4Weight, bias=None, *, out_dtype=jnp.bfloat16):
+  """W4A16 with XLA: the layer decoded once into a transient bf16 (N, K) weight with the
+  column scale folded in (value * scale rounded to bf16: the dequantized weight of the plain
+  path), then the bf16 dot + bias, the same pattern as the bf16 baseline (no scale epilogue)."""
+  if x.ndim != 2 or x.shape[1] != weight.k_features:
+    raise ValueError(f"x must be (M, {weight.k_features}), got {x.shape}")
+  values = fp4.decode_values(unpack_weight_codes_nk(weight), weight.code)
+  w_bf16 = (values * weight.scale.astype(jnp.float32)[:, None]).astype(jnp.bfloat16)
+  y = lax.dot_general(x.astype(jnp.bfloat16), w_bf16, (((1,), (1,)), ((), ())),
+                      preferred_element_type=jnp.float32)
+  return (y + _bias_or_zeros(bias, weight.n_features)).astype(out_dtype)
+
+
 def decode_weight_image(weight: PackedFp4Weight, dot_kind: str):
   """(N, K_pad) image of the whole layer (XLA, one memory-bound pass; padding codes are 0):
   int8, uint8 E4M3 bit patterns (fp8) or bf16."""

@@ -140,14 +140,16 @@ class FP4Weight(QuantizedWeight):
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != (codes.shape[1],):
       raise ValueError(f"scale of shape {scale.shape} does not match {codes.shape[1]} outputs")
-    if fmt.bits == 4 and "layout" not in fields:
+    layout = fields.pop("layout", "k_tiles" if fmt.bits == 4 else "pack_bits")
+    if layout == "k_tiles":
+      if fmt.bits != 4:
+        raise ValueError(f"the 'k_tiles' layout is for 4-bit formats, not {fmt.name}")
       from dit_quant_jax.kernels import fp4_mma
-      packed, layout = fp4_mma.pack_weight(codes, scale, fmt.name).tiles, "k_tiles"
-    else:
-      layout = fields.pop("layout", "pack_bits")
-      if layout != "pack_bits":
-        raise ValueError(f"from_codes writes the {layout!r} layout only for 4-bit formats")
+      packed = fp4_mma.pack_weight(codes, scale, fmt.name).tiles
+    elif layout == "pack_bits":
       packed = _pack_codes(codes.astype(jnp.uint32), fmt.bits)
+    else:
+      raise ValueError(f"unknown FP4Weight layout {layout!r}; expected one of {LAYOUTS}")
     weight = cls(packed_codes=packed, scale=scale, shape=tuple(int(d) for d in codes.shape),
                  format_name=fmt.name, layout=layout, **fields)
     weight.validate()
@@ -267,10 +269,11 @@ class FP4Weight(QuantizedWeight):
     ('w4a8', 'fp8_e4m3') for FP8 per-token activations."""
     from dit_quant_jax.numerics import fp4
     if self.act_granularity == "per_token":
-      if self.act_format in fp4.FP4_CODE_FORMATS:
-        return "w4a4", self.act_format
-      if self.act_format == "fp8_e4m3":
-        return "w4a8", self.act_format
+      name = formats.get_format(self.act_format).name  # canonical (aliases such as 'E2M1')
+      if name in fp4.FP4_CODE_FORMATS:
+        return "w4a4", name
+      if name == "fp8_e4m3":
+        return "w4a8", name
     return "w4a16", None
 
   def _kernel_linear(self, x, bias):
@@ -278,16 +281,17 @@ class FP4Weight(QuantizedWeight):
     from dit_quant_jax.kernels import fp4_matmul
     op, act_format = self.kernel_op()
     weight = self.packed_weight()
-    if op == "w4a16":
-      xt = self.rotate_input(x)
-      if self.act_granularity != "none":  # e.g. INT8 per-token: fake-quantized in float32
-        xt = self.quantize_activation(xt.astype(jnp.float32)).astype(x.dtype)
-      return fp4_matmul.linear("w4a16", xt, weight, bias)
+    if op == "w4a16":  # the transform (and any fake quantization) in float32, as linear()'s
+      xt = self.rotate_input(x.astype(jnp.float32))
+      if self.act_granularity != "none":  # e.g. INT8 per-token
+        xt = self.quantize_activation(xt)
+      return fp4_matmul.linear("w4a16", xt.astype(x.dtype), weight, bias)
     transform = None
     if self.hadamard_signs is not None:
       transform = (self.hadamard_signs, self.hadamard_block)
     return fp4_matmul.linear(op, x, weight, bias, act_format=act_format,
-                             clip_ratio=self.act_clip_ratio, transform=transform)
+                             clip_ratio=self.act_clip_ratio, transform=transform,
+                             out_dtype=x.dtype)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel of the original input x (activation quantization aside):
