@@ -69,9 +69,11 @@ def get_config(arg: str = "vq_bits_lambda"):
     return _vq_sweep(c, VQ_BITS[1:], VQ_VARIANTS[1:], VQ_BUDGETS[:1])
   if arg == "vq_public_budget":  # the public procedure at the longer budgets, W2 and W3
     return _vq_sweep(c, VQ_BITS, VQ_VARIANTS[:1], VQ_BUDGETS[1:])
-  if arg == "vq_seed_150":  # run-to-run spread of the public procedure at the main job's budget
+  if arg in ("vq_seed_150", "vq_seed_1000"):  # run-to-run spread of the public procedure:
+    # other trajectory noise / labels and dropout RNG, the same k-means start
+    budgets = VQ_BUDGETS[:1] if arg.endswith("150") else VQ_BUDGETS[2:]
     return _vq_sweep(c, VQ_BITS, [(f"public_seed{i}", {"calib.seed": i, "calibration.seed": i})
-                                  for i in (1, 2)], VQ_BUDGETS[:1])
+                                  for i in (1, 2)], budgets)
   if arg == "vq_ablation_600":  # the same rows at the middle budget
     return _vq_sweep(c, VQ_BITS, VQ_VARIANTS[1:] + VQ_BEYOND[:2], VQ_BUDGETS[1:2])
   if arg == "vq_ablation_1000":  # one-at-a-time and beyond-the-code rows at the longest budget
