@@ -23,7 +23,7 @@ from dit_quant_jax.diffusion import create_diffusion, sampling
 from dit_quant_jax.models import dit
 from dit_quant_jax import api as quant_api
 from dit_quant_jax.errors import CheckpointDamagedError, StaleOutputError, UserError
-from dit_quant_jax.quant.qtensor import is_quantized
+from dit_quant_jax.quant.qtensor import QuantizedWeight, is_quantized
 from dit_quant_jax.utils import atomic, provenance
 from dit_quant_jax.utils import checkpoint as ckpt_lib
 
@@ -35,6 +35,9 @@ def load_dit(path: str, expected_config: Optional[dict] = None):
   model = dit.create_model(None, **model_config)
   check_params_match_model(path, model, params)
   check_params_finite(path, params)
+  params = jax.tree_util.tree_map(  # weights saved in an older storage layout, converted once
+      lambda leaf: leaf.in_current_layout() if isinstance(leaf, QuantizedWeight) else leaf,
+      params, is_leaf=is_quantized)
   return model, params, metadata
 
 

@@ -377,3 +377,23 @@ def test_hadamard_block_kind_in_layer(kind, block):
   assert report["hadamard_block"] == block
   transform = hadamard.make_transform(384, 3, kind)
   np.testing.assert_array_equal(np.asarray(weight.hadamard_block), transform.block)
+
+
+def test_pack_bits_checkpoint_is_converted_to_the_kernel_layout_on_load(tmp_path):
+  """A 4-bit FP4Weight saved in the older 'pack_bits' layout loads (pipeline.load_dit) in the
+  kernels' 'k_tiles' layout with the same codes, so the kernels never relayout per call."""
+  from dit_quant_jax import pipeline
+  from dit_quant_jax.utils import checkpoint as ckpt_lib
+  from tiny_model import tiny_model_and_params
+  model, params = tiny_model_and_params()
+  rng = np.random.default_rng(3)
+  k_in, n_out = params["blocks_0"]["mlp"]["fc1"]["kernel"].shape
+  codes = rng.integers(0, 16, (k_in, n_out)).astype(np.uint8)
+  old = hqdit.FP4Weight.from_codes(codes, rng.uniform(0.5, 2, n_out), "e2m1", layout="pack_bits")
+  params = rules.set_path(params, "blocks_0/mlp/fc1/kernel", old)
+  path = ckpt_lib.save_checkpoint(str(tmp_path / "ckpt"), params, model.config_dict())
+  _, loaded, _ = pipeline.load_dit(path)
+  weight = rules.get_path(loaded, "blocks_0/mlp/fc1/kernel")
+  assert weight.layout == "k_tiles" and old.layout == "pack_bits"
+  np.testing.assert_array_equal(np.asarray(weight.codes()), codes)
+  np.testing.assert_array_equal(np.asarray(weight.dequantize()), np.asarray(old.dequantize()))

@@ -196,6 +196,12 @@ class FP4Weight(QuantizedWeight):
       return fp4_mma.unpack_weight_codes(self.packed_weight()).astype(jnp.uint8)
     return _unpack_codes(self.packed_codes, self.bits, self.shape[0])
 
+  def in_current_layout(self) -> "FP4Weight":
+    """4-bit weights saved in the 'pack_bits' layout -> 'k_tiles' (once, on load), else self."""
+    if self.layout == "pack_bits" and self.bits == 4:
+      return self.replace(packed_codes=self.packed_weight().tiles, layout="k_tiles")
+    return self
+
   def packed_weight(self):
     """The 4-bit weight as the FP4 kernels take it (``kernels.fp4_mma.PackedFp4Weight``): a
     view of the stored arrays for the 'k_tiles' layout; for 'pack_bits' (4-bit weights saved

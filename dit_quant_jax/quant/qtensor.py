@@ -45,6 +45,11 @@ class QuantizedWeight:
     """Bytes of each stored component, e.g. {'codebook': .., 'assignments': ..}."""
     raise NotImplementedError(f"{type(self).__name__} must implement nbytes_breakdown()")
 
+  def in_current_layout(self) -> "QuantizedWeight":
+    """The same weight in the storage layout the kernels read now (a weight saved in an older
+    layout is converted once, on load); default: unchanged."""
+    return self
+
 
 class ActivationQuantizer:
   """Mixin base class of activation fake-quantizers stored in the params pytree.
