@@ -188,8 +188,10 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
   rows = target_rows(cc, shapes)
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   lines = ["", f"## Roofline estimates against the targets, sm_{cc} ({peaks.name})", "",
-           "Floor of the dispatcher's path (act-quant with the Hadamard at the DiT widths + "
-           "XLA decode pass + dot, each at its own floor, in sequence) vs the bf16 dot's floor. "
+           "Floor of the dispatcher's path (act-quant with the Hadamard at the DiT widths, the "
+           "decode pass of the decode-once paths, the dot, and the scale pass of the XLA 8-bit "
+           "dots, each at its own floor, in sequence; bench/roofline.fp4_path_floor) vs the bf16 "
+           "dot's floor. "
            "A floor speedup below the target means no implementation of that path can meet it; "
            "above it, a real kernel still has to get close to its floor (GPU issue).", "",
            "| op | target | K x N | M | path | floor us | bf16 floor us | floor speedup | "
