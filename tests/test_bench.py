@@ -71,6 +71,20 @@ def test_fp4_roofline_closed_forms():
       (16 * k + k * n / 2 + 4 * n + 2 * 16 * n) / 3.35e12)
   # W4A16's XLA path folds the scale into its bf16 layer: no epilogue pass
   assert roofline.fp4_path_floor("w4a16", "xla_bf16", m, k, n, H100)["epilogue_s"] == 0
+  # LayerNorm fused into the act-quant: the first dot runs on hi + lo of the float32 rows
+  assert roofline.act_quant_token_flops(1152, 36, x_bf16=False) == 2 * (
+      2 * 64 * 32 * 32 + 3 * 64 * 64 * 32)
+  fused = roofline.act_quant_floor(m, k, 36, H100, norm_fused=True)
+  assert fused["memory_s"] == act["memory_s"]
+  assert fused["compute_s"] == pytest.approx(
+      m * roofline.act_quant_token_flops(1152, 36, x_bf16=False) / 989e12)
+  # the unfused LayerNorm + modulate it replaces: bf16 read + bf16 write
+  assert roofline.layer_norm_pass_floor(m, k, H100)["floor_s"] == pytest.approx(
+      4 * m * k / 3.35e12)
+  with_norm = roofline.fp4_path_floor("w4a4", "unpacked_triton_int8", m, k, n, H100, 36,
+                                      norm_fused=True)
+  assert with_norm["act_quant_s"] == pytest.approx(fused["floor_s"])
+  assert with_norm["gemm_s"] == pytest.approx(unpacked["gemm_s"])
 
 
 def test_static_report_target_rows():
@@ -80,8 +94,20 @@ def test_static_report_target_rows():
   assert by_key[("vq", 16)]["path"] == "vq_splitk" and by_key[("vq", 16)]["speedup"] > 3
   assert by_key[("w4a4", 4096)]["path"] == "unpacked_triton_int8"
   assert 0 < by_key[("w4a4", 4096)]["act_quant_s"] < by_key[("w4a4", 4096)]["floor_s"]
+  # qkv's input is the modulated LayerNorm: fused into the act-quant, and the bf16 side pays
+  # the LayerNorm pass
+  row = by_key[("w4a4", 4096)]
+  norm_s = roofline.layer_norm_pass_floor(4096, 1152, H100)["floor_s"]
+  assert row["producer_s"] == pytest.approx(norm_s)
+  assert row["bf16_s"] == pytest.approx(
+      roofline.bf16_dot_floor(4096, 1152, 3456, H100)["floor_s"] + norm_s)
+  assert row["speedup"] == pytest.approx(row["bf16_s"] / row["floor_s"])
   text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 3456),)))
-  assert "| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | unpacked_triton_int8 |" in text
+  assert ("| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | unpacked_triton_int8 | LN fused |"
+          in text)
+  # proj (attention output) keeps a separate act-quant pass
+  proj = {(r["op"], r["m"]): r for r in static_report.target_rows(90, shapes=((1152, 1152),))}
+  assert proj[("w4a4", 4096)]["producer_s"] == 0
 
 
 def test_smoke_run_writes_report(tmp_path):
@@ -134,9 +160,18 @@ def test_dit_step_estimate_sums_the_block_floors():
   linears = 28 * sum(roofline.bf16_dot_floor(m, k, n, H100)["floor_s"] for m, k, n in shapes)
   assert rows["bf16"]["linears_s"] == pytest.approx(linears)
   assert rows["HQ-DiT W4A4"]["linears_s"] < rows["bf16"]["linears_s"]
-  # W4A4 linears: the same blocks through the dispatched paths' floors
+  # W4A4 linears: the same blocks through the dispatched paths' floors, qkv / fc1 with the
+  # LayerNorm fused into their act-quant
   w4a4 = 28 * sum(roofline.fp4_path_floor(
       "w4a4", "triton_int8" if m <= 64 else "unpacked_triton_int8", m, k, n, H100,
-      static_report.HADAMARD_ORDER.get(k))["floor_s"] for m, k, n in shapes)
+      static_report.HADAMARD_ORDER.get(k),
+      norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES)["floor_s"]
+      for m, k, n in shapes)
   assert rows["HQ-DiT W4A4"]["linears_s"] == pytest.approx(w4a4)
   assert all(r["attention_s"] == rows["bf16"]["attention_s"] for r in rows.values())
+  # two LayerNorm passes per block, except where the act-quant fuses them
+  norm_s = 28 * 2 * roofline.layer_norm_pass_floor(4096, 1152, H100)["floor_s"]
+  assert rows["bf16"]["norms_s"] == pytest.approx(norm_s) == rows["VQ W2"]["norms_s"]
+  assert rows["HQ-DiT W4A4"]["norms_s"] == 0
+  assert rows["bf16"]["step_s"] == pytest.approx(
+      rows["bf16"]["linears_s"] + rows["bf16"]["attention_s"] + norm_s)

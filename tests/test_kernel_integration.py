@@ -65,3 +65,52 @@ def test_quantized_sampling_with_kernels_matches_dequantized_path():
   err = float(jnp.linalg.norm(results["pallas"] - results["reference"]) /
               jnp.linalg.norm(results["reference"]))
   assert err < 2e-2, err
+
+
+def test_fused_row_norm_is_taken_and_matches_unfused(monkeypatch):
+  """HQ-DiT W4A4 on the kernel path: the blocks' qkv / fc1 inputs (modulated LayerNorm) go to
+  the act-quant kernel un-normalized (layers.NormModulated -> FP4Weight.linear_row_norm), and
+  the model computes what it computes with the LayerNorm materialized."""
+  from dit_quant_jax.kernels import act_quant
+  from dit_quant_jax.quant import hqdit
+  model, qparams = _quantized(*SETTINGS["hqdit_w4a4"])
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 1)), jnp.float32)
+  t, y = jnp.asarray([5, 600]), jnp.asarray([2, 7])
+  fused_calls = []
+  original = act_quant.quantize_rows
+
+  def spy(*args, **kwargs):
+    if kwargs.get("norm_mul") is not None:
+      fused_calls.append(args[0].shape)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(act_quant, "quantize_rows", spy)
+  with common.kernel_impl("pallas"):
+    fused = model.apply({"params": qparams}, x, t, y)
+  # depth 2: qkv and fc1 per block (tokens = 2 samples x 16 patches)
+  assert fused_calls == [(32, 32)] * 4, fused_calls
+  monkeypatch.setattr(hqdit.FP4Weight, "fuses_row_norm", lambda self: False)
+  with common.kernel_impl("pallas"):
+    unfused = model.apply({"params": qparams}, x, t, y)
+  err = float(jnp.linalg.norm(fused - unfused) / jnp.linalg.norm(unfused))
+  assert err < 1e-2, err
+
+
+def test_linear_inputs_are_the_materialized_norm():
+  """Calibration sees each layer's real input: the modulated LayerNorm, not its parts."""
+  from dit_quant_jax.models import layers
+  model, params = tiny_model_and_params()
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 1)), jnp.float32)
+  t, y = jnp.asarray([1, 400]), jnp.asarray([0, 3])
+  _, state = model.apply({"params": params}, x, t, y, mutable=[layers.LINEAR_INPUTS])
+  sown = state[layers.LINEAR_INPUTS]["blocks_0"]["attn"]["qkv"]["x"][0]
+  # The same input built by hand: block 0's adaLN shift / scale applied to LayerNorm(tokens).
+  tokens, c = model.apply({"params": params}, x, t, y, method=model.embed)
+  ada = params["blocks_0"]["adaLN_modulation_1"]
+  mod = jax.nn.silu(c) @ ada["kernel"] + ada["bias"]
+  shift, scale = mod[:, :32], mod[:, 32:64]
+  expected = layers.modulate(layers.layer_norm(tokens), shift, scale)
+  assert isinstance(sown, jax.Array) and sown.shape == (2, 16, 32)
+  np.testing.assert_allclose(np.asarray(sown), np.asarray(expected), rtol=1e-5, atol=1e-5)

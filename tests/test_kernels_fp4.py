@@ -187,6 +187,99 @@ def test_quantize_rows_bf16_transforms(x_dtype):
   assert np.abs(np.asarray(scale) / np.asarray(ref_scale) - 1).max() < 1e-2
 
 
+def _row_norm_inputs(rng, samples, tokens, k_features, x_dtype=jnp.float32):
+  """Un-normalized rows with a large mean and spread (as a DiT residual stream) and a random
+  per-sample affine."""
+  x = (rng.normal(size=(samples * tokens, k_features)) * np.exp(rng.normal(size=k_features))
+       + 3.0 * rng.normal(size=k_features))
+  mul = 1.0 + 0.5 * rng.normal(size=(samples, k_features))
+  add = 0.3 * rng.normal(size=(samples, k_features))
+  return (jnp.asarray(x, x_dtype), jnp.asarray(mul, jnp.float32), jnp.asarray(add, jnp.float32))
+
+
+def _row_norm_float64(x, mul, add, tokens, eps=1e-6):
+  x64 = np.asarray(x.astype(jnp.float32), np.float64).reshape(-1, tokens, x.shape[1])
+  normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
+  y = normed * np.asarray(mul, np.float64)[:, None] + np.asarray(add, np.float64)[:, None]
+  return y.reshape(x.shape)
+
+
+# (samples, tokens per sample, K, a, tokens per program, x dtype): the affine hoisted per
+# program (tokens % tokens_per_program == 0) or loaded per token, a ragged K without transform,
+# the DiT-XL/2 width with its order-36 block, bf16 rows.
+ROW_NORM_CASES = [(2, 8, 384, 12, 8, jnp.float32), (3, 6, 96, None, 4, jnp.float32),
+                  (2, 4, 100, None, 8, jnp.float32), (2, 3, 1152, 36, 2, jnp.bfloat16)]
+
+
+@pytest.mark.parametrize("samples,tokens,k_features,a_order,per_program,x_dtype", ROW_NORM_CASES)
+def test_quantize_rows_row_norm_matches_reference(samples, tokens, k_features, a_order,
+                                                  per_program, x_dtype):
+  rng = _rng(k_features + tokens)
+  x, mul, add = _row_norm_inputs(rng, samples, tokens, k_features, x_dtype)
+  transform = None if a_order is None else _transform(rng, k_features, a_order)
+  norm = aq.RowNorm(mul, add, tokens, 1e-6)
+  y64 = _row_norm_float64(x, mul, add, tokens)
+  np.testing.assert_allclose(np.asarray(aq.apply_row_norm(x, mul, add, tokens, 1e-6)), y64,
+                             atol=2e-5 * np.abs(y64).max())
+  if transform is not None:
+    y64 = y64 @ _dense_q(transform, k_features)
+  for act_format, image in (("e2m1", "int8"), ("fp8_e4m3", "fp8")):
+    ref_values, ref_scale = aq.quantize_rows_xla(x, transform, act_format=act_format,
+                                                 clip_ratio=0.9, image=image, **norm.kwargs())
+    values, scale = aq.quantize_rows(x, transform, act_format=act_format, clip_ratio=0.9,
+                                     image=image, interpret=True, transform_dtype="float32",
+                                     tokens_per_program=per_program, **norm.kwargs())
+    np.testing.assert_allclose(np.asarray(scale), np.asarray(ref_scale), rtol=1e-5)
+    diff = (np.asarray(values.astype(jnp.float32))
+            != np.asarray(ref_values.astype(jnp.float32)))
+    assert diff.sum() <= 2, diff.sum()  # float32 LayerNorm sums in another order: near-ties
+    # The fused function is the unfused one: quantize the normalized rows themselves.
+    plain_values, _ = aq.quantize_rows_xla(aq.apply_row_norm(x, mul, add, tokens, 1e-6),
+                                           transform, act_format=act_format, clip_ratio=0.9,
+                                           image=image)
+    np.testing.assert_array_equal(np.asarray(plain_values.astype(jnp.float32)),
+                                  np.asarray(ref_values.astype(jnp.float32)))
+    max_value = 448.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).magnitudes[-1]
+    factor = 1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).multiplier
+    np.testing.assert_allclose(np.asarray(ref_scale) * factor,
+                               np.abs(y64).max(axis=1) * 0.9 / max_value, rtol=1e-4)
+
+
+def test_quantize_rows_row_norm_bad_input():
+  rng = _rng(3)
+  x, mul, add = _row_norm_inputs(rng, 2, 4, 64)
+  with pytest.raises(ValueError, match="whole samples"):
+    aq.quantize_rows(x, act_format="e2m1", interpret=True, norm_mul=mul, norm_add=add,
+                     tokens_per_sample=3)
+  with pytest.raises(ValueError, match=r"norm_mul must have shape \(2, 64\)"):
+    aq.quantize_rows_xla(x, act_format="e2m1", norm_mul=mul[:1], norm_add=add,
+                         tokens_per_sample=4)
+  with pytest.raises(ValueError, match="both norm_mul and norm_add"):
+    aq.quantize_rows(x, act_format="e2m1", interpret=True, norm_mul=mul, tokens_per_sample=4)
+
+
+@pytest.mark.parametrize("op,path", [("w4a4", "unpacked_triton_int8"), ("w4a4", "xla_int8"),
+                                     ("w4a8", "triton_bf16"), ("w4a8", "xla_fp8"),
+                                     ("w4a16", "triton_bf16")])
+def test_linear_row_norm_matches_materialized_input(op, path):
+  """fp4_matmul.linear with the fused prologue == linear on the normalized rows."""
+  rng = _rng(21)
+  x, mul, add = _row_norm_inputs(rng, 2, 8, 384)
+  weight, _ = _weight(rng, 384, 48, "e2m1")
+  bias = jnp.asarray(rng.normal(size=48), jnp.float32)
+  transform = _transform(rng, 384, 12) if op != "w4a16" else None
+  kwargs = dict(act_format="e2m1" if op == "w4a4" else None, clip_ratio=0.9,
+                transform=transform, path=path, out_dtype=jnp.float32)
+  if op == "w4a8":
+    kwargs["act_format"] = "fp8_e4m3"
+  fused = fmm.linear(op, x.reshape(2, 8, 384), weight, bias,
+                     norm=aq.RowNorm(mul, add, 8, 1e-6), **kwargs)
+  plain = fmm.linear(op, aq.apply_row_norm(x, mul, add, 8, 1e-6), weight, bias, **kwargs)
+  assert fused.shape == (2, 8, 48)
+  np.testing.assert_allclose(np.asarray(fused).reshape(16, 48), np.asarray(plain),
+                             atol=1e-2 * np.abs(np.asarray(plain)).max())
+
+
 def _path_inputs(seed, m_rows, k_features, n_features, name, a_order):
   rng = _rng(seed)
   weight, _ = _weight(rng, k_features, n_features, name)
@@ -265,6 +358,7 @@ def test_lowering_cases_are_well_formed():
   names = [c[0] for c in cases]
   assert any("fp4_mma_int8 M=4096" in n for n in names)
   assert any("quantize_rows_int8 M=4096 K=1152 a=36" in n for n in names)
+  assert any("quantize_rows_norm_int8 M=4096 K=1152 a=36" in n for n in names)
   for _, fn, args, config in cases:
     assert callable(fn) and "num_warps" in config
     assert all(isinstance(a, (jax.ShapeDtypeStruct, fp4_mma.PackedFp4Weight, tuple)) for a in args)

@@ -45,6 +45,7 @@ from dit_quant_jax.kernels import fp4_matmul as fm
 from dit_quant_jax.kernels import fp4_mma
 from dit_quant_jax.kernels import vq_matmul as vq
 from dit_quant_jax.numerics import packing
+from dit_quant_jax.quant import hadamard
 
 # DiT-XL/2 (hidden 1152, MLP ratio 4): attn qkv, attn proj, mlp fc1, mlp fc2, adaLN modulation.
 DIT_XL2_SHAPES = ((1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152), (1152, 6912))
@@ -73,7 +74,15 @@ VARIANTS = {
     "fp4_w4a16": "FP4 E2M1 weights (tiled K-major layout), bf16 x, the dispatcher's path",
     "fp4_w4a8": "FP4 weights, per-token FP8 act-quant included, the dispatcher's path",
     "fp4_w4a4": "FP4 weights, per-token E2M1 act-quant included, the dispatcher's path",
+    "fp4_w4a4_had": "fp4_w4a4 with the model's Hadamard (quant/hadamard.py block at this K), "
+                    "through fp4_matmul.linear",
+    "bf16_ln": "LayerNorm + per-sample modulate (XLA) then the bf16 dot: a DiT qkv / fc1 "
+               "(baseline of the _ln rows)",
+    "fp4_w4a4_ln": "fp4_w4a4_had on un-normalized rows, LayerNorm + modulate fused into the "
+                   "act-quant (act_quant.RowNorm); speedup vs bf16_ln",
 }
+LN_BASELINE = "bf16_ln"  # variants ending in _ln are timed against this one
+LN_EPS = 1e-6
 FP4_OPS = {"fp4_w4a16": "w4a16", "fp4_w4a8": "w4a8", "fp4_w4a4": "w4a4"}
 VQ_CONFIGS = {"vq_w2": (256, 4), "vq_w3": (64, 2)}  # (codewords k, sub-vector length d)
 VQ_FORCED = {"vq_w2_splitk": "vq_splitk", "vq_w2_tiled": "vq_tiled",
@@ -185,7 +194,20 @@ def make_operands(key, m_rows: int, k_features: int, n_features: int) -> dict:
   operands["transform"] = (signs, _orthogonal(next(keys), a_size), _orthogonal(next(keys), b_size))
   packed_x, x_scale = aq.act_quant_reference(x, operands["transform"], magnitudes=E2M1)
   operands.update(packed_x=packed_x, x_scale=x_scale)
+  model_transform = hadamard.make_transform(k_features, seed=0)
+  samples = m_rows // tokens_per_sample(m_rows)
+  operands.update(
+      had_signs=jnp.asarray(model_transform.signs), had_block=jnp.asarray(model_transform.block),
+      # a residual-stream-like input (offset, spread) and an adaLN-like affine per sample
+      h=(x.astype(jnp.float32) * 2.0 + 0.5).astype(jnp.bfloat16),
+      ln_mul=1.0 + 0.3 * jax.random.normal(next(keys), (samples, k_features), jnp.float32),
+      ln_add=0.2 * jax.random.normal(next(keys), (samples, k_features), jnp.float32))
   return operands
+
+
+def tokens_per_sample(m_rows: int) -> int:
+  """DiT-XL/2 at 256 px: 256 tokens per image (one sample when M is not a multiple)."""
+  return 256 if m_rows % 256 == 0 else m_rows
 
 
 def _config_text(config: dict) -> str:
@@ -278,6 +300,36 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
         (ops["x"], ops["fp4_weight"], ops["bias"]), flops,
         x_bytes + ops["fp4_weight"].tiles.nbytes + 4 * n_features + out_bytes)
     paths[name] = choice.path
+  m_per_sample = tokens_per_sample(m_rows)
+  fp4_bytes = ops["fp4_weight"].tiles.nbytes + 4 * n_features
+
+  def w4a4_model(x, weight, bias, signs, block, path=None):
+    return fm.linear("w4a4", x, weight, bias, act_format="e2m1", transform=(signs, block),
+                     path=path, out_dtype=jnp.bfloat16)
+
+  def w4a4_ln(h, weight, bias, signs, block, mul, add, path=None):
+    return fm.linear("w4a4", h, weight, bias, act_format="e2m1", transform=(signs, block),
+                     norm=aq.RowNorm(mul, add, m_per_sample, LN_EPS), path=path,
+                     out_dtype=jnp.bfloat16)
+
+  def bf16_ln(h, w, b, mul, add):
+    x = aq.apply_row_norm(h, mul, add, m_per_sample, LN_EPS).astype(jnp.bfloat16)
+    return (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(jnp.bfloat16)
+
+  had = (ops["had_signs"], ops["had_block"])
+  calls["fp4_w4a4_had"] = (
+      w4a4_model, functools.partial(w4a4_model, path="reference"),
+      (ops["x"], ops["fp4_weight"], ops["bias"]) + had, flops, x_bytes + fp4_bytes + out_bytes)
+  calls["fp4_w4a4_ln"] = (
+      w4a4_ln, functools.partial(w4a4_ln, path="reference"),
+      (ops["h"], ops["fp4_weight"], ops["bias"]) + had + (ops["ln_mul"], ops["ln_add"]), flops,
+      x_bytes + fp4_bytes + out_bytes)
+  calls["bf16_ln"] = (
+      bf16_ln, None, (ops["h"], ops["weight"], ops["bias"], ops["ln_mul"], ops["ln_add"]), flops,
+      x_bytes + ops["weight"].nbytes + out_bytes)
+  model_choice = fm.choose_path("w4a4", m_rows, k_features, n_features, transform=had,
+                                act_format="e2m1", weight_format="e2m1")
+  paths["fp4_w4a4_had"] = paths["fp4_w4a4_ln"] = model_choice.path
   calls["w4a4_e2e"] = (
       jax.jit(w4a4_e2e), None,
       (ops["x"], ops["transform"], ops["int_lut"], ops["packed_weight"], scale_w, ops["bias"]),
@@ -300,7 +352,8 @@ def _max_rel_error(y, reference):
 # accumulation + bf16 output (W4A8, W4A4); codes: near-ties may flip (transform order differs).
 CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_tiled": 2e-2,
                    "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2,
-                   "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2}
+                   "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2,
+                   "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 
 
@@ -337,7 +390,14 @@ def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
 
 
 def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: float,
-           moved: float, peaks: roofline.Peaks) -> float:
+           moved: float, peaks: roofline.Peaks, path: str = "") -> float:
+  if name == LN_BASELINE:
+    return (roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)["floor_s"]
+            + roofline.layer_norm_pass_floor(m_rows, k_features, peaks)["floor_s"])
+  if name in ("fp4_w4a4_had", "fp4_w4a4_ln"):
+    return roofline.fp4_path_floor("w4a4", path, m_rows, k_features, n_features, peaks,
+                                   hadamard.hadamard_block_order(k_features),
+                                   norm_fused=name.endswith("_ln"))["floor_s"]
   if name in VQ_CONFIGS or name in VQ_FORCED:
     codewords, sub_dim = VQ_CONFIGS.get(name, VQ_CONFIGS["vq_w2"])
     path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
@@ -360,7 +420,9 @@ def bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks: rooflin
                                 for i in range(1, sets_needed)]
       set_calls = [variant_calls(ops, k_features, interpret, {})[0] for ops in operand_sets]
       baseline = None
-      for name in ["bf16_xla"] + [n for n in names if n != "bf16_xla"]:
+      baselines = {}
+      order = ["bf16_xla"] + ([LN_BASELINE] if any(n.endswith("_ln") for n in names) else [])
+      for name in order + [n for n in names if n not in order]:
         kernel, _, args, flops, moved = calls[name]
         try:
           seconds = device_time(kernel, [c[name][2] for c in set_calls], reps=reps,
@@ -370,8 +432,11 @@ def bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks: rooflin
                         error)
           rows.append(dict(kernel=name, m=m_rows, k=k_features, n=n_features, error=str(error)))
           continue
-        baseline = seconds if name == "bf16_xla" else baseline
-        floor = _floor(name, m_rows, k_features, n_features, flops, moved, peaks)
+        if name in order:
+          baselines[name] = seconds
+        baseline = baselines.get(LN_BASELINE if name.endswith("_ln") else "bf16_xla", seconds)
+        floor = _floor(name, m_rows, k_features, n_features, flops, moved, peaks,
+                       paths.get(name, ""))
         rows.append(dict(
             kernel=name, m=m_rows, k=k_features, n=n_features, us=seconds * 1e6,
             speedup=baseline / seconds, tflops=flops / seconds / 1e12, gbps=moved / seconds / 1e9,
@@ -533,8 +598,8 @@ def write_report(path: str, header: dict, peaks: dict, checks: list[dict], rows:
     lines.append(f"| {check['kernel']} | {'x'.join(map(str, check['shape']))} | "
                  f"{check['metric']} | {check['value']:.2e} | {'yes' if check['ok'] else 'NO'} |")
   lines += ["", "## Linear layers", "",
-            "| K x N | M | kernel | path | time (us) | speedup vs bf16 | floor (us) | floor / t "
-            "| TFLOP/s | GB/s | operand sets |",
+            "| K x N | M | kernel | path | time (us) | speedup vs bf16 (_ln rows: vs bf16_ln) "
+            "| floor (us) | floor / t | TFLOP/s | GB/s | operand sets |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
     if "error" in row:

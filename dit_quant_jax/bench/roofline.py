@@ -91,7 +91,8 @@ def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16
   """Tensor-core FLOPs per token of act_quant.quantize_rows' transform (0 without one): the
   token row as a (a', c) tile (c = min(K / a, 128), a' = K / c padded to a power of two >= 16),
   one (a'_pad, c) @ (c, c) +-1 dot and one (a'_pad, a'_pad) @ (a'_pad, c) dot; bf16x3 runs the
-  first on hi + lo (lo skipped for bf16 x) and the second three times."""
+  first on hi + lo (lo skipped for bf16 x, not after a fused LayerNorm: pass x_bf16=False) and
+  the second three times."""
   if not a_order:
     return 0.0
   c_size = min(k_features // int(a_order), MAX_FAST_FACTOR)
@@ -105,12 +106,21 @@ def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16
 
 
 def act_quant_floor(m_rows: int, k_features: int, a_order, peaks: Peaks,
-                    transform_dtype: str = "bf16x3") -> dict:
+                    transform_dtype: str = "bf16x3", norm_fused: bool = False) -> dict:
   """quantize_rows: read x (bf16) once, write its 8-bit image and a float32 scale per token;
-  the transform dots at the bf16 tensor-core rate."""
-  flops = m_rows * act_quant_token_flops(k_features, a_order, transform_dtype)
+  the transform dots at the bf16 tensor-core rate.  norm_fused: the LayerNorm + modulate
+  prologue (act_quant.RowNorm) runs in the same pass: the same bytes (the per-sample affine is
+  a few KB per sample, L2-resident), the first transform dot on hi + lo of the float32 rows."""
+  flops = m_rows * act_quant_token_flops(k_features, a_order, transform_dtype,
+                                         x_bf16=not norm_fused)
   moved = m_rows * k_features * (BF16_BYTES + 1) + m_rows * FP32_BYTES
   return floor_seconds(flops, moved, peaks)
+
+
+def layer_norm_pass_floor(m_rows: int, k_features: int, peaks: Peaks) -> dict:
+  """The unfused LayerNorm + modulate of a DiT block (one XLA fusion): bf16 x read, bf16
+  modulated rows written (4 B per element); the pass a fused act-quant prologue removes."""
+  return floor_seconds(0.0, m_rows * k_features * 2 * BF16_BYTES, peaks)
 
 
 def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Peaks) -> float:
@@ -119,12 +129,13 @@ def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Pe
 
 
 def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
-                   peaks: Peaks, a_order=None) -> dict:
+                   peaks: Peaks, a_order=None, norm_fused: bool = False) -> dict:
   """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
   each at its own floor, run one after the other.  -> dict(floor_s, act_quant_s, gemm_s (the
   rest), decode_s, epilogue_s, bound of the dot).
 
-  * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order;
+  * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order
+    (norm_fused: with the LayerNorm + modulate prologue, :func:`act_quant_floor`);
     the ``*_bf16`` W4A8 paths also convert the fp8 image to bf16 (M K read at 1 B, written at 2);
   * ``xla_*``, ``triton_quant_xla_*``, ``unpacked_*``: the layer decoded once per call into a
     transient (K, N) image (K N / 2 read, K N x image bytes written), the dot reads the image;
@@ -138,7 +149,8 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
   flops = 2 * m_rows * k_features * n_features
   act_s = 0.0
   if op in ("w4a4", "w4a8"):
-    act_s = act_quant_floor(m_rows, k_features, a_order, peaks)["floor_s"]
+    act_s = act_quant_floor(m_rows, k_features, a_order, peaks,
+                            norm_fused=norm_fused)["floor_s"]
     if path.endswith("bf16"):  # fp8 image -> bf16 operand
       act_s += m_rows * k_features * (1 + BF16_BYTES) / peaks.bandwidth
   x_bytes = 1 if op in ("w4a4", "w4a8") and not path.endswith("bf16") else BF16_BYTES

@@ -106,12 +106,12 @@ def _floor_text(path: str, mkn, peaks: roofline.Peaks, avals=None) -> tuple[str,
   if mkn is None:
     if avals is None:
       return ("", "", "")
-    x_aval = jax.tree_util.tree_leaves(avals)[0]
-    m_rows, k_features = x_aval.shape
+    m_rows, k_features = avals[0].shape
     a_order = None
-    if len(jax.tree_util.tree_leaves(avals)) > 1:  # (x, (signs, block)): the block's order
-      a_order = jax.tree_util.tree_leaves(avals)[-1].shape[0]
-    floor = roofline.act_quant_floor(m_rows, k_features, a_order, peaks)
+    if len(avals) > 1 and avals[1] is not None:  # (x, (signs, block)[, mul, add])
+      a_order = avals[1][1].shape[0]
+    floor = roofline.act_quant_floor(m_rows, k_features, a_order, peaks,
+                                     norm_fused=len(avals) > 2)
     return (f"{floor['floor_s'] * 1e6:.2f} ({floor['bound']})", "", "")
   m_rows, k_features, n_features = mkn
   bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)
@@ -157,11 +157,21 @@ TARGETS = (
 )
 ACT_QUANT_SHARE_TARGET = 0.15  # act-quant <= 15 % of the W4A4 GEMM it feeds, at M = 4096
 HADAMARD_ORDER = {384: 12, 768: 12, 1152: 36, 4608: 36}  # quant/hadamard.py's blocks
+# DiT-XL/2 linears whose input is a block's modulated LayerNorm (qkv, fc1): there the W4A4 /
+# W4A8 act-quant kernel takes the LayerNorm + modulate as its prologue (act_quant.RowNorm),
+# replacing the bf16 model's separate LayerNorm pass.  proj (attention output), fc2 (GELU) and
+# the adaLN linear (SiLU(c)) keep a separate act-quant pass.
+LN_FED_SHAPES = ((1152, 3456), (1152, 4608))
 
 
 def target_rows(cc: int, shapes=DIT_XL2_SHAPES) -> list[dict]:
   """Roofline estimate of every target: the dispatcher's path at each (K, N, M), its floor
-  (act-quant + decode + dot) against the bf16 dot's, and the act-quant share of W4A4."""
+  (act-quant + decode + dot) against the bf16 dot's, and the act-quant share of W4A4.
+
+  W4A4 / W4A8 at the LN-fed shapes (LN_FED_SHAPES) fuse the LayerNorm + modulate into the
+  act-quant: both sides then count that producer (bf16: the LayerNorm pass + the dot;
+  quantized: the fused act-quant + the GEMM), and the act-quant share is what the fused step
+  costs beyond the LayerNorm pass it replaces (negative: cheaper than that pass)."""
   cls = CLASS_OF_CC[cc]
   peaks = roofline.DATASHEET[cls]
   kind = triton_ptx.DEVICE_KIND[cc]
@@ -171,16 +181,22 @@ def target_rows(cc: int, shapes=DIT_XL2_SHAPES) -> list[dict]:
       for m_rows in tokens:
         choice = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind)
         bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)["floor_s"]
+        fused = op in ("w4a4", "w4a8") and (k_features, n_features) in LN_FED_SHAPES
+        producer_s = 0.0
         if op == "vq":
           floor = roofline.vq_path_floor(choice.path, m_rows, k_features, n_features, peaks)
           floor.setdefault("act_quant_s", 0.0)
         else:
           floor = roofline.fp4_path_floor(op, choice.path, m_rows, k_features, n_features,
-                                          peaks, HADAMARD_ORDER.get(k_features))
+                                          peaks, HADAMARD_ORDER.get(k_features),
+                                          norm_fused=fused)
+        if fused:
+          producer_s = roofline.layer_norm_pass_floor(m_rows, k_features, peaks)["floor_s"]
         rows.append(dict(op=op, where=where, k=k_features, n=n_features, m=m_rows,
-                         path=choice.path, floor_s=floor["floor_s"], bf16_s=bf16,
-                         act_quant_s=floor["act_quant_s"], speedup=bf16 / floor["floor_s"],
-                         target=target))
+                         path=choice.path, floor_s=floor["floor_s"], bf16_s=bf16 + producer_s,
+                         act_quant_s=floor["act_quant_s"], producer_s=producer_s,
+                         gemm_s=floor["floor_s"] - floor["act_quant_s"],
+                         speedup=(bf16 + producer_s) / floor["floor_s"], target=target))
   return rows
 
 
@@ -193,25 +209,42 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
            "dots, each at its own floor, in sequence; bench/roofline.fp4_path_floor) vs the bf16 "
            "dot's floor. "
            "A floor speedup below the target means no implementation of that path can meet it; "
-           "above it, a real kernel still has to get close to its floor (GPU issue).", "",
-           "| op | target | K x N | M | path | floor us | bf16 floor us | floor speedup | "
-           "act-quant share of the rest | meets? |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "above it, a real kernel still has to get close to its floor (GPU issue).  Rows "
+           "marked 'LN fused' (qkv 1152x3456, fc1 1152x4608: the input is the block's "
+           "modulated LayerNorm) run the LayerNorm + modulate as the act-quant kernel's "
+           "prologue: their bf16 floor adds the bf16 model's LayerNorm pass (4 B per element) "
+           "and their act-quant share is the fused step's cost beyond that pass.", "",
+           "| op | target | K x N | M | path | producer | floor us | bf16 floor us | "
+           "floor speedup | act-quant share of the rest | meets? |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for row in rows:
-    gemm_s = row["floor_s"] - row["act_quant_s"]
-    share = f"{row['act_quant_s'] / gemm_s:.0%}" if row["act_quant_s"] else ""
+    share = ""
+    if row["act_quant_s"]:
+      share = f"{(row['act_quant_s'] - row['producer_s']) / row['gemm_s']:.0%}"
     meets = "yes" if row["speedup"] >= row["target"] else "no"
+    producer = "LN fused" if row["producer_s"] else ""
     lines.append(f"| {row['op']} | >= {row['target']}x at {row['where']} | {row['k']}x{row['n']} "
-                 f"| {row['m']} | {row['path']} | {row['floor_s'] * 1e6:.2f} | "
+                 f"| {row['m']} | {row['path']} | {producer} | {row['floor_s'] * 1e6:.2f} | "
                  f"{row['bf16_s'] * 1e6:.2f} | {row['speedup']:.2f} | {share} | {meets} |")
-  shares = [r["act_quant_s"] / (r["floor_s"] - r["act_quant_s"]) for r in rows
-            if r["op"] == "w4a4" and r["m"] == 4096]
+  w4a4 = [r for r in rows if r["op"] == "w4a4" and r["m"] == 4096]
+  shares = {(r["k"], r["n"]): (r["act_quant_s"] - r["producer_s"]) / r["gemm_s"] for r in w4a4}
+  unfused = [v for key, v in shares.items() if key not in LN_FED_SHAPES]
+  fused = [v for key, v in shares.items() if key in LN_FED_SHAPES]
   met = sum(row["speedup"] >= row["target"] for row in rows)
+  parts = []
+  if fused:
+    parts.append(f"{min(fused):.0%} to {max(fused):.0%} where the LayerNorm is fused into it "
+                 "(the fused pass writes 1 B per element where the LayerNorm pass it replaces "
+                 "wrote 2 B)")
+  if unfused:
+    parts.append(f"{min(unfused):.0%} to {max(unfused):.0%} where it is a pass of its own "
+                 "(proj after attention, fc2 after GELU, the adaLN linear): that pass reads x "
+                 "(2 B) and writes its image (1 B) per element, while the int8 GEMM at N = K "
+                 "moves far fewer bytes per FLOP, so only a producer that emits the quantized "
+                 "image (an attention or fc1 epilogue holding whole rows) could meet it there")
   lines += ["", f"{met} of {len(rows)} (op, shape, M) estimates reach their target.  W4A4 "
-            f"act-quant share at M = 4096: {min(shares):.0%} to {max(shares):.0%} of the GEMM "
-            f"(target <= {ACT_QUANT_SHARE_TARGET:.0%}): the step reads x (2 B) and writes its "
-            "image (1 B) per element, while the int8 GEMM at N = K moves far fewer bytes per "
-            "FLOP, so only fusing the act-quant into the op that produces x (LayerNorm / "
-            "modulate, GELU, attention output) can meet it."]
+            f"act-quant share at M = 4096 (target <= {ACT_QUANT_SHARE_TARGET:.0%}): "
+            + "; ".join(parts) + "."]
   return lines
 
 
@@ -226,8 +259,10 @@ STEP_VARIANTS = (("bf16", None), ("VQ W2", "vq"), ("HQ-DiT W4A4", "w4a4"),
 def dit_step_estimate(cc: int) -> list[dict]:
   """Floors of one DiT-XL/2 sampling step's matmuls per variant: the 4 token linears (M =
   4096) and the adaLN linear (M = 16 images, 1152 -> 6912) of each block through the
-  dispatcher's path, plus the attention matmuls (bf16, QK^T and PV, unchanged by quantization).
-  LayerNorm / modulate / GELU / residual passes are left out (the same in every variant)."""
+  dispatcher's path, plus the attention matmuls (bf16, QK^T and PV, unchanged by quantization)
+  and the two LayerNorm + modulate passes per block, which the W4A4 / W4A8 variants fuse into
+  the qkv / fc1 act-quant (counted there).  GELU / residual / gate passes are left out (the
+  same in every variant)."""
   cls = CLASS_OF_CC[cc]
   peaks = roofline.DATASHEET[cls]
   kind = triton_ptx.DEVICE_KIND[cc]
@@ -235,9 +270,12 @@ def dit_step_estimate(cc: int) -> list[dict]:
   attn_flops = 2 * 2 * b["images"] * b["seq"] * b["seq"] * b["hidden"]
   attn_bytes = 4 * b["tokens"] * b["hidden"] * roofline.BF16_BYTES  # q, k, v read, out written
   attention_s = roofline.floor_seconds(attn_flops, attn_bytes, peaks)["floor_s"]
+  norm_pass_s = roofline.layer_norm_pass_floor(b["tokens"], b["hidden"], peaks)["floor_s"]
   rows = []
   for name, op in STEP_VARIANTS:
     linears_s = 0.0
+    fuses = op in ("w4a4", "w4a8")
+    norms_s = 0.0 if fuses else 2 * norm_pass_s
     for m_rows, k_features, n_features in (
         [(b["tokens"], k, n) for _, k, n in DIT_XL2_BLOCK_LINEARS] + [(b["images"], 1152, 6912)]):
       if op is None:
@@ -247,12 +285,14 @@ def dit_step_estimate(cc: int) -> list[dict]:
         if op == "vq":
           floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
         else:
+          fused = m_rows == b["tokens"] and (k_features, n_features) in LN_FED_SHAPES
           floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
-                                          HADAMARD_ORDER.get(k_features))
+                                          HADAMARD_ORDER.get(k_features), norm_fused=fused)
       linears_s += floor["floor_s"]
-    step_s = b["depth"] * (linears_s + attention_s)
+    step_s = b["depth"] * (linears_s + attention_s + norms_s)
     rows.append(dict(variant=name, linears_s=b["depth"] * linears_s,
-                     attention_s=b["depth"] * attention_s, step_s=step_s))
+                     attention_s=b["depth"] * attention_s, norms_s=b["depth"] * norms_s,
+                     step_s=step_s))
   base = rows[0]["step_s"]
   for row in rows:
     row["speedup"] = base / row["step_s"]
@@ -263,14 +303,16 @@ def dit_step_markdown(cc: int) -> list[str]:
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   lines = ["", f"### DiT-XL/2 sampling step (256 px, batch 8 with CFG), sm_{cc} ({peaks.name})",
            "", "Sum of floors over the 28 blocks: the five linears through the dispatcher's "
-           "paths and the bf16 attention matmuls; elementwise passes (LayerNorm, modulate, GELU, "
-           "residuals; the same in every variant) are not counted, so real speedups are lower.",
-           "", "| variant | linears us | attention us | step floor us | floor speedup |",
-           "|---|---|---|---|---|"]
+           "paths, the bf16 attention matmuls and the two LayerNorm + modulate passes per block "
+           "(W4A4 / W4A8: fused into the qkv / fc1 act-quant, so counted in the linears); the "
+           "other elementwise passes (GELU, gates, residuals; the same in every variant) are "
+           "not counted, so real speedups are lower.",
+           "", "| variant | linears us | attention us | LayerNorm passes us | step floor us | "
+           "floor speedup |", "|---|---|---|---|---|---|"]
   for row in dit_step_estimate(cc):
     lines.append(f"| {row['variant']} | {row['linears_s'] * 1e6:.0f} | "
-                 f"{row['attention_s'] * 1e6:.0f} | {row['step_s'] * 1e6:.0f} | "
-                 f"{row['speedup']:.2f} |")
+                 f"{row['attention_s'] * 1e6:.0f} | {row['norms_s'] * 1e6:.0f} | "
+                 f"{row['step_s'] * 1e6:.0f} | {row['speedup']:.2f} |")
   return lines
 
 

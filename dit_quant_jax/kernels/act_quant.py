@@ -31,6 +31,7 @@ the second instead of writing and re-reading float activations):
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -375,13 +376,28 @@ def _dot_f32(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
 
-def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale_ref, *,
-                     act_format: str, clip_ratio: float, image: str, rows_per_token: int,
-                     rows_pad: int, tokens_per_program: int, transform_dtype: str,
-                     row_norm: float):
-  """x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
-  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; out_ref: (M * a', c) 8-bit image
-  (int8 / uint8 bits); scale_ref: (M,) float32 row scales (x ~= image * scale)."""
+def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
+                     rows_per_token: int, rows_pad: int, tokens_per_program: int,
+                     transform_dtype: str, row_norm: float, has_transform: bool = True,
+                     k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0):
+  """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref][, mul_ref, add_ref], out_ref, scale_ref.
+
+  x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
+  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; mul_ref / add_ref (with
+  tokens_per_sample > 0, the row-norm prologue): (B * a' + pad, c) float32, the per-sample
+  affine applied after a LayerNorm of each token row (over its k_features values, eps
+  norm_eps); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,) float32 row
+  scales (x ~= image * scale)."""
+  refs = list(refs)
+  x_ref, signs_ref = refs[:2]
+  rest = refs[2:]
+  dense_t_ref = hadamard_ref = mul_ref = add_ref = None
+  if has_transform:
+    dense_t_ref, hadamard_ref, rest = rest[0], rest[1], rest[2:]
+  has_norm = tokens_per_sample > 0
+  if has_norm:
+    mul_ref, add_ref, rest = rest[0], rest[1], rest[2:]
+  out_ref, scale_ref = rest
   code = None if act_format == FP8_FORMAT else fp4.fp4_code(act_format)
   m_tokens = scale_ref.shape[0]
   c_size = x_ref.shape[1]
@@ -402,9 +418,36 @@ def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale
     dense_t_hi, dense_t_lo = _split_bf16(dense_t)
   elif dense_t is not None:
     dense_t = dense_t.astype(dot_dtype)
-  x_is_bf16 = x_ref.dtype == jnp.bfloat16
+  # x * (+-1) is exact in bf16 for bf16 x (no lo part); the row-norm prologue's output is not.
+  x_is_bf16 = x_ref.dtype == jnp.bfloat16 and not has_norm
   first_token = pl.program_id(0) * tokens_per_program
   factor = np.float32(_image_scale_factor(code, image))
+  if has_norm:
+    flat = (jnp.arange(rows_pad, dtype=jnp.int32)[:, None] * c_size
+            + jnp.arange(c_size, dtype=jnp.int32)[None, :])
+    element_valid = flat < k_features
+    inv_k = np.float32(1.0 / k_features)
+
+    def affine_tiles(token, live):
+      start = (token // tokens_per_sample) * rows_per_token
+      mask = row_valid & live
+      return (common.load_tile(mul_ref, start, rows_pad, 0, c_size, mask, cols),
+              common.load_tile(add_ref, start, rows_pad, 0, c_size, mask, cols))
+
+    # One program's tokens all in one sample (the DiT case: 256 tokens, 8 per program): load
+    # the sample's affine once.
+    hoisted = tokens_per_sample % tokens_per_program == 0
+    if hoisted:
+      hoisted_tiles = affine_tiles(first_token, first_token < m_tokens)
+
+  def row_norm_prologue(x_tile, token, live):
+    """LayerNorm of the token row (float32, biased variance), then x * mul + add."""
+    mean = jnp.sum(x_tile) * inv_k
+    centred = jnp.where(element_valid, x_tile - mean, np.float32(0.0))
+    var = jnp.sum(centred * centred) * inv_k
+    normed = centred * lax.rsqrt(var + np.float32(norm_eps))
+    mul, add = hoisted_tiles if hoisted else affine_tiles(token, live)
+    return normed * mul + add
 
   def token_step(t, carry):
     token = first_token + t
@@ -412,7 +455,7 @@ def row_quant_kernel(x_ref, signs_ref, dense_t_ref, hadamard_ref, out_ref, scale
     row_mask = row_valid & live
     x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
                               cols).astype(jnp.float32)
-    y = x_tile
+    y = row_norm_prologue(x_tile, token, live) if has_norm else x_tile
     if hadamard is not None and split:
       # bf16x3: operands split into bf16 hi + lo parts, products summed in float32 (H is
       # +-1, exact in bf16); ~2^-16 relative error, on bf16 tensor cores.
@@ -462,25 +505,82 @@ def quantize_rows_applies(k_features: int, transform=None) -> bool:
   return not b_size & (b_size - 1) and min(b_size, MAX_FAST_FACTOR) >= common.MIN_BLOCK
 
 
+class RowNorm(NamedTuple):
+  """A LayerNorm + per-sample affine prologue of the act-quant step (the adaLN input of a DiT
+  linear, fused into the kernel that quantizes it):
+  ``x'[m] = LayerNorm(x[m]) * mul[m // tokens_per_sample] + add[m // tokens_per_sample]``,
+  LayerNorm without affine parameters (biased variance, eps) over the K features, in float32.
+  mul / add: (B, K) float; the modulation ``modulate(LN(x), shift, scale)`` is
+  mul = 1 + scale, add = shift (a SmoothQuant factor s multiplies both)."""
+  mul: jax.Array
+  add: jax.Array
+  tokens_per_sample: int
+  eps: float
+
+  def kwargs(self) -> dict:
+    return dict(norm_mul=self.mul, norm_add=self.add, tokens_per_sample=int(self.tokens_per_sample),
+                norm_eps=float(self.eps))
+
+
+def _check_row_norm(m_tokens: int, k_features: int, norm_mul, norm_add, tokens_per_sample):
+  """-> whether a row-norm prologue is given; raises on inconsistent shapes."""
+  if norm_mul is None and norm_add is None:
+    return False
+  if norm_mul is None or norm_add is None:
+    raise ValueError("the row-norm prologue needs both norm_mul and norm_add")
+  if not isinstance(tokens_per_sample, int) or tokens_per_sample < 1:
+    raise ValueError(f"tokens_per_sample must be a positive int, got {tokens_per_sample!r}")
+  if m_tokens % tokens_per_sample:
+    raise ValueError(f"{m_tokens} token rows are not whole samples of {tokens_per_sample} tokens")
+  samples = m_tokens // tokens_per_sample
+  for name, value in (("norm_mul", norm_mul), ("norm_add", norm_add)):
+    if tuple(value.shape) != (samples, k_features):
+      raise ValueError(f"{name} must have shape ({samples}, {k_features}) (samples, K), got "
+                       f"{tuple(value.shape)}")
+  return True
+
+
+def apply_row_norm(x, norm_mul, norm_add, tokens_per_sample: int, norm_eps: float):
+  """Plain jnp :class:`RowNorm` prologue: x (M, K) -> float32 (M, K)."""
+  m_tokens, k_features = x.shape
+  _check_row_norm(m_tokens, k_features, norm_mul, norm_add, tokens_per_sample)
+  x32 = x.astype(jnp.float32).reshape(-1, tokens_per_sample, k_features)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  normed = (x32 - mean) * lax.rsqrt(var + np.float32(norm_eps))
+  y = (normed * norm_mul.astype(jnp.float32)[:, None, :]
+       + norm_add.astype(jnp.float32)[:, None, :])
+  return y.reshape(m_tokens, k_features)
+
+
 @functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
                                              "tokens_per_program", "num_warps", "num_stages",
-                                             "interpret", "transform_dtype"])
+                                             "interpret", "transform_dtype",
+                                             "tokens_per_sample", "norm_eps"])
 def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
                   image: str = "int8", tokens_per_program: int = 8, num_warps: int = 4,
                   num_stages: int = 1, interpret: bool = False,
-                  transform_dtype: str = "bf16x3"):
+                  transform_dtype: str = "bf16x3", norm_mul=None, norm_add=None,
+                  tokens_per_sample: int = 0, norm_eps: float = 1e-6):
   """x: (M, K) float -> (image (M, K) int8 or float8_e4m3fn, row_scale (M,) float32) with
   x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
   power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
   (nearest, ties to even, saturating; FP8 E4M3: saturating cast), all in one pass per token.
 
+  norm_mul / norm_add (B, K) with tokens_per_sample, norm_eps (:class:`RowNorm`): quantize
+  ``LayerNorm(x) * mul + add`` instead of x (the adaLN-modulated input of a DiT linear), the
+  prologue fused: x is read once (2 B per element for bf16) and only the 8-bit image is
+  written, where the unfused LayerNorm + modulate would write and re-read a bf16 copy.
+
   image 'int8': multiplier * value (W4A4 int8 path); 'fp8': the exact E4M3 image (W4A4 fp8
   path, W4A8).  transform_dtype: arithmetic of the two transform dots.  'bf16x3' (default):
-  bf16 tensor cores on hi/lo splits of both operands (x @ H_c: one dot for bf16 x, two for
-  float32; L^T @ y: three, lo x lo left out): ~2^-16 relative error, so the codes are the
-  float32 reference's except at near-ties (~1 code in 10^5 at K = 1152, measured).  'bfloat16': one bf16 dot each, ~2x fewer tensor-core FLOPs, but
-  the bf16 rounding of y and of L moves ~0.5% of the codes by a grid step and the per-token
-  scales by ~0.3% (W4A4 outputs then ~2% from the reference; tests/test_kernels_fp4.py).  'float32' IEEE (CUDA cores, slow) or 'tf32'.
+  bf16 tensor cores on hi/lo splits of both operands (x @ H_c: one dot for bf16 x without a
+  prologue, else two; L^T @ y: three, lo x lo left out): ~2^-16 relative error, so the codes
+  are the float32 reference's except at near-ties (~1 code in 10^5 at K = 1152, measured).
+  'bfloat16': one bf16 dot each, ~2x fewer tensor-core FLOPs, but the bf16 rounding of y and of
+  L moves ~0.5% of the codes by a grid step and the per-token scales by ~0.3% (W4A4 outputs
+  then ~2% from the reference; tests/test_kernels_fp4.py).  'float32' IEEE (CUDA cores, slow)
+  or 'tf32'.
   """
   if x.ndim != 2:
     raise ValueError(f"x must be (M, K), got shape {x.shape}")
@@ -490,6 +590,7 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
     raise ValueError(f"unknown transform dtype {transform_dtype!r}; one of {TRANSFORM_DTYPES}")
   code = _check_row_quant(act_format, image)
   m_tokens, k_features = x.shape
+  has_norm = _check_row_norm(m_tokens, k_features, norm_mul, norm_add, tokens_per_sample)
   rows, c_size, factors = _row_view(k_features, transform)
   if c_size < common.MIN_BLOCK:
     raise ValueError(f"the power-of-two factor {c_size} of K = {k_features} is below the "
@@ -498,35 +599,38 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   if k_view != k_features:  # ragged K without a transform: zero columns change no absmax
     x = jnp.pad(x, ((0, 0), (0, k_view - k_features)))
   rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
+  operands = [x.reshape(m_tokens * rows, c_size)]
   if factors is None:
-    signs, dense_t, hadamard, row_norm = jnp.ones((rows, c_size), jnp.float32), None, None, 1.0
+    signs, row_norm = jnp.ones((rows, c_size), jnp.float32), 1.0
   else:
     signs = factors[0].reshape(rows, c_size)
-    dense_t = jnp.zeros((rows_pad, rows_pad), jnp.float32).at[:rows, :rows].set(factors[1].T)
-    hadamard = jnp.asarray(sylvester_unnormalized(c_size))
     row_norm = 1.0 / np.sqrt(c_size)
   # Pad the signs to the kernel's tile (a static out-of-bounds block load, even masked, is an
   # error in jax >= 0.12's interpret mode).
-  signs = jnp.pad(signs, ((0, rows_pad - rows), (0, 0)))
+  operands.append(jnp.pad(signs, ((0, rows_pad - rows), (0, 0))))
+  if factors is not None:
+    operands.append(jnp.zeros((rows_pad, rows_pad), jnp.float32)
+                    .at[:rows, :rows].set(factors[1].T))
+    operands.append(jnp.asarray(sylvester_unnormalized(c_size)))
+  if has_norm:
+    for affine in (norm_mul, norm_add):  # (B, K) -> (B * a' + pad rows, c), zero padded
+      affine = jnp.pad(affine.astype(jnp.float32), ((0, 0), (0, k_view - k_features)))
+      operands.append(jnp.pad(affine.reshape(-1, c_size), ((0, rows_pad - rows), (0, 0))))
   stored_dtype = jnp.int8 if image == "int8" else jnp.uint8
   kernel = functools.partial(
       row_quant_kernel, act_format=act_format, clip_ratio=float(clip_ratio), image=image,
       rows_per_token=rows, rows_pad=rows_pad, tokens_per_program=tokens_per_program,
-      transform_dtype=transform_dtype, row_norm=float(row_norm))
-  if factors is None:
-    kernel_fn = lambda x_ref, s_ref, o_ref, sc_ref: kernel(x_ref, s_ref, None, None, o_ref, sc_ref)
-    operands = (x.reshape(m_tokens * rows, c_size), signs)
-  else:
-    kernel_fn = kernel
-    operands = (x.reshape(m_tokens * rows, c_size), signs, dense_t, hadamard)
+      transform_dtype=transform_dtype, row_norm=float(row_norm),
+      has_transform=factors is not None, k_features=k_features,
+      tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps))
   out, scale = pl.pallas_call(
-      kernel_fn,
+      kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),
                  jax.ShapeDtypeStruct((m_tokens,), jnp.float32)),
       grid=(pl.cdiv(m_tokens, tokens_per_program),),
       compiler_params=common.compiler_params(num_warps, num_stages),
       interpret=interpret,
-      name=f"quantize_rows_{image}",
+      name=f"quantize_rows_{image}" + ("_norm" if has_norm else ""),
   )(*operands)
   out = out.reshape(m_tokens, k_view)[:, :k_features]
   if image == "fp8":
@@ -545,14 +649,18 @@ def transform_rows_xla(x, transform):
   return y.reshape(m_tokens, k_features)
 
 
-@functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image"])
+@functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
+                                             "tokens_per_sample", "norm_eps"])
 def quantize_rows_xla(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
-                      image: str = "int8"):
+                      image: str = "int8", norm_mul=None, norm_add=None,
+                      tokens_per_sample: int = 0, norm_eps: float = 1e-6):
   """Plain jnp / XLA version of :func:`quantize_rows` (same outputs; float32 transform): the
   reference of the kernel, and the path where the kernel does not apply."""
   if x.ndim != 2:
     raise ValueError(f"x must be (M, K), got shape {x.shape}")
   code = _check_row_quant(act_format, image)
+  if _check_row_norm(x.shape[0], x.shape[1], norm_mul, norm_add, tokens_per_sample):
+    x = apply_row_norm(x, norm_mul, norm_add, tokens_per_sample, norm_eps)
   y = x.astype(jnp.float32) if transform is None else transform_rows_xla(x, transform)
   max_value = fp4.FP8_E4M3_MAX if code is None else code.magnitudes[-1]
   scale = jnp.max(jnp.abs(y), axis=1) * np.float32(clip_ratio) / np.float32(max_value)

@@ -530,11 +530,17 @@ def _w4a16_triton_path(predecode: bool):
   return path
 
 
-def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform):
+def _norm_kwargs(norm):
+  """act_quant.RowNorm (or None) -> the act-quant functions' prologue keywords."""
+  return {} if norm is None else norm.kwargs()
+
+
+def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm=None):
   """Plain jnp: the float32 fake-quantized activations times the dequantized weight."""
   image = "fp8" if act_format == act_quant.FP8_FORMAT else "int8"
   values, row_scale = act_quant.quantize_rows_xla(x, transform, act_format=act_format,
-                                                  clip_ratio=float(clip_ratio), image=image)
+                                                  clip_ratio=float(clip_ratio), image=image,
+                                                  **_norm_kwargs(norm))
   xq = values.astype(jnp.float32) * row_scale[:, None]
   y = jnp.dot(xq, fp4_mma.dequantize_reference(weight), precision=lax.Precision.HIGHEST)
   if bias is not None:
@@ -548,17 +554,18 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
   (XLA unpack + dot_general, or the fp4_mma kernel)."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None, out_dtype=jnp.float32):
+           config=None, out_dtype=jnp.float32, norm=None):
     if x.ndim != 2:
       raise ValueError(f"x must be (M, K), got shape {x.shape}")
     image = "int8" if dot_kind == "int8" else "fp8"
     if act_impl == "xla":
       values, row_scale = act_quant.quantize_rows_xla(
-          x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=image)
+          x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=image,
+          **_norm_kwargs(norm))
     else:
       values, row_scale = act_quant.quantize_rows(
           x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=image,
-          interpret=_interpret(), **_quant_options(config))
+          interpret=_interpret(), **_quant_options(config), **_norm_kwargs(norm))
     if dot_kind == "bf16":
       values = values.astype(jnp.bfloat16)
     if dot_impl == "xla":
@@ -576,11 +583,11 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
   kernels/fp4_mosaic.py): the dispatcher must not pick it before a GPU test passes."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None, out_dtype=jnp.float32):
+           config=None, out_dtype=jnp.float32, norm=None):
     from dit_quant_jax.kernels import fp4_mosaic  # jax >= 0.11 only
     values, row_scale = act_quant.quantize_rows(
         x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=dot_kind,
-        interpret=_interpret(), **_quant_options(config))
+        interpret=_interpret(), **_quant_options(config), **_norm_kwargs(norm))
     options = {k: v for k, v in (config or {}).items()
                if k in ("block_m", "block_n", "max_concurrent_steps")}
     return fp4_mosaic.fp4_mosaic_matmul(values, row_scale, weight, bias, dot_kind=dot_kind,
@@ -590,16 +597,17 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
 
 
 def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None,
-                    out_dtype=jnp.float32):
+                    out_dtype=jnp.float32, norm=None):
   del config
-  y = _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform)
+  y = _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform, norm)
   return y.astype(out_dtype)
 
 
 def _w4a4_reference(x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
-                    config=None, out_dtype=jnp.float32):
+                    config=None, out_dtype=jnp.float32, norm=None):
   del config
-  return _quantized_reference(x, weight, bias, act_format, clip_ratio, transform).astype(out_dtype)
+  y = _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm)
+  return y.astype(out_dtype)
 
 
 _FP8 = act_quant.FP8_FORMAT
@@ -681,6 +689,14 @@ def lowering_cases(shapes=None, device: str = "hopper"):
       cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
                     (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16), transform),
                     dict(quant_config)))
+      if k_features == 1152 and m_rows % 256 == 0:  # qkv / fc1 input: LayerNorm fused
+        norm_fn = jax.jit(lambda x, t, mul, add: act_quant.quantize_rows(
+            x, t, act_format="e2m1", image="int8", norm_mul=mul, norm_add=add,
+            tokens_per_sample=256, **quant_config))
+        affine = jax.ShapeDtypeStruct((m_rows // 256, k_features), jnp.float32)
+        cases.append((f"quantize_rows_norm_int8 M={m_rows} K={k_features} a={a_order}",
+                      norm_fn, (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16),
+                                transform, affine, affine), dict(quant_config)))
   return cases
 
 
@@ -724,18 +740,27 @@ def choose_path(op: str, m_rows: int, k_features: int, n_features: int, *, trans
 
 def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format=None,
            clip_ratio: float = 1.0, transform=None, path=None, device_kind=None,
-           out_dtype=None):
+           out_dtype=None, norm=None):
   """x: (..., K) -> (..., N) through the path the dispatcher picks for (M, K, N, device)
   (``choose_path``), or the named ``path``.  op: 'w4a16' (x already transformed and, for
   fake-quantized activations, quantized), 'w4a8' (per-token FP8 E4M3 activations) or 'w4a4'
   (per-token 4-bit ``act_format``); for these two, transform (signs (K,), block (a, a)) and
-  clip_ratio are applied by the path's act-quant step.  out_dtype: default x.dtype."""
+  clip_ratio are applied by the path's act-quant step.  out_dtype: default x.dtype.
+
+  norm (act_quant.RowNorm, rows of x grouped in samples of norm.tokens_per_sample): the layer
+  input is ``LayerNorm(x) * mul + add`` (a DiT block's adaLN-modulated input), fused into the
+  W4A8 / W4A4 act-quant step (x read once, no bf16 copy of the modulated rows); W4A16 takes it
+  materialized (act_quant.apply_row_norm)."""
   if op not in PATHS:
     raise ValueError(f"unknown FP4 op {op!r}; expected one of {sorted(PATHS)}")
   if op == "w4a4" and act_format is None:
     raise ValueError("w4a4 needs act_format ('e1m2' | 'e2m1' | 'e3m0' | 'int4')")
   x2d, lead = common.flatten_rows(x, weight.k_features)
   out_dtype = x.dtype if out_dtype is None else out_dtype
+  if norm is not None and op == "w4a16":
+    x2d = act_quant.apply_row_norm(x2d, norm.mul, norm.add, int(norm.tokens_per_sample),
+                                   float(norm.eps)).astype(x.dtype)
+    norm = None
   if path is None:
     choice = choose_path(op, x2d.shape[0], weight.k_features, weight.n_features,
                          transform=transform, act_format=act_format,
@@ -750,6 +775,8 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
     y = fn(x2d, weight, bias, config=config).astype(out_dtype)
   else:
     extra = dict(act_format=act_format) if op == "w4a4" else {}
+    if norm is not None:
+      extra["norm"] = norm
     y = fn(x2d, weight, bias, clip_ratio=clip_ratio, transform=transform, config=config,
            out_dtype=out_dtype, **extra)
   return y.reshape(lead + (weight.n_features,))

@@ -28,7 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit_quant_jax.models.layers import LAYER_NORM_EPS
 from dit_quant_jax.models.layers import Linear
+from dit_quant_jax.models.layers import NormModulated
+from dit_quant_jax.models.layers import layer_norm  # noqa: F401 (public here too)
+from dit_quant_jax.models.layers import modulate  # noqa: F401 (public here too)
 from dit_quant_jax.quant.qtensor import ActivationQuantizer
 
 # Official model zoo: name -> (depth, hidden_size, patch_size, num_heads).
@@ -47,7 +51,6 @@ DIT_CONFIGS = {
     "DiT-S/8": dict(depth=12, hidden_size=384, patch_size=8, num_heads=6),
 }
 
-LAYER_NORM_EPS = 1e-6  # official: nn.LayerNorm(..., elementwise_affine=False, eps=1e-6)
 TIMESTEP_FREQ_DIM = 256  # official TimestepEmbedder.frequency_embedding_size
 TIMESTEP_MAX_PERIOD = 10000
 
@@ -83,19 +86,6 @@ def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
   rows, cols = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
   emb = np.concatenate([sincos_1d(embed_dim // 2, cols), sincos_1d(embed_dim // 2, rows)], axis=1)
   return emb.astype(np.float32)
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-  """adaLN: x: (N, T, D); shift, scale: (N, D)."""
-  return x * (1 + scale[:, None, :]) + shift[:, None, :]
-
-
-def layer_norm(x: jax.Array, eps: float = LAYER_NORM_EPS) -> jax.Array:
-  """LayerNorm without affine parameters (biased variance, as torch), computed in float32."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 _normal_002 = nn.initializers.normal(stddev=0.02)
@@ -221,9 +211,11 @@ class DiTBlock(nn.Module):
                  name="adaLN_modulation_1")(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     attn = Attention(d, self.num_heads, dtype=self.dtype, name="attn")
-    x = x + gate_msa[:, None, :] * attn(modulate(layer_norm(x), shift_msa, scale_msa))
+    # The modulated LayerNorm outputs go in deferred (layers.NormModulated): an HQ-DiT W4A4 /
+    # W4A8 kernel fuses them into its act-quant step; every other layer computes them.
+    x = x + gate_msa[:, None, :] * attn(NormModulated(x, shift_msa, scale_msa, LAYER_NORM_EPS))
     mlp = Mlp(int(d * self.mlp_ratio), d, dtype=self.dtype, name="mlp")
-    x = x + gate_mlp[:, None, :] * mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+    x = x + gate_mlp[:, None, :] * mlp(NormModulated(x, shift_mlp, scale_mlp, LAYER_NORM_EPS))
     return x
 
 
@@ -239,7 +231,7 @@ class FinalLayer(nn.Module):
     mod = Linear(2 * self.hidden_size, kernel_init=nn.initializers.zeros, dtype=self.dtype,
                  name="adaLN_modulation_1")(nn.silu(c))
     shift, scale = jnp.split(mod, 2, axis=-1)
-    x = modulate(layer_norm(x), shift, scale)
+    x = NormModulated(x, shift, scale, LAYER_NORM_EPS)
     return Linear(self.patch_size**2 * self.out_channels, kernel_init=nn.initializers.zeros,
                   dtype=self.dtype, name="linear")(x)
 

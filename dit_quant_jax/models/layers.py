@@ -17,9 +17,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from flax import struct
+
 from dit_quant_jax.quant.qtensor import QuantizedWeight
 
 LINEAR_INPUTS = "linear_inputs"
+LAYER_NORM_EPS = 1e-6  # official DiT: nn.LayerNorm(..., elementwise_affine=False, eps=1e-6)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+  """adaLN: x: (N, T, D); shift, scale: (N, D)."""
+  return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def layer_norm(x: jax.Array, eps: float = LAYER_NORM_EPS) -> jax.Array:
+  """LayerNorm without affine parameters (biased variance, as torch), computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+@struct.dataclass
+class NormModulated:
+  """A linear layer's input ``modulate(layer_norm(x), shift, scale)``, not yet computed.
+
+  DiT blocks hand this to :class:`Linear` so that a quantized kernel whose act-quant step can
+  fuse the LayerNorm and the modulation (``QuantizedWeight.fuses_row_norm``: HQ-DiT W4A4 /
+  W4A8 on GPU) reads x once; every other kernel gets :meth:`materialize`, the same arrays
+  as before.  x: (N, T, D); shift, scale: (N, D)."""
+  x: jax.Array
+  shift: jax.Array
+  scale: jax.Array
+  eps: float = struct.field(pytree_node=False, default=LAYER_NORM_EPS)
+
+  @property
+  def shape(self):
+    return self.x.shape
+
+  @property
+  def dtype(self):
+    return self.x.dtype
+
+  def materialize(self) -> jax.Array:
+    return modulate(layer_norm(self.x, self.eps), self.shift, self.scale)
 
 Initializer = Callable[..., jax.Array]
 
@@ -35,10 +76,14 @@ class Linear(nn.Module):
   precision: Any = None
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: (..., in_features) -> (..., features)."""
+  def __call__(self, x) -> jax.Array:
+    """x: (..., in_features) array, or a :class:`NormModulated` input -> (..., features)."""
     in_features = x.shape[-1]
-    self.sow(LINEAR_INPUTS, "x", x)
+    deferred = x if isinstance(x, NormModulated) else None
+    if deferred is not None and self.is_mutable_collection(LINEAR_INPUTS):
+      x = deferred.materialize()  # calibration observes the layer's real input
+    if not isinstance(x, NormModulated):
+      self.sow(LINEAR_INPUTS, "x", x)
     if self.has_variable("params", "kernel"):
       # Read directly: nn.Module.param would compare the (possibly quantized) leaves'
       # shapes with a dense initializer's.
@@ -52,13 +97,18 @@ class Linear(nn.Module):
       else:
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
     dtype = self.dtype or x.dtype
-    x = x.astype(dtype)
-
     if isinstance(kernel, QuantizedWeight):
       if tuple(kernel.shape) != (in_features, self.features):
         raise ValueError(
             f"{self.path_text()}: quantized kernel has shape {tuple(kernel.shape)}, "
             f"layer expects {(in_features, self.features)}")
+      if isinstance(x, NormModulated) and kernel.fuses_row_norm():
+        return kernel.linear_row_norm(x.x.astype(dtype), 1 + x.scale, x.shift, x.eps, bias)
+    if isinstance(x, NormModulated):
+      x = x.materialize()
+    x = x.astype(dtype)
+
+    if isinstance(kernel, QuantizedWeight):
       return kernel.linear(x, bias)
 
     if kernel.shape != (in_features, self.features):

@@ -269,6 +269,38 @@ class FP4Weight(QuantizedWeight):
       y = y + bias.astype(y.dtype)
     return self._add_branch(y, smoothed)
 
+  def fuses_row_norm(self) -> bool:
+    """The W4A4 / W4A8 kernel path (per-token activations, no low-rank branch) quantizes the
+    adaLN-modulated input in its act-quant kernel, LayerNorm and modulation included."""
+    from dit_quant_jax.kernels import common
+    return (self.bits == 4 and self.act_granularity == "per_token"
+            and self.lowrank_down is None and self.kernel_op()[0] != "w4a16"
+            and common.resolve_impl("auto")[0])
+
+  def linear_row_norm(self, x, mul, add, eps, bias):
+    """x: (B, T, K) un-normalized rows; input = LayerNorm(x) * mul + add (the SmoothQuant
+    factor folded into mul and add) -> (B, T, N) through ``kernels.fp4_matmul.linear`` with
+    the prologue fused into its act-quant step."""
+    from dit_quant_jax.kernels import act_quant
+    from dit_quant_jax.kernels import fp4_matmul
+    if not self.fuses_row_norm():
+      raise ValueError("this FP4Weight does not fuse the row norm here (fuses_row_norm() is "
+                       "False): pass the normalized input to linear()")
+    if x.ndim != 3 or tuple(mul.shape) != (x.shape[0], x.shape[2]) or mul.shape != add.shape:
+      raise ValueError(f"row norm needs x (B, T, K) and mul / add (B, K); got x {x.shape}, "
+                       f"mul {tuple(mul.shape)}, add {tuple(add.shape)}")
+    mul, add = mul.astype(jnp.float32), add.astype(jnp.float32)
+    if self.input_scale is not None:
+      mul, add = mul * self.input_scale[None, :], add * self.input_scale[None, :]
+    op, act_format = self.kernel_op()
+    transform = None
+    if self.hadamard_signs is not None:
+      transform = (self.hadamard_signs, self.hadamard_block)
+    norm = act_quant.RowNorm(mul, add, int(x.shape[1]), float(eps))
+    return fp4_matmul.linear(op, x, self.packed_weight(), bias, act_format=act_format,
+                             clip_ratio=self.act_clip_ratio, transform=transform,
+                             out_dtype=x.dtype, norm=norm)
+
   def kernel_op(self) -> tuple[str, Optional[str]]:
     """(FP4 op, activation format) of the kernel path: ('w4a16', None) weight-only or with
     activations fake-quantized beforehand, ('w4a4', fmt) for 4-bit per-token activations,

@@ -45,6 +45,18 @@ class QuantizedWeight:
     """Bytes of each stored component, e.g. {'codebook': .., 'assignments': ..}."""
     raise NotImplementedError(f"{type(self).__name__} must implement nbytes_breakdown()")
 
+  def fuses_row_norm(self) -> bool:
+    """Whether :meth:`linear_row_norm` runs fused (one kernel reads the un-normalized rows)
+    on this device; default no: the caller materializes the normalized input."""
+    return False
+
+  def linear_row_norm(self, x: jax.Array, mul: jax.Array, add: jax.Array, eps: float,
+                      bias: Optional[jax.Array]) -> jax.Array:
+    """y for the input ``LayerNorm(x) * mul[:, None] + add[:, None]`` (x: (B, T, K), mul /
+    add: (B, K); LayerNorm without affine parameters, float32, biased variance), for types
+    whose kernel fuses that prologue (:meth:`fuses_row_norm`)."""
+    raise NotImplementedError(f"{type(self).__name__} does not fuse the row norm")
+
   def in_current_layout(self) -> "QuantizedWeight":
     """The same weight in the storage layout the kernels read now (a weight saved in an older
     layout is converted once, on load); default: unchanged."""
