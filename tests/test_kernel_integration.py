@@ -67,13 +67,23 @@ def test_quantized_sampling_with_kernels_matches_dequantized_path():
   assert err < 2e-2, err
 
 
-def test_fused_row_norm_is_taken_and_matches_unfused(monkeypatch):
-  """HQ-DiT W4A4 on the kernel path: the blocks' qkv / fc1 inputs (modulated LayerNorm) go to
-  the act-quant kernel un-normalized (layers.NormModulated -> FP4Weight.linear_row_norm), and
-  the model computes what it computes with the LayerNorm materialized."""
+FUSED_SETTINGS = {
+    "hqdit_w4a4": SETTINGS["hqdit_w4a4"],
+    "w4a8": SETTINGS["w4a8"],
+    # SmoothQuant: its per-channel factor folded into the prologue's affine
+    "w4a4_smooth": (SETTINGS["hqdit_w4a4"][0], dict(SETTINGS["hqdit_w4a4"][1],
+                                                    **{"smooth.enabled": True})),
+}
+
+
+@pytest.mark.parametrize("setting", sorted(FUSED_SETTINGS))
+def test_fused_row_norm_is_taken_and_matches_unfused(monkeypatch, setting):
+  """HQ-DiT W4A4 / W4A8 on the kernel path: the blocks' qkv / fc1 inputs (modulated LayerNorm)
+  go to the act-quant kernel un-normalized (layers.NormModulated -> FP4Weight.linear_row_norm),
+  and the model computes what it computes with the LayerNorm materialized."""
   from dit_quant_jax.kernels import act_quant
   from dit_quant_jax.quant import hqdit
-  model, qparams = _quantized(*SETTINGS["hqdit_w4a4"])
+  model, qparams = _quantized(*FUSED_SETTINGS[setting])
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.standard_normal((2, 32, 32, 1)), jnp.float32)
   t, y = jnp.asarray([5, 600]), jnp.asarray([2, 7])
@@ -94,7 +104,7 @@ def test_fused_row_norm_is_taken_and_matches_unfused(monkeypatch):
   with common.kernel_impl("pallas"):
     unfused = model.apply({"params": qparams}, x, t, y)
   err = float(jnp.linalg.norm(fused - unfused) / jnp.linalg.norm(unfused))
-  assert err < 1e-2, err
+  assert err < 1e-4, err  # float32 model: the same function, summed in another order
 
 
 def test_linear_inputs_are_the_materialized_norm():

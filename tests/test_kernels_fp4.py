@@ -208,7 +208,8 @@ def _row_norm_float64(x, mul, add, tokens, eps=1e-6):
 # program (tokens % tokens_per_program == 0) or loaded per token, a ragged K without transform,
 # the DiT-XL/2 width with its order-36 block, bf16 rows.
 ROW_NORM_CASES = [(2, 8, 384, 12, 8, jnp.float32), (3, 6, 96, None, 4, jnp.float32),
-                  (2, 4, 100, None, 8, jnp.float32), (2, 3, 1152, 36, 2, jnp.bfloat16)]
+                  (2, 4, 100, None, 8, jnp.float32), (2, 3, 1152, 36, 2, jnp.bfloat16),
+                  (2, 32, 1152, 36, 8, jnp.bfloat16)]  # DiT layout: 4 programs per sample
 
 
 @pytest.mark.parametrize("samples,tokens,k_features,a_order,per_program,x_dtype", ROW_NORM_CASES)
@@ -233,16 +234,38 @@ def test_quantize_rows_row_norm_matches_reference(samples, tokens, k_features, a
     diff = (np.asarray(values.astype(jnp.float32))
             != np.asarray(ref_values.astype(jnp.float32)))
     assert diff.sum() <= 2, diff.sum()  # float32 LayerNorm sums in another order: near-ties
-    # The fused function is the unfused one: quantize the normalized rows themselves.
-    plain_values, _ = aq.quantize_rows_xla(aq.apply_row_norm(x, mul, add, tokens, 1e-6),
-                                           transform, act_format=act_format, clip_ratio=0.9,
-                                           image=image)
-    np.testing.assert_array_equal(np.asarray(plain_values.astype(jnp.float32)),
-                                  np.asarray(ref_values.astype(jnp.float32)))
+    # Independent of apply_row_norm: quantize the float64-normalized rows (no prologue).
+    plain_values, _ = aq.quantize_rows_xla(
+        jnp.asarray(_row_norm_float64(x, mul, add, tokens), jnp.float32), transform,
+        act_format=act_format, clip_ratio=0.9, image=image)
+    assert (np.asarray(plain_values.astype(jnp.float32))
+            != np.asarray(values.astype(jnp.float32))).sum() <= 2
     max_value = 448.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).magnitudes[-1]
     factor = 1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).multiplier
     np.testing.assert_allclose(np.asarray(ref_scale) * factor,
                                np.abs(y64).max(axis=1) * 0.9 / max_value, rtol=1e-4)
+
+
+def test_quantize_rows_row_norm_bf16x3_on_bf16_rows():
+  """The default transform on bf16 residual rows: the prologue's float32 output needs the lo
+  part of bf16x3's first dot (the bf16-x shortcut would move ~0.5 % of the codes)."""
+  rng = _rng(17)
+  x, mul, add = _row_norm_inputs(rng, 2, 16, 1152, jnp.bfloat16)
+  transform = _transform(rng, 1152, 36)
+  kwargs = dict(norm_mul=mul, norm_add=add, tokens_per_sample=16, norm_eps=1e-6)
+  ref, ref_scale = aq.quantize_rows_xla(x, transform, act_format="e2m1", image="int8", **kwargs)
+  got, scale = aq.quantize_rows(x, transform, act_format="e2m1", image="int8", interpret=True,
+                                **kwargs)
+  assert (np.asarray(got) != np.asarray(ref)).mean() < 2e-4
+  np.testing.assert_allclose(np.asarray(scale), np.asarray(ref_scale), rtol=2e-5)
+
+
+def test_fuses_row_norm_names_real_paths():
+  for op in ("w4a4", "w4a8"):
+    fusing = [p for p in fmm.PATHS[op] if fmm.fuses_row_norm(op, p)]
+    assert fusing and set(fusing) <= set(fmm.PATHS[op])
+    assert not fmm.fuses_row_norm(op, "xla_fp8") and not fmm.fuses_row_norm(op, "reference")
+  assert not any(fmm.fuses_row_norm("w4a16", p) for p in fmm.PATHS["w4a16"])
 
 
 def test_quantize_rows_row_norm_bad_input():
@@ -276,6 +299,10 @@ def test_linear_row_norm_matches_materialized_input(op, path):
                      norm=aq.RowNorm(mul, add, 8, 1e-6), **kwargs)
   plain = fmm.linear(op, aq.apply_row_norm(x, mul, add, 8, 1e-6), weight, bias, **kwargs)
   assert fused.shape == (2, 8, 48)
+  reference = fmm.linear(op, x.reshape(2, 8, 384), weight, bias,
+                         norm=aq.RowNorm(mul, add, 8, 1e-6), **dict(kwargs, path="reference"))
+  np.testing.assert_allclose(np.asarray(reference), np.asarray(plain).reshape(2, 8, 48),
+                             atol=1e-2 * np.abs(np.asarray(plain)).max())
   np.testing.assert_allclose(np.asarray(fused).reshape(16, 48), np.asarray(plain),
                              atol=1e-2 * np.abs(np.asarray(plain)).max())
 

@@ -434,7 +434,9 @@ def bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks: rooflin
           continue
         if name in order:
           baselines[name] = seconds
-        baseline = baselines.get(LN_BASELINE if name.endswith("_ln") else "bf16_xla", seconds)
+        # no speedup when the baseline itself failed to build
+        baseline = baselines.get(LN_BASELINE if name.endswith("_ln") else "bf16_xla",
+                                 seconds if name in order else math.nan)
         floor = _floor(name, m_rows, k_features, n_features, flops, moved, peaks,
                        paths.get(name, ""))
         rows.append(dict(

@@ -641,6 +641,12 @@ PATHS = {
     },
 }
 FP4_PATHS = PATHS
+# Paths whose act-quant step is act_quant.quantize_rows (the Triton kernel): fuses_row_norm.
+_TRITON_ACT_QUANT = {
+    "w4a8": ("triton_fp8", "triton_bf16", "unpacked_triton_bf16", "mosaic_fp8"),
+    "w4a4": ("triton_int8", "triton_fp8", "triton_quant_xla_int8", "unpacked_triton_int8",
+             "mosaic_int8", "mosaic_fp8"),
+}
 UNVERIFIED = {("w4a8", "mosaic_fp8"), ("w4a4", "mosaic_int8"), ("w4a4", "mosaic_fp8")}
 
 
@@ -738,6 +744,14 @@ def choose_path(op: str, m_rows: int, k_features: int, n_features: int, *, trans
   return dispatch.Choice(path, choice.config)
 
 
+def fuses_row_norm(op: str, path: str) -> bool:
+  """Whether a path's act-quant step is the Triton kernel (act_quant.quantize_rows), which runs a
+  RowNorm prologue in the pass it already makes over x.  The XLA act-quant paths (W4A8's
+  xla_fp8 on Hopper, the _XLA_QUANT_FALLBACK targets) and W4A16 get the normalized rows
+  materialized instead, as the unfused model computes them."""
+  return op in ("w4a4", "w4a8") and path in _TRITON_ACT_QUANT.get(op, ())
+
+
 def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format=None,
            clip_ratio: float = 1.0, transform=None, path=None, device_kind=None,
            out_dtype=None, norm=None):
@@ -748,19 +762,16 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
   clip_ratio are applied by the path's act-quant step.  out_dtype: default x.dtype.
 
   norm (act_quant.RowNorm, rows of x grouped in samples of norm.tokens_per_sample): the layer
-  input is ``LayerNorm(x) * mul + add`` (a DiT block's adaLN-modulated input), fused into the
-  W4A8 / W4A4 act-quant step (x read once, no bf16 copy of the modulated rows); W4A16 takes it
-  materialized (act_quant.apply_row_norm)."""
+  input is ``LayerNorm(x) * mul + add`` (a DiT block's adaLN-modulated input).  Paths whose
+  act-quant is the Triton kernel (:func:`fuses_row_norm`) run it as the kernel's prologue (x
+  read once, no copy of the modulated rows); the others take it materialized in x's dtype
+  (act_quant.apply_row_norm), as the unfused model does."""
   if op not in PATHS:
     raise ValueError(f"unknown FP4 op {op!r}; expected one of {sorted(PATHS)}")
   if op == "w4a4" and act_format is None:
     raise ValueError("w4a4 needs act_format ('e1m2' | 'e2m1' | 'e3m0' | 'int4')")
   x2d, lead = common.flatten_rows(x, weight.k_features)
   out_dtype = x.dtype if out_dtype is None else out_dtype
-  if norm is not None and op == "w4a16":
-    x2d = act_quant.apply_row_norm(x2d, norm.mul, norm.add, int(norm.tokens_per_sample),
-                                   float(norm.eps)).astype(x.dtype)
-    norm = None
   if path is None:
     choice = choose_path(op, x2d.shape[0], weight.k_features, weight.n_features,
                          transform=transform, act_format=act_format,
@@ -771,6 +782,11 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
       raise ValueError(f"unknown {op} path {path!r}; known: {sorted(PATHS[op])}")
     config = None
   fn = PATHS[op][path]
+  if norm is not None and not (fuses_row_norm(op, path)
+                               or (op != "w4a16" and path == "reference")):
+    x2d = act_quant.apply_row_norm(x2d, norm.mul, norm.add, int(norm.tokens_per_sample),
+                                   float(norm.eps)).astype(x.dtype)
+    norm = None
   if op == "w4a16":
     y = fn(x2d, weight, bias, config=config).astype(out_dtype)
   else:

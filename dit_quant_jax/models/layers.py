@@ -45,7 +45,13 @@ class NormModulated:
   DiT blocks hand this to :class:`Linear` so that a quantized kernel whose act-quant step can
   fuse the LayerNorm and the modulation (``QuantizedWeight.fuses_row_norm``: HQ-DiT W4A4 /
   W4A8 on GPU) reads x once; every other kernel gets :meth:`materialize`, the same arrays
-  as before.  x: (N, T, D); shift, scale: (N, D)."""
+  as before.  x: (N, T, D); shift, scale: (N, D).
+
+  When the ``linear_inputs`` collection is mutable (calibration), Linear materializes the
+  input and runs unfused, so the calibration forward computes the LayerNorm in the model's
+  dtype where the fused GPU kernel keeps it in float32 (identical for float32 models).  The
+  fused kernel loads the per-sample affine once per program when a sample's tokens are a
+  multiple of its tokens per program (DiT: 256 and 8), else once per token (from L2)."""
   x: jax.Array
   shift: jax.Array
   scale: jax.Array
@@ -57,7 +63,8 @@ class NormModulated:
 
   @property
   def dtype(self):
-    return self.x.dtype
+    """The dtype of the materialized input (x, shift and scale promoted)."""
+    return jnp.result_type(self.x, self.shift, self.scale)
 
   def materialize(self) -> jax.Array:
     return modulate(layer_norm(self.x, self.eps), self.shift, self.scale)

@@ -270,8 +270,10 @@ class FP4Weight(QuantizedWeight):
     return self._add_branch(y, smoothed)
 
   def fuses_row_norm(self) -> bool:
-    """The W4A4 / W4A8 kernel path (per-token activations, no low-rank branch) quantizes the
-    adaLN-modulated input in its act-quant kernel, LayerNorm and modulation included."""
+    """The W4A4 / W4A8 kernel path (per-token activations, no low-rank branch) takes the
+    adaLN-modulated input deferred: paths whose act-quant is the Triton kernel run the
+    LayerNorm and modulation as its prologue, the others materialize it
+    (kernels.fp4_matmul.fuses_row_norm, per shape)."""
     from dit_quant_jax.kernels import common
     return (self.bits == 4 and self.act_granularity == "per_token"
             and self.lowrank_down is None and self.kernel_op()[0] != "w4a16"
