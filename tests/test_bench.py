@@ -175,3 +175,11 @@ def test_dit_step_estimate_sums_the_block_floors():
   assert rows["HQ-DiT W4A4"]["norms_s"] == 0
   assert rows["bf16"]["step_s"] == pytest.approx(
       rows["bf16"]["linears_s"] + rows["bf16"]["attention_s"] + norm_s)
+
+
+def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():
+  assert kernels._times_at("bf16_ln", 1152, 3456) and kernels._times_at("fp4_w4a4_ln", 1152, 4608)
+  assert not kernels._times_at("fp4_w4a4_ln", 1152, 1152)  # proj: its input is attention's
+  assert not kernels._times_at("bf16_ln", 4608, 1152)  # fc2: GELU's
+  assert kernels._times_at("fp4_w4a4_ln", 64, 96)  # any non-DiT shape (smoke runs)
+  assert kernels._times_at("vq_w2", 1152, 1152)

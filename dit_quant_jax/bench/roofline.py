@@ -78,6 +78,9 @@ def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peak
 # FP4 paths: act-quant step, decode pass, dot (kernels/fp4_matmul.py PATHS names).
 # ----------------------------------------------------------------------------------------
 
+# DiT-XL/2 linears whose input is a block's modulated LayerNorm (qkv 1152 -> 3456, fc1 1152 ->
+# 4608): where a quantized path can take that LayerNorm into its act-quant step.
+LN_FED_SHAPES = ((1152, 3456), (1152, 4608))
 MAX_FAST_FACTOR = 128  # kernels/act_quant.py: largest power-of-two factor as one dense dot
 MIN_TILE = 16
 

@@ -163,7 +163,7 @@ HADAMARD_ORDER = {384: 12, 768: 12, 1152: 36, 4608: 36}  # quant/hadamard.py's b
 # LayerNorm + modulate as its prologue (act_quant.RowNorm), replacing the bf16 model's
 # separate LayerNorm pass.  proj (attention output), fc2 (GELU) and
 # the adaLN linear (SiLU(c)) keep a separate act-quant pass.
-LN_FED_SHAPES = ((1152, 3456), (1152, 4608))
+LN_FED_SHAPES = roofline.LN_FED_SHAPES
 
 
 def target_rows(cc: int, shapes=DIT_XL2_SHAPES) -> list[dict]:

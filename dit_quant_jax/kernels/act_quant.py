@@ -320,20 +320,32 @@ def _check_row_quant(act_format: str, image: str):
   return code
 
 
+def row_shape(k_features: int, a_order=None) -> tuple[int, int]:
+  """(rows per token a', row length c) of the kernel's view of a K-wide token row: with a
+  transform block of order a, c = min(K / a, 128) (K / a must be a power of two); without one,
+  c = min(128, next power of two of K).  Raises ValueError where the transform does not fit."""
+  if a_order is None:
+    c_size = min(MAX_FAST_FACTOR, pl.next_power_of_2(k_features))
+    return -(-k_features // c_size), c_size
+  if k_features % a_order:
+    raise ValueError(f"transform block order {a_order} does not divide in_features {k_features}")
+  b_size = k_features // a_order
+  if b_size & (b_size - 1):
+    raise ValueError(f"K / a = {b_size} must be a power of two (K = {k_features}, a = {a_order})")
+  c_size = min(b_size, MAX_FAST_FACTOR)
+  return k_features // c_size, c_size
+
+
 def transform_factors(transform, k_features: int):
   """transform (signs (K,), block (a, a)) -> (signs, L (a', a') float32, c) (comment above)."""
   signs, block = transform[0], transform[1]
   a_size = int(block.shape[0])
   if block.shape != (a_size, a_size):
     raise ValueError(f"transform block must be square, got {block.shape}")
-  if k_features % a_size:
-    raise ValueError(f"transform block order {a_size} does not divide in_features {k_features}")
+  _, c_size = row_shape(k_features, a_size)
   b_size = k_features // a_size
-  if b_size & (b_size - 1):
-    raise ValueError(f"K / a = {b_size} must be a power of two (K = {k_features}, a = {a_size})")
   if signs.shape != (k_features,):
     raise ValueError(f"transform signs must have shape ({k_features},), got {signs.shape}")
-  c_size = min(b_size, MAX_FAST_FACTOR)
   outer = sylvester_unnormalized(b_size // c_size) / np.sqrt(b_size // c_size)
   dense = jnp.kron(jnp.asarray(block, jnp.float32), jnp.asarray(outer, jnp.float32))
   return jnp.asarray(signs, jnp.float32), dense, c_size
@@ -487,8 +499,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
 def _row_view(k_features: int, transform):
   """(rows per token a', row length c) of the kernel's view, and the transform factors."""
   if transform is None:
-    c_size = min(MAX_FAST_FACTOR, pl.next_power_of_2(k_features))
-    return -(-k_features // c_size), c_size, None
+    return row_shape(k_features) + (None,)
   signs, dense, c_size = transform_factors(transform, k_features)
   return k_features // c_size, c_size, (signs, dense)
 
@@ -496,13 +507,11 @@ def _row_view(k_features: int, transform):
 def quantize_rows_applies(k_features: int, transform=None) -> bool:
   """Whether :func:`quantize_rows` takes rows of width K with this transform (the power-of-two
   factor must fill a 16-wide dot tile; K / a a power of two); else use quantize_rows_xla."""
-  if transform is None:
-    return min(MAX_FAST_FACTOR, pl.next_power_of_2(k_features)) >= common.MIN_BLOCK
-  a_size = int(transform[1].shape[0])
-  if k_features % a_size:
+  try:
+    _, c_size = row_shape(k_features, None if transform is None else int(transform[1].shape[0]))
+  except ValueError:
     return False
-  b_size = k_features // a_size
-  return not b_size & (b_size - 1) and min(b_size, MAX_FAST_FACTOR) >= common.MIN_BLOCK
+  return c_size >= common.MIN_BLOCK
 
 
 class RowNorm(NamedTuple):
