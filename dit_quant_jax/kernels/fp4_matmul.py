@@ -470,17 +470,19 @@ def _interpret() -> bool:
 
 
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
-                       device: str | None = None) -> dict:
+                       device: str | None = None, dot_kind: str | None = None) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
-  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).
+  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled), and for
+  the fp8 dot on Hopper too (it lowers to mma.sync f16 there: 128 x 128 spills 220-528 B at 255
+  registers, 64 x 128 takes 128 registers and none).
   Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
   device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
   exercise the Hopper configs)."""
   if m_rows > 64:
     if device is None:
       device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
-    if device == "hopper":
+    if device == "hopper" and dot_kind != "fp8":
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
     return dict(block_m=64, block_n=128, split_k=1, num_warps=8, num_stages=3)
   base = common.default_matmul_blocks(m_rows, n_features, k_features, 32)
@@ -494,7 +496,8 @@ def _local_is_hopper() -> bool:
 
 
 def _mma_options(x, weight, config):
-  options = default_mma_config(x.shape[0], weight.n_features, weight.k_features)
+  kind = "fp8" if x.dtype == jnp.float8_e4m3fn else None
+  options = default_mma_config(x.shape[0], weight.n_features, weight.k_features, dot_kind=kind)
   options.update({k: v for k, v in (config or {}).items() if k in options})
   return options
 
@@ -675,8 +678,8 @@ def lowering_cases(shapes=None, device: str = "hopper"):
         jax.ShapeDtypeStruct((n_features, fp4_mma.padded_k(k_features) // 2), jnp.uint8),
         jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
     row_scale = jax.ShapeDtypeStruct((m_rows,), jnp.float32)
-    config = default_mma_config(m_rows, n_features, k_features, device)
     for kind in kinds:
+      config = default_mma_config(m_rows, n_features, k_features, device, kind)
       x = jax.ShapeDtypeStruct((m_rows, k_features), fp4_mma.x_dtype_for(kind))
       for predecode in ((False, True) if m_rows > 64 else (False,)):
         fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=predecode,
