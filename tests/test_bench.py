@@ -183,3 +183,54 @@ def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():
   assert not kernels._times_at("bf16_ln", 4608, 1152)  # fc2: GELU's
   assert kernels._times_at("fp4_w4a4_ln", 64, 96)  # any non-DiT shape (smoke runs)
   assert kernels._times_at("vq_w2", 1152, 1152)
+
+
+SASS_LOOP = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/                   LOP3.LUT R6, R7, 0xf, RZ, 0xc0, !PT ;
+        /*0030*/                   SHF.R.U32.HI R8, RZ, 0x4, R7 ;
+        /*0040*/                   I2F.S16 R9, R6 ;
+        /*0050*/                   FADD R10, R9, R9 ;
+        /*0060*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0070*/                   UIADD3 UR4, UR4, 0x80, URZ ;
+        /*0080*/               @P0 BRA `(.L_x_0) ;
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_sass_loop_classes_and_issue_floor():
+  from dit_quant_jax.bench import triton_ptx
+  loop = triton_ptx.sass_loop_classes(SASS_LOOP)
+  # the loop: LDGSTS, LOP3, SHF, I2F, FADD, HGMMA, UIADD3, BRA (MOV / EXIT outside it)
+  assert loop == dict(issue=8, int=2, fp32=1, convert=1, memory=1, tensor=1, uniform=2)
+  floor = triton_ptx.issue_floor_seconds(loop, num_warps=8, programs=264, trips=9, cc=90)
+  warp_iterations = 264 * 9 * 8
+  # the issue slots bound it: 8 instructions at 4 per clock per SM, vs 1 conversion at 0.5
+  assert floor["issue_bound"] == "issue"
+  assert floor["issue_floor_s"] == pytest.approx(warp_iterations * 8 / (132 * 4 * 1.83e9))
+  assert floor["convert_s"] == pytest.approx(warp_iterations * 1 / (132 * 0.5 * 1.83e9))
+
+
+def test_issue_floors_raise_the_triton_parts_only():
+  from dit_quant_jax.bench import static_report
+  m, k, n = 4096, 1152, 3456
+  base = roofline.fp4_path_floor("w4a4", "unpacked_triton_int8", m, k, n, H100, 36,
+                                 norm_fused=True)
+  issue = {("quantize_rows_norm_int8", m, k, None): base["act_quant_s"] + 5e-6,
+           ("fp4_mma_unpacked_int8", m, k, n): 1e-9}  # below the dot's floor: no change
+  raised = static_report.with_issue_floors(base, "w4a4", "unpacked_triton_int8", m, k, n,
+                                           True, issue)
+  assert raised["issue_raised"]
+  assert raised["act_quant_s"] == pytest.approx(base["act_quant_s"] + 5e-6)
+  assert raised["gemm_s"] == pytest.approx(base["gemm_s"])
+  assert raised["floor_s"] == pytest.approx(base["floor_s"] + 5e-6)
+  # an XLA act-quant path (W4A8 xla_fp8) is not raised by the Triton act-quant's floor
+  xla = roofline.fp4_path_floor("w4a8", "xla_fp8", m, k, n, H100, 36)
+  assert static_report.with_issue_floors(xla, "w4a8", "xla_fp8", m, k, n, False, issue) == xla
+  rows = [dict(name=f"quantize_rows_norm_int8 M={m} K={k} a=36", stats=[
+      dict(issue_floor_s=3e-6)]), dict(name=f"vq_w2 {k}x{n} M=16", stats=[dict(issue_floor_s=1e-6)]),
+      dict(name="fp4_mma_int8 M=16 K=1152 N=3456", stats=[dict(registers=1)])]
+  assert static_report.issue_floors(rows) == {("quantize_rows_norm_int8", m, k, None): 3e-6,
+                                               ("vq", 16, k, n): 1e-6}

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -81,14 +82,31 @@ def _aval_bytes(avals) -> int:
              if hasattr(leaf, "shape"))
 
 
-def case_stats(fn, avals, config: dict, cc: int) -> list[dict]:
-  """Stats of every Triton kernel ``fn(*avals)`` lowers to on sm_<cc>."""
+def main_loop_trips(name: str, config: dict, avals) -> int:
+  """Iterations of a kernel's main loop per program: K tiles (fp4_mma: 128 codes; VQ:
+  block_k) over the K split, or quantize_rows' tokens per program."""
+  if name.startswith("quantize_rows"):
+    return int(config.get("tokens_per_program", 8))
+  k_features = jax.tree_util.tree_leaves(avals)[0].shape[1]
+  block_k = config.get("block_k", 128)
+  return max(1, -(-k_features // block_k) // int(config.get("split_k", 1)))
+
+
+def case_stats(fn, avals, config: dict, cc: int, name: str = "") -> list[dict]:
+  """Stats of every Triton kernel ``fn(*avals)`` lowers to on sm_<cc>, with the issue floor of
+  its SASS main loop (triton_ptx.issue_floor_seconds) when the SASS could be read."""
   modules = triton_ptx.lower_for_gpu(fn, *avals, cc=cc)
   out = []
   for module in modules:
-    stats = triton_ptx.kernel_stats(module["ttir"], num_warps=config.get("num_warps", 4),
+    num_warps = config.get("num_warps", 4)
+    stats = triton_ptx.kernel_stats(module["ttir"], num_warps=num_warps,
                                     num_stages=config.get("num_stages", 3), cc=cc)
     stats.update(grid=module["grid"], kernel=module["name"])
+    if "sass_issue" in stats:
+      loop = {key[5:]: value for key, value in stats.items() if key.startswith("sass_")}
+      stats.update(triton_ptx.issue_floor_seconds(
+          loop, num_warps=num_warps, programs=math.prod(module["grid"]),
+          trips=main_loop_trips(name, config, avals), cc=cc))
     out.append(stats)
   return out
 
@@ -99,6 +117,17 @@ def _tensor_core_text(stats: dict) -> str:
   if stats.get("mma"):
     return f"mma.sync x{stats['mma']} ({', '.join(stats['mma_types'])})"
   return "none (CUDA cores)"
+
+
+def _sass_text(stats: dict) -> str:
+  """'instr (int / fp32 / convert / memory) | issue floor (pipe)' cells, or empty ones."""
+  if "sass_issue" not in stats:
+    return " | "
+  loop = (f"{stats['sass_issue']} ({stats['sass_int']} / {stats['sass_fp32']} / "
+          f"{stats['sass_convert']} / {stats['sass_memory']})")
+  if "issue_floor_s" not in stats:
+    return loop + " | "
+  return f"{loop} | {stats['issue_floor_s'] * 1e6:.2f} ({stats['issue_bound']})"
 
 
 def _floor_text(path: str, mkn, peaks: roofline.Peaks, avals=None) -> tuple[str, str, str]:
@@ -137,7 +166,7 @@ def build(shapes=DIT_XL2_SHAPES, tokens=DIT_XL2_TOKENS, ccs=(90, 80), log=print)
                                                + fp4_lowering_cases(shapes, tokens, cc)):
       start = time.time()
       try:
-        stats = case_stats(fn, avals, config, cc) if fn is not None else []
+        stats = case_stats(fn, avals, config, cc, name) if fn is not None else []
       except Exception as error:  # a case that does not lower: reported, not fatal
         stats = [dict(compile_error=f"(lowering) {type(error).__name__}: {error}")]
       floors = _floor_text(path, mkn, peaks, avals)
@@ -166,14 +195,74 @@ HADAMARD_ORDER = {384: 12, 768: 12, 1152: 36, 4608: 36}  # quant/hadamard.py's b
 LN_FED_SHAPES = roofline.LN_FED_SHAPES
 
 
-def target_rows(cc: int, shapes=DIT_XL2_SHAPES) -> list[dict]:
+# Triton kernel (lowering case name prefix) of each FP4 path's GEMM; the XLA dots have none.
+_GEMM_KERNEL = {"triton_int8": "fp4_mma_int8", "unpacked_triton_int8": "fp4_mma_unpacked_int8",
+                "triton_bf16": "fp4_mma_bf16", "unpacked_triton_bf16": "fp4_mma_unpacked_bf16",
+                "triton_fp8": "fp4_mma_fp8"}
+
+
+def issue_floors(rows) -> dict:
+  """{(kernel, M, K, N or None): issue floor s} from build()'s rows (cases whose SASS was read):
+  kernel 'vq' for the VQ cases, else the case name's first word (fp4_mma_*, quantize_rows_*)."""
+  out = {}
+  for row in rows:
+    floors = [st["issue_floor_s"] for st in row["stats"] if "issue_floor_s" in st]
+    if not floors:
+      continue
+    words = row["name"].split()
+    numbers = dict(w.split("=") for w in words if "=" in w)
+    m_rows = int(numbers["M"])
+    if words[0].startswith("vq"):
+      k_features, n_features = (int(v) for v in words[1].split("x"))
+      key = ("vq", m_rows, k_features, n_features)
+    else:
+      key = (words[0], m_rows, int(numbers["K"]), int(numbers["N"]) if "N" in numbers else None)
+    out[key] = max(floors)
+  return out
+
+
+def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: int,
+                      n_features: int, fused: bool, issue: Optional[dict]) -> dict:
+  """A path's floor with each Triton kernel's part raised to its SASS issue floor (what its
+  main loop must issue; issue_floors), where the report lowered that kernel: the VQ kernels,
+  the act-quant (quantize_rows, its int8-image case standing in for the fp8 image) and the FP4
+  GEMM kernels.  XLA parts keep their roofline floors."""
+  if not issue:
+    return floor
+  out = dict(floor)
+  if op == "vq":
+    value = issue.get(("vq", m_rows, k_features, n_features))
+    if value is not None and value > out["floor_s"]:
+      out.update(floor_s=value, issue_raised=True)
+    return out
+  act_s = out["act_quant_s"]
+  if op in ("w4a4", "w4a8") and fp4_matmul.fuses_row_norm(op, path):
+    kernel = "quantize_rows_norm_int8" if fused else "quantize_rows_int8"
+    value = issue.get((kernel, m_rows, k_features, None))
+    if value is not None and value > act_s:
+      act_s = value
+      out["issue_raised"] = True
+  gemm_s = out["gemm_s"]
+  value = issue.get((_GEMM_KERNEL.get(path, ""), m_rows, k_features, n_features))
+  dot_s = gemm_s - out["decode_s"] - out["epilogue_s"]
+  if value is not None and value > dot_s:
+    gemm_s += value - dot_s
+    out["issue_raised"] = True
+  out.update(act_quant_s=act_s, gemm_s=gemm_s, floor_s=act_s + gemm_s)
+  return out
+
+
+def target_rows(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = None) -> list[dict]:
   """Roofline estimate of every target: the dispatcher's path at each (K, N, M), its floor
   (act-quant + decode + dot) against the bf16 dot's, and the act-quant share of W4A4.
 
   W4A4 / W4A8 at the LN-fed shapes (LN_FED_SHAPES) fuse the LayerNorm + modulate into the
   act-quant: both sides then count that producer (bf16: the LayerNorm pass + the dot;
   quantized: the fused act-quant + the GEMM), and the act-quant share is what the fused step
-  costs beyond the LayerNorm pass it replaces (negative: cheaper than that pass)."""
+  costs beyond the LayerNorm pass it replaces (negative: cheaper than that pass).
+
+  issue: issue_floors() of the lowered cases; each Triton kernel's part of a path is then at
+  least its SASS issue floor (with_issue_floors)."""
   cls = CLASS_OF_CC[cc]
   peaks = roofline.DATASHEET[cls]
   kind = triton_ptx.DEVICE_KIND[cc]
@@ -193,18 +282,21 @@ def target_rows(cc: int, shapes=DIT_XL2_SHAPES) -> list[dict]:
           floor = roofline.fp4_path_floor(op, choice.path, m_rows, k_features, n_features,
                                           peaks, HADAMARD_ORDER.get(k_features),
                                           norm_fused=fused)
+        floor = with_issue_floors(floor, op, choice.path, m_rows, k_features, n_features,
+                                  fused, issue)
         if fused:
           producer_s = roofline.layer_norm_pass_floor(m_rows, k_features, peaks)["floor_s"]
         rows.append(dict(op=op, where=where, k=k_features, n=n_features, m=m_rows,
                          path=choice.path, floor_s=floor["floor_s"], bf16_s=bf16 + producer_s,
                          act_quant_s=floor["act_quant_s"], producer_s=producer_s,
                          gemm_s=floor["floor_s"] - floor["act_quant_s"],
-                         speedup=(bf16 + producer_s) / floor["floor_s"], target=target))
+                         speedup=(bf16 + producer_s) / floor["floor_s"], target=target,
+                         issue_raised=floor.get("issue_raised", False)))
   return rows
 
 
-def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
-  rows = target_rows(cc, shapes)
+def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = None) -> list[str]:
+  rows = target_rows(cc, shapes, issue)
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   lines = ["", f"## Roofline estimates against the targets, sm_{cc} ({peaks.name})", "",
            "Floor of the dispatcher's path (act-quant with the Hadamard at the DiT widths, the "
@@ -216,7 +308,11 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
            "marked 'LN fused' (qkv 1152x3456, fc1 1152x4608: the input is the block's "
            "modulated LayerNorm) run the LayerNorm + modulate as the act-quant kernel's "
            "prologue: their bf16 floor adds the bf16 model's LayerNorm pass (4 B per element) "
-           "and their act-quant share is the fused step's cost beyond that pass.", "",
+           "and their act-quant share is the fused step's cost beyond that pass.  Floors "
+           "marked * are raised to a Triton kernel's SASS issue floor (its main loop's "
+           "instructions over the SMs' issue and pipe rates, bench/triton_ptx."
+           "issue_floor_seconds): there the kernel's instructions, not its bytes or FLOPs, "
+           "bound it.", "",
            "| op | target | K x N | M | path | producer | floor us | bf16 floor us (LN fused: "
            "+ the LayerNorm pass) | floor speedup | act-quant share of the rest (LN fused: "
            "raw / beyond the LayerNorm pass) | meets? |",
@@ -229,8 +325,9 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES) -> list[str]:
         share += f" / {(row['act_quant_s'] - row['producer_s']) / row['gemm_s']:.0%}"
     meets = "yes" if row["speedup"] >= row["target"] else "no"
     producer = "LN fused" if row["producer_s"] else ""
+    mark = "*" if row["issue_raised"] else ""
     lines.append(f"| {row['op']} | >= {row['target']}x at {row['where']} | {row['k']}x{row['n']} "
-                 f"| {row['m']} | {row['path']} | {producer} | {row['floor_s'] * 1e6:.2f} | "
+                 f"| {row['m']} | {row['path']} | {producer} | {row['floor_s'] * 1e6:.2f}{mark} | "
                  f"{row['bf16_s'] * 1e6:.2f} | {row['speedup']:.2f} | {share} | {meets} |")
   w4a4 = [r for r in rows if r["op"] == "w4a4" and r["m"] == 4096]
   shares = {(r["k"], r["n"]): (r["act_quant_s"] - r["producer_s"]) / r["gemm_s"] for r in w4a4}
@@ -265,7 +362,7 @@ STEP_VARIANTS = (("bf16", None), ("VQ W2", "vq"), ("HQ-DiT W4A4", "w4a4"),
                  ("HQ-DiT W4A8", "w4a8"))
 
 
-def dit_step_estimate(cc: int) -> list[dict]:
+def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
   """Floors of one DiT-XL/2 sampling step's matmuls per variant: the 4 token linears (M =
   4096) and the adaLN linear (M = 16 images, 1152 -> 6912) of each block through the
   dispatcher's path, plus the attention matmuls (bf16, QK^T and PV, unchanged by quantization)
@@ -292,12 +389,16 @@ def dit_step_estimate(cc: int) -> list[dict]:
         path = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind).path
         if op == "vq":
           floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+          floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, False,
+                                    issue)
         else:
           fused = (m_rows == b["tokens"] and (k_features, n_features) in LN_FED_SHAPES
                    and fp4_matmul.fuses_row_norm(op, path))
           norms_s -= norm_pass_s if fused else 0.0
           floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
                                           HADAMARD_ORDER.get(k_features), norm_fused=fused)
+          floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused,
+                                    issue)
       linears_s += floor["floor_s"]
     step_s = b["depth"] * (linears_s + attention_s + norms_s)
     rows.append(dict(variant=name, linears_s=b["depth"] * linears_s,
@@ -309,7 +410,7 @@ def dit_step_estimate(cc: int) -> list[dict]:
   return rows
 
 
-def dit_step_markdown(cc: int) -> list[str]:
+def dit_step_markdown(cc: int, issue: Optional[dict] = None) -> list[str]:
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   lines = ["", f"### DiT-XL/2 sampling step (256 px, batch 8 with CFG), sm_{cc} ({peaks.name})",
            "", "Sum of floors over the 28 blocks: the five linears through the dispatcher's "
@@ -317,10 +418,11 @@ def dit_step_markdown(cc: int) -> list[str]:
            "(fused into the qkv / fc1 act-quant where the dispatched path's act-quant is the "
            "Triton kernel, then counted in the linears: W4A4 on both, W4A8 on sm_80); the "
            "other elementwise passes (GELU, gates, residuals; the same in every variant) are "
-           "not counted, so real speedups are lower.",
+           "not counted, so real speedups are lower.  Triton kernels' parts are at least their "
+           "SASS issue floors (as in the table above).",
            "", "| variant | linears us | attention us | LayerNorm passes us | step floor us | "
            "floor speedup |", "|---|---|---|---|---|---|"]
-  for row in dit_step_estimate(cc):
+  for row in dit_step_estimate(cc, issue):
     lines.append(f"| {row['variant']} | {row['linears_s'] * 1e6:.0f} | "
                  f"{row['attention_s'] * 1e6:.0f} | {row['norms_s'] * 1e6:.0f} | "
                  f"{row['step_s'] * 1e6:.0f} | {row['speedup']:.2f} |")
@@ -330,7 +432,8 @@ def dit_step_markdown(cc: int) -> list[str]:
 def markdown(result: dict, header_lines) -> str:
   lines = list(header_lines)
   for cc in result:
-    lines += targets_markdown(cc) + dit_step_markdown(cc)
+    issue = issue_floors(result[cc])
+    lines += targets_markdown(cc, issue=issue) + dit_step_markdown(cc, issue)
   for cc, rows in result.items():
     peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
     lines += ["", f"## sm_{cc}{'a' if cc >= 90 else ''} ({peaks.name}: "
@@ -338,20 +441,21 @@ def markdown(result: dict, header_lines) -> str:
               "",
               "| case | path | config | tensor cores | regs | spills (B) | smem (KB) | per K step: "
               "cp.async / ld.global / MMA instr | whole kernel: cp.async, ld.global (v4 / v2 / "
-              "8-bit) | atom | floor us | bf16 floor us | floor speedup |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "8-bit) | atom | SASS main loop per warp: instr (int / fp32 / convert / memory) "
+              "| issue floor us (pipe) | floor us | bf16 floor us | floor speedup |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
       config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "path")
       floor, bf16_floor, speedup = row["floors"]
       if not row["stats"]:
         lines.append(f"| {row['name']} | {row['path']} | XLA | cuBLAS bf16 GEMM (not a Triton "
-                     f"kernel) | | | | | | | {floor} | {bf16_floor} | {speedup} |")
+                     f"kernel) | | | | | | | | | {floor} | {bf16_floor} | {speedup} |")
         continue
       for stats in row["stats"]:
         if "compile_error" in stats:
           lines.append(f"| {row['name']} | {row['path']} | {config} | compile failed: "
-                       f"{stats['compile_error'][:100]} | | | | | | | {floor} | {bf16_floor} | "
-                       f"{speedup} |")
+                       f"{stats['compile_error'][:100]} | | | | | | | | | {floor} | "
+                       f"{bf16_floor} | {speedup} |")
           continue
         spills = (stats.get("spill_store_bytes") or 0) + (stats.get("spill_load_bytes") or 0)
         lines.append(
@@ -359,6 +463,6 @@ def markdown(result: dict, header_lines) -> str:
             f"{stats.get('registers')} | {spills} | {stats['shared_bytes'] / 1024:.0f} | "
             f"{stats['step_cp_async']} / {stats['step_ld_global']} / {stats['step_mma']} | "
             f"{stats['cp_async']}, {stats['ld_global']} ({stats['ld_global_v4']} / "
-            f"{stats['ld_global_v2']} / {stats['ld_global_8bit']}) | {stats['atom']} | {floor} "
-            f"| {bf16_floor} | {speedup} |")
+            f"{stats['ld_global_v2']} / {stats['ld_global_8bit']}) | {stats['atom']} | "
+            f"{_sass_text(stats)} | {floor} | {bf16_floor} | {speedup} |")
   return "\n".join(lines) + "\n"

@@ -214,8 +214,102 @@ def ptxas_resources(ptx: str, cc: int) -> dict:
               ptxas_error=None if run.returncode == 0 else report.strip()[-300:])
 
 
+# ----------------------------------------------------------------------------------------
+# SASS of the main loop: what the SM's schedulers must issue per iteration.
+# ----------------------------------------------------------------------------------------
+
+# Per-SM throughput of each instruction class in warp-instructions per clock (sm_80 / sm_90,
+# CUDA programming guide's arithmetic-instruction throughput table): every instruction takes
+# an issue slot (4 schedulers); 32-bit integer / logic / shift / permute ops run at 64 lanes
+# per clock, FP32 at 128 (sm_80: 64), conversions (I2F, F2F, F2I, ...) and MUFU at 16, shared /
+# global memory instructions through the MIO queue at about 1.  Tensor-core instructions are
+# timed by the roofline (FLOPs / peak), not here.
+SASS_RATES = {"issue": 4.0, "int": 2.0, "fp32": 4.0, "convert": 0.5, "memory": 1.0}
+SASS_RATES_SM80 = dict(SASS_RATES, fp32=2.0)
+CLOCK_HZ = {90: 1.83e9, 80: 1.41e9}  # the clocks at which the datasheet tensor peaks hold
+_TENSOR_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "WARPGROUP", "WARPSYNC")
+_CONVERT_OPS = ("I2F", "F2I", "F2F", "I2I", "F2FP", "I2FP", "MUFU", "FRND", "POPC", "FLO", "BREV")
+_FP32_OPS = ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FCHK", "FSWZADD")
+_MEMORY_OPS = ("LDS", "STS", "LDG", "STG", "LDGSTS", "LDSM", "STSM", "ATOM", "ATOMS", "RED",
+               "LDL", "STL", "UTMALDG", "UBLKCP", "LD", "ST")
+
+
+def sass_text(kernel, cc: int) -> str:
+  """SASS of a compiled triton kernel (nvdisasm from triton's package), '' if unavailable."""
+  import triton
+  cubin = kernel.asm.get("cubin")
+  tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+  if not cubin or not os.path.exists(tool):
+    return ""
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.cubin")
+    with open(path, "wb") as f:
+      f.write(cubin)
+    run = subprocess.run([tool, "-c", path], capture_output=True, text=True, timeout=120)
+  del cc
+  return run.stdout if run.returncode == 0 else ""
+
+
+def _sass_opcode(line: str):
+  match = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_]*)", line)
+  return match.group(1) if match else None
+
+
+def sass_loop_classes(sass: str) -> dict:
+  """Instruction classes in the longest loop of the SASS (a label to a backward BRA to it):
+  the main loop of a Pallas kernel (one K step, or one token of quantize_rows)."""
+  lines = sass.splitlines()
+  labels, best = {}, (0, 0)
+  for number, line in enumerate(lines):
+    label = re.match(r"^(\.L_x_\d+):", line)
+    if label:
+      labels[label.group(1)] = number
+      continue
+    branch = re.search(r"\bBRA\b[^(]*\((\.L_x_\d+)\)", line)
+    if branch and branch.group(1) in labels:
+      start = labels[branch.group(1)]
+      if number - start > best[1] - best[0]:
+        best = (start, number)
+  counts = dict(issue=0, int=0, fp32=0, convert=0, memory=0, tensor=0, uniform=0)
+  for line in lines[best[0]:best[1] + 1]:
+    opcode = _sass_opcode(line)
+    if opcode is None or opcode in ("NOP",):
+      continue
+    counts["issue"] += 1
+    if opcode.startswith(_TENSOR_OPS):
+      counts["tensor"] += 1
+    elif opcode in _CONVERT_OPS:
+      counts["convert"] += 1
+    elif opcode in _FP32_OPS:
+      counts["fp32"] += 1
+    elif opcode in _MEMORY_OPS:
+      counts["memory"] += 1
+    elif opcode.startswith("U") or opcode in ("BAR", "BRA", "DEPBAR", "MEMBAR", "FENCE",
+                                              "LDGDEPBAR", "ARRIVES", "SYNCS", "EXIT"):
+      counts["uniform"] += 1  # uniform datapath / control: an issue slot only
+    else:
+      counts["int"] += 1
+  return counts
+
+
+def issue_floor_seconds(loop: dict, *, num_warps: int, programs: int, trips: int, cc: int,
+                        sm_count: int | None = None) -> dict:
+  """Lower bound on a kernel's time from what its main loop must issue: over all programs and
+  iterations, each instruction class's warp-instructions / (SMs x its per-SM rate x clock);
+  the slowest class bounds the kernel (perfect overlap, no latency, no wave quantization)."""
+  rates = SASS_RATES if cc >= 90 else SASS_RATES_SM80
+  sms = sm_count or SM_COUNT.get(cc, 108)
+  warp_iterations = programs * trips * num_warps
+  times = {name: warp_iterations * loop.get(name, 0) / (sms * rate * CLOCK_HZ.get(cc, 1.4e9))
+           for name, rate in rates.items()}
+  bound = max(times, key=times.get)
+  return dict(issue_floor_s=times[bound], issue_bound=bound, **{f"{k}_s": v for k, v in
+                                                                times.items()})
+
+
 def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict:
-  """compile_ttir + ptx_counts + ptxas_resources + shared memory, one dict."""
+  """compile_ttir + ptx_counts + ptxas_resources + shared memory + the SASS main loop's
+  instruction classes (``sass_*``), one dict."""
   try:
     kernel = compile_ttir(ttir, num_warps=num_warps, num_stages=num_stages, cc=cc)
   except Exception as error:  # a config that triton rejects (shared memory, layout)
@@ -226,4 +320,7 @@ def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict
   stats.update(ptx_counts(ptx))
   stats.update(per_k_step_counts(ptx))
   stats.update(ptxas_resources(ptx, cc))
+  sass = sass_text(kernel, cc)
+  if sass:
+    stats.update({f"sass_{k}": v for k, v in sass_loop_classes(sass).items()})
   return stats
