@@ -496,3 +496,18 @@ def test_choose_path_falls_back_where_kernels_do_not_apply():
   with pytest.raises(ValueError, match="act_format"):
     fmm.linear("w4a4", jnp.ones((2, 128)), fp4_mma.pack_weight(np.zeros((128, 16), np.int32),
                                                                np.ones(16), "e2m1"))
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_binary_search_encode_matches_the_midpoint_scan(name):
+  """fp4.encode_magnitudes (3 comparisons per element) == the 7-midpoint scan, ties and their
+  float32 neighbours included, on both signs, past saturation and at zero."""
+  mags = fp4.fp4_code(name).magnitudes
+  mids = [np.float32((mags[t] + mags[t + 1]) / 2) for t in range(7)]
+  up = [np.nextafter(m, np.float32(np.inf)) for m in mids]
+  down = [np.nextafter(m, np.float32(-np.inf)) for m in mids]
+  points = np.array(list(mags) + mids + up + down + [mags[-1] * 1.5, 1e30, 0.0], np.float32)
+  rng = _rng(5)
+  v = np.concatenate([points, -points, rng.normal(size=20000).astype(np.float32) * mags[-1]])
+  np.testing.assert_array_equal(np.asarray(fp4.encode_magnitudes(jnp.asarray(v), mags)),
+                                np.asarray(fp4.encode_magnitudes_linear_scan(jnp.asarray(v), mags)))
