@@ -509,5 +509,10 @@ def test_binary_search_encode_matches_the_midpoint_scan(name):
   points = np.array(list(mags) + mids + up + down + [mags[-1] * 1.5, 1e30, 0.0], np.float32)
   rng = _rng(5)
   v = np.concatenate([points, -points, rng.normal(size=20000).astype(np.float32) * mags[-1]])
+  codes = fp4.encode_magnitudes_linear_scan(jnp.asarray(v), mags)
   np.testing.assert_array_equal(np.asarray(fp4.encode_magnitudes(jnp.asarray(v), mags)),
-                                np.asarray(fp4.encode_magnitudes_linear_scan(jnp.asarray(v), mags)))
+                                np.asarray(codes))
+  # the int8 image straight from the search == the codes through the int8 table
+  code = fp4.fp4_code(name)
+  np.testing.assert_array_equal(np.asarray(fp4.encode_int8_image(jnp.asarray(v), code)),
+                                np.asarray(fp4.int8_values(codes, code)))

@@ -365,10 +365,9 @@ def _row_images(y, scale, act_format: str, code, image: str):
   if code is None:  # FP8 E4M3: saturate, round to nearest even by the cast
     v = jnp.clip(v, -fp4.FP8_E4M3_MAX, fp4.FP8_E4M3_MAX)
     return lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8)
-  codes = fp4.encode_nearest_even(v, code)
   if image == "int8":
-    return fp4.int8_values(codes, code).astype(jnp.int8)
-  return fp4.e4m3_bits(codes, code).astype(jnp.uint8)
+    return fp4.encode_int8_image(v, code).astype(jnp.int8)
+  return fp4.e4m3_bits(fp4.encode_nearest_even(v, code), code).astype(jnp.uint8)
 
 
 def _image_scale_factor(code, image):

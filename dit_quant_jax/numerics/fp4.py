@@ -197,15 +197,37 @@ def encode_magnitudes(v, magnitudes):
   stays, at the even index)."""
   if len(magnitudes) != 8:
     raise ValueError(f"expected 8 magnitudes, got {len(magnitudes)}")
+  high, upper, low = _midpoint_search(jnp.abs(v), magnitudes)
+  index = (high.astype(jnp.int32) * np.int32(4) + upper.astype(jnp.int32) * np.int32(2)
+           + low.astype(jnp.int32))
+  negative = (v < 0) & (index > 0)
+  return jnp.where(negative, index + np.int32(SIGN_BIT), index)
+
+
+def _midpoint_search(a, magnitudes):
+  """(high, upper, low) index bits of the nearest magnitude to a >= 0 (encode_magnitudes)."""
   mid = [np.float32((magnitudes[t] + magnitudes[t + 1]) / 2) for t in range(7)]
-  a = jnp.abs(v)
   high = a >= mid[3]
   upper = a >= jnp.where(high, mid[5], mid[1])
   last = jnp.where(high, jnp.where(upper, mid[6], mid[4]), jnp.where(upper, mid[2], mid[0]))
-  index = (high.astype(jnp.int32) * np.int32(4) + upper.astype(jnp.int32) * np.int32(2)
-           + (a > last).astype(jnp.int32))
-  negative = (v < 0) & (index > 0)
-  return jnp.where(negative, index + np.int32(SIGN_BIT), index)
+  return high, upper, a > last
+
+
+def encode_int8_image(v, code: "Fp4Code"):
+  """v (float32, grid units) -> the signed int8 image multiplier * value (int32), the same as
+  ``int8_values(encode_nearest_even(v, code), code)``: the midpoint search's bits select the
+  integer directly (a tree of constant selects), skipping the code and its table lookup."""
+  a = jnp.abs(v)
+  high, upper, low = _midpoint_search(a, code.magnitudes)
+  ints = [np.int32(m) for m in code.int_magnitudes]
+
+  def pick(bit, when_set, when_clear):
+    return jnp.where(bit, when_set, when_clear)
+
+  even = pick(high, pick(upper, ints[6], ints[4]), pick(upper, ints[2], ints[0]))
+  odd = pick(high, pick(upper, ints[7], ints[5]), pick(upper, ints[3], ints[1]))
+  magnitude = pick(low, odd, even)
+  return jnp.where(v < 0, -magnitude, magnitude)
 
 
 def encode_magnitudes_linear_scan(v, magnitudes):
