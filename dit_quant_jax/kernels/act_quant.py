@@ -392,7 +392,8 @@ def _dot_f32(a, b):
 def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                      rows_per_token: int, rows_pad: int, tokens_per_program: int,
                      transform_dtype: str, row_norm: float, has_transform: bool = True,
-                     k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0):
+                     k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0,
+                     group: int = 1):
   """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref][, mul_ref, add_ref], out_ref, scale_ref.
 
   x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
@@ -400,7 +401,13 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   tokens_per_sample > 0, the row-norm prologue): (B * a' + pad, c) float32, the per-sample
   affine applied after a LayerNorm of each token row (over its k_features values, eps
   norm_eps); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,) float32 row
-  scales (x ~= image * scale)."""
+  scales (x ~= image * scale).
+
+  group > 1: each step takes ``group`` consecutive tokens as one (a'_pad, c) tile (their rows
+  are contiguous in x_ref), the transform's dense factor block-diagonal over them (the
+  wrapper's dense_t and signs cover the group), absmax and LayerNorm statistics per token
+  segment: a 36-row token padded alone to 64 rows wastes 44 % of the elementwise work, three
+  in 128 rows 16 %."""
   refs = list(refs)
   x_ref, signs_ref = refs[:2]
   rest = refs[2:]
@@ -416,7 +423,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   c_size = x_ref.shape[1]
   max_value = fp4.FP8_E4M3_MAX if code is None else code.magnitudes[-1]
   cols = jnp.ones((c_size,), jnp.bool_)
-  row_valid = jnp.arange(rows_pad, dtype=jnp.int32) < rows_per_token
+  row_valid = jnp.arange(rows_pad, dtype=jnp.int32) < rows_per_token * group
   signs = common.load_tile(signs_ref, 0, rows_pad, 0, c_size, row_valid, cols)
   split = transform_dtype == "bf16x3"
   if transform_dtype == "float32":
@@ -436,9 +443,9 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   first_token = pl.program_id(0) * tokens_per_program
   factor = np.float32(_image_scale_factor(code, image))
   if has_norm:
-    flat = (jnp.arange(rows_pad, dtype=jnp.int32)[:, None] * c_size
+    flat = ((jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token)[:, None] * c_size
             + jnp.arange(c_size, dtype=jnp.int32)[None, :])
-    element_valid = flat < k_features
+    element_valid = (flat < k_features) & row_valid[:, None]
     inv_k = np.float32(1.0 / k_features)
 
     def affine_tiles(token, live):
@@ -449,7 +456,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
 
     # One program's tokens all in one sample (the DiT case: 256 tokens, 8 per program): load
     # the sample's affine once.
-    hoisted = tokens_per_sample % tokens_per_program == 0
+    hoisted = tokens_per_sample % tokens_per_program == 0 and group == 1
     if hoisted:
       hoisted_tiles = affine_tiles(first_token, first_token < m_tokens)
 
@@ -462,13 +469,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     mul, add = hoisted_tiles if hoisted else affine_tiles(token, live)
     return normed * mul + add
 
-  def token_step(t, carry):
-    token = first_token + t
-    live = token < m_tokens
-    row_mask = row_valid & live
-    x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
-                              cols).astype(jnp.float32)
-    y = row_norm_prologue(x_tile, token, live) if has_norm else x_tile
+  def transform(y):
     if hadamard is not None and split:
       # bf16x3: operands split into bf16 hi + lo parts, products summed in float32 (H is
       # +-1, exact in bf16); ~2^-16 relative error, on bf16 tensor cores.
@@ -485,6 +486,15 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                   preferred_element_type=jnp.float32)
       y = jnp.dot(dense_t, y.astype(dot_dtype), precision=precision,
                   preferred_element_type=jnp.float32)
+    return y
+
+  def token_step(t, carry):
+    token = first_token + t
+    live = token < m_tokens
+    row_mask = row_valid & live
+    x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
+                              cols).astype(jnp.float32)
+    y = transform(row_norm_prologue(x_tile, token, live) if has_norm else x_tile)
     absmax = jnp.max(jnp.abs(y)) * np.float32(row_norm)
     scale = absmax * np.float32(clip_ratio) / np.float32(max_value)
     scale = jnp.where(scale > 0, scale, np.float32(1.0))
@@ -495,7 +505,67 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                 mask=jnp.full((1,), live))
     return carry
 
-  lax.fori_loop(0, tokens_per_program, token_step, 0)
+  # group > 1: per-row segment (token within the group) and helpers for per-segment values.
+  segment = jnp.arange(rows_pad, dtype=jnp.int32) // rows_per_token
+  group_pad = max(2, pl.next_power_of_2(group))
+  slots = jnp.arange(group_pad, dtype=jnp.int32)
+
+  def per_row(values):
+    """[v_0 .. v_{g-1}] scalars -> (rows_pad,) with each row's segment value."""
+    out = jnp.full((rows_pad,), values[0])
+    for i in range(1, group):
+      out = jnp.where(segment == i, values[i], out)
+    return out
+
+  def segment_reduce(row_values, reduce, fill):
+    return [reduce(jnp.where(segment == i, row_values, fill)) for i in range(group)]
+
+  def group_norm(x_tile, row_token, row_live):
+    sums = segment_reduce(jnp.sum(x_tile, axis=1), jnp.sum, np.float32(0.0))
+    mean = per_row([v * inv_k for v in sums])
+    centred = jnp.where(element_valid, x_tile - mean[:, None], np.float32(0.0))
+    sq = segment_reduce(jnp.sum(centred * centred, axis=1), jnp.sum, np.float32(0.0))
+    inv_std = per_row([lax.rsqrt(v * inv_k + np.float32(norm_eps)) for v in sq])
+    mul, add = sample_tiles(row_token // tokens_per_sample, row_live)
+    return centred * inv_std[:, None] * mul + add
+
+  def sample_tiles(row_sample, mask):
+    """Each row's sample's affine rows (gathered: row r reads sample row r % a')."""
+    source = row_sample * rows_per_token + jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token
+    mask = mask[:, None] & cols[None, :]
+    index = (source[:, None], jnp.arange(c_size, dtype=jnp.int32)[None, :])
+    return common.gather(mul_ref, index, mask), common.gather(add_ref, index, mask)
+
+  # (Gathering the program's two samples' affine tiles once instead, then selecting per row,
+  # saves ~4 % of the instructions at K = 1152 but holds four tiles: it spilled 268-388 B.)
+
+  def group_step(t, carry):
+    token0 = first_token + t * group
+    row_token = token0 + segment
+    row_live = row_valid & (row_token < m_tokens)
+    x_tile = common.load_tile(x_ref, token0 * rows_per_token, rows_pad, 0, c_size, row_live,
+                              cols).astype(jnp.float32)
+    y = transform(group_norm(x_tile, row_token, row_live) if has_norm else x_tile)
+    peaks = segment_reduce(jnp.max(jnp.abs(y), axis=1), jnp.max, np.float32(0.0))
+    scales = []
+    for peak in peaks:
+      scale = peak * np.float32(row_norm) * np.float32(clip_ratio) / np.float32(max_value)
+      scales.append(jnp.where(scale > 0, scale, np.float32(1.0)))
+    row_scale = per_row(scales)
+    values = _row_images(y, (row_scale / np.float32(row_norm))[:, None], act_format, code,
+                         image, reciprocal=True)
+    common.store_tile(out_ref, values, token0 * rows_per_token, 0, row_live, cols)
+    stored = jnp.full((group_pad,), scales[0] / factor)
+    for i in range(1, group):
+      stored = jnp.where(slots == i, scales[i] / factor, stored)
+    plgpu.store(scale_ref.at[pl.ds(token0, group_pad)], stored,
+                mask=(slots < group) & (token0 + slots < m_tokens))
+    return carry
+
+  if group == 1:
+    lax.fori_loop(0, tokens_per_program, token_step, 0)
+  else:
+    lax.fori_loop(0, tokens_per_program // group, group_step, 0)
 
 
 def _row_view(k_features: int, transform):
@@ -504,6 +574,36 @@ def _row_view(k_features: int, transform):
     return row_shape(k_features) + (None,)
   signs, dense, c_size = transform_factors(transform, k_features)
   return k_features // c_size, c_size, (signs, dense)
+
+
+MAX_GROUP = 8  # tokens per tile
+MAX_GROUP_ROWS = 128
+GROUP_TILE_ELEMENTS = 4096  # a grouped tile (f32, with bf16x3's splits) stays in registers
+
+
+def token_group(rows: int, c_size: int) -> int:
+  """Tokens per kernel tile: the count (<= MAX_GROUP) with the fewest padded elements per
+  token, within MAX_GROUP_ROWS rows and max(GROUP_TILE_ELEMENTS, one token's tile) elements
+  (K = 1152, a' = 36, c = 32: 3 tokens in 128 rows, 1365 elements per token instead of 2048;
+  K = 4608, c = 128: 1, its 64 x 128 tile already fills the registers)."""
+  single = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
+  limit = max(GROUP_TILE_ELEMENTS, single * c_size)
+  best, best_cost = 1, single * c_size
+  for group in range(2, MAX_GROUP + 1):
+    rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
+    if rows_pad > max(MAX_GROUP_ROWS, single) or rows_pad * c_size > limit:
+      break
+    cost = rows_pad * c_size / group
+    if cost < best_cost:
+      best, best_cost = group, cost
+  return best
+
+
+def main_loop_trips(k_features: int, a_order, tokens_per_program: int) -> int:
+  """Iterations of quantize_rows' main loop per program (token groups; static report)."""
+  rows, c_size = row_shape(k_features, a_order)
+  group = token_group(rows, c_size)
+  return -(-tokens_per_program // group)
 
 
 def quantize_rows_applies(k_features: int, transform=None) -> bool:
@@ -609,7 +709,9 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   k_view = rows * c_size
   if k_view != k_features:  # ragged K without a transform: zero columns change no absmax
     x = jnp.pad(x, ((0, 0), (0, k_view - k_features)))
-  rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
+  group = token_group(rows, c_size)
+  tokens_per_program = group * -(-tokens_per_program // group)
+  rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
   operands = [x.reshape(m_tokens * rows, c_size)]
   if factors is None:
     signs, row_norm = jnp.ones((rows, c_size), jnp.float32), 1.0
@@ -618,10 +720,12 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
     row_norm = 1.0 / np.sqrt(c_size)
   # Pad the signs to the kernel's tile (a static out-of-bounds block load, even masked, is an
   # error in jax >= 0.12's interpret mode).
-  operands.append(jnp.pad(signs, ((0, rows_pad - rows), (0, 0))))
-  if factors is not None:
+  signs = jnp.tile(signs, (group, 1))
+  operands.append(jnp.pad(signs, ((0, rows_pad - rows * group), (0, 0))))
+  if factors is not None:  # block-diagonal over the group's tokens
+    dense_t = jnp.kron(jnp.eye(group, dtype=jnp.float32), factors[1].T)
     operands.append(jnp.zeros((rows_pad, rows_pad), jnp.float32)
-                    .at[:rows, :rows].set(factors[1].T))
+                    .at[:rows * group, :rows * group].set(dense_t))
     operands.append(jnp.asarray(sylvester_unnormalized(c_size)))
   if has_norm:
     for affine in (norm_mul, norm_add):  # (B, K) -> (B * a' + pad rows, c), zero padded
@@ -633,7 +737,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       rows_per_token=rows, rows_pad=rows_pad, tokens_per_program=tokens_per_program,
       transform_dtype=transform_dtype, row_norm=float(row_norm),
       has_transform=factors is not None, k_features=k_features,
-      tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps))
+      tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps),
+      group=group)
   out, scale = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),
