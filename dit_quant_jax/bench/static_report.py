@@ -89,7 +89,8 @@ def main_loop_trips(name: str, config: dict, avals) -> int:
     k_features = avals[0].shape[1]
     a_order = avals[1][1].shape[0] if len(avals) > 1 and avals[1] is not None else None
     from dit_quant_jax.kernels import act_quant
-    return act_quant.main_loop_trips(k_features, a_order, int(config.get("tokens_per_program", 8)))
+    return act_quant.main_loop_trips(k_features, a_order, int(config.get("tokens_per_program", 8)),
+                                     config.get("num_warps"))
   k_features = jax.tree_util.tree_leaves(avals)[0].shape[1]
   block_k = config.get("block_k", 128)
   return max(1, -(-k_features // block_k) // int(config.get("split_k", 1)))

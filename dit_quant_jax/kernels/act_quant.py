@@ -31,7 +31,7 @@ the second instead of writing and re-reading float activations):
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -578,16 +578,27 @@ def _row_view(k_features: int, transform):
 
 MAX_GROUP = 8  # tokens per tile
 MAX_GROUP_ROWS = 128
-GROUP_TILE_ELEMENTS = 4096  # a grouped tile (f32, with bf16x3's splits) stays in registers
+GROUP_ELEMENTS_PER_THREAD = 32  # a grouped f32 tile (with bf16x3's splits) stays in registers
+DEFAULT_NUM_WARPS = 4
 
 
-def token_group(rows: int, c_size: int) -> int:
+def default_num_warps(rows: int, c_size: int) -> int:
+  """4 warps at every width.  Tried for K = 4608 (one token a 64 x 128 tile, 36 rows used):
+  3 tokens in a 128 x 128 tile at 8 warps cut the SASS issue floor from 35.6 to 25.0 us
+  (M = 4096, sm_90a) but spilled 12 B on sm_90a and 1.9 KB on sm_80; at 16 warps it spilled
+  on both and issued more (36.7 us on sm_90a)."""
+  del rows, c_size
+  return DEFAULT_NUM_WARPS
+
+
+def token_group(rows: int, c_size: int, num_warps: int = 4) -> int:
   """Tokens per kernel tile: the count (<= MAX_GROUP) with the fewest padded elements per
-  token, within MAX_GROUP_ROWS rows and max(GROUP_TILE_ELEMENTS, one token's tile) elements
-  (K = 1152, a' = 36, c = 32: 3 tokens in 128 rows, 1365 elements per token instead of 2048;
-  K = 4608, c = 128: 1, its 64 x 128 tile already fills the registers)."""
+  token, within MAX_GROUP_ROWS rows and max(GROUP_ELEMENTS_PER_THREAD per thread, one token's
+  tile) elements (K = 1152, a' = 36, c = 32, 4 warps: 3 tokens in 128 rows, 1365 elements per
+  token instead of 2048; K = 4608, c = 128: at 4 warps 1 token (its 64 x 128 tile fills the
+  registers), at 16 warps 3 tokens in a 128 x 128 tile, 32 elements per thread)."""
   single = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
-  limit = max(GROUP_TILE_ELEMENTS, single * c_size)
+  limit = max(GROUP_ELEMENTS_PER_THREAD * 32 * num_warps, single * c_size)
   best, best_cost = 1, single * c_size
   for group in range(2, MAX_GROUP + 1):
     rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
@@ -599,10 +610,11 @@ def token_group(rows: int, c_size: int) -> int:
   return best
 
 
-def main_loop_trips(k_features: int, a_order, tokens_per_program: int) -> int:
+def main_loop_trips(k_features: int, a_order, tokens_per_program: int,
+                    num_warps: Optional[int] = None) -> int:
   """Iterations of quantize_rows' main loop per program (token groups; static report)."""
   rows, c_size = row_shape(k_features, a_order)
-  group = token_group(rows, c_size)
+  group = token_group(rows, c_size, num_warps or default_num_warps(rows, c_size))
   return -(-tokens_per_program // group)
 
 
@@ -669,7 +681,8 @@ def apply_row_norm(x, norm_mul, norm_add, tokens_per_sample: int, norm_eps: floa
                                              "interpret", "transform_dtype",
                                              "tokens_per_sample", "norm_eps"])
 def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
-                  image: str = "int8", tokens_per_program: int = 8, num_warps: int = 4,
+                  image: str = "int8", tokens_per_program: int = 8,
+                  num_warps: Optional[int] = None,
                   num_stages: int = 1, interpret: bool = False,
                   transform_dtype: str = "bf16x3", norm_mul=None, norm_add=None,
                   tokens_per_sample: int = 0, norm_eps: float = 1e-6):
@@ -709,7 +722,9 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   k_view = rows * c_size
   if k_view != k_features:  # ragged K without a transform: zero columns change no absmax
     x = jnp.pad(x, ((0, 0), (0, k_view - k_features)))
-  group = token_group(rows, c_size)
+  if num_warps is None:
+    num_warps = default_num_warps(rows, c_size)
+  group = token_group(rows, c_size, num_warps)
   tokens_per_program = group * -(-tokens_per_program // group)
   rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
   operands = [x.reshape(m_tokens * rows, c_size)]

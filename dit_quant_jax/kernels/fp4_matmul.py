@@ -692,7 +692,8 @@ def lowering_cases(shapes=None, device: str = "hopper"):
       quantized_widths.add((m_rows, k_features))
       transform = (jax.ShapeDtypeStruct((k_features,), jnp.float32),
                    jax.ShapeDtypeStruct((a_order, a_order), jnp.float32))
-      quant_config = dict(tokens_per_program=8, num_warps=4, num_stages=1)
+      warps = act_quant.default_num_warps(*act_quant.row_shape(k_features, a_order))
+      quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1)
       fn = jax.jit(lambda x, t: act_quant.quantize_rows(
           x, t, act_format="e2m1", image="int8", **quant_config))
       cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
