@@ -211,6 +211,7 @@ def test_sass_loop_classes_and_issue_floor():
   assert floor["issue_bound"] == "issue"
   assert floor["issue_floor_s"] == pytest.approx(warp_iterations * 8 / (132 * 4 * 1.83e9))
   assert floor["convert_s"] == pytest.approx(warp_iterations * 1 / (132 * 0.5 * 1.83e9))
+  assert triton_ptx.sass_loop_classes("        /*0000*/                   EXIT ;") == {}  # no loop
 
 
 def test_issue_floors_raise_the_triton_parts_only():

@@ -213,7 +213,9 @@ def _row_norm_float64(x, mul, add, tokens, eps=1e-6):
 # the DiT-XL/2 width with its order-36 block, bf16 rows.
 ROW_NORM_CASES = [(2, 8, 384, 12, 8, jnp.float32), (3, 6, 96, None, 4, jnp.float32),
                   (2, 4, 100, None, 8, jnp.float32), (2, 3, 1152, 36, 2, jnp.bfloat16),
-                  (2, 32, 1152, 36, 8, jnp.bfloat16)]  # DiT layout: 4 programs per sample
+                  (2, 32, 1152, 36, 8, jnp.bfloat16),  # grouped tiles spanning samples
+                  # one token per tile (K = 4608): the affine hoisted per program / per token
+                  (2, 8, 4608, 36, 8, jnp.bfloat16), (3, 3, 4608, 36, 2, jnp.float32)]
 
 
 @pytest.mark.parametrize("samples,tokens,k_features,a_order,per_program,x_dtype", ROW_NORM_CASES)
@@ -276,10 +278,20 @@ def test_token_groups_cut_the_padding():
                                                     * c_size)
 
 
+def test_fp8_dot_gets_its_hopper_tiles_at_run_time():
+  """The path passes its dot kind to the launch options (the fp8 dot lowers to mma.sync f16
+  on Hopper, where 128 x 128 tiles spilled): 64 x 128 there, 128 x 128 for int8."""
+  rng = _rng(4)
+  weight, _ = _weight(rng, 256, 128, "e2m1")
+  x = jnp.zeros((256, 256), jnp.float32)
+  assert fmm._mma_options(x, weight, None, "fp8")["block_m"] == 64
+  assert fmm._mma_options(x, weight, None, "int8")["block_m"] == 128
+
+
 def test_fuses_row_norm_names_real_paths():
   for op in ("w4a4", "w4a8"):
-    fusing = [p for p in fmm.PATHS[op] if fmm.fuses_row_norm(op, p)]
-    assert fusing and set(fusing) <= set(fmm.PATHS[op])
+    assert set(fmm._TRITON_ACT_QUANT[op]) <= set(fmm.PATHS[op])  # no misspelt path
+    assert all(fmm.fuses_row_norm(op, p) for p in fmm._TRITON_ACT_QUANT[op])
     assert not fmm.fuses_row_norm(op, "xla_fp8") and not fmm.fuses_row_norm(op, "reference")
   assert not any(fmm.fuses_row_norm("w4a16", p) for p in fmm.PATHS["w4a16"])
 

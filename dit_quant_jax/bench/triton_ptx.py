@@ -220,18 +220,21 @@ def ptxas_resources(ptx: str, cc: int) -> dict:
 
 # Per-SM throughput of each instruction class in warp-instructions per clock (sm_80 / sm_90,
 # CUDA programming guide's arithmetic-instruction throughput table): every instruction takes
-# an issue slot (4 schedulers); 32-bit integer / logic / shift / permute ops run at 64 lanes
-# per clock, FP32 at 128 (sm_80: 64), conversions (I2F, F2F, F2I, ...) and MUFU at 16, shared /
-# global memory instructions through the MIO queue at about 1.  Tensor-core instructions are
-# timed by the roofline (FLOPs / peak), not here.
+# an issue slot (4 schedulers); the "int" class is the ALU pipe at 64 lanes per clock: 32-bit
+# integer / logic / shift / permute ops and also FP32 compare, select, min / max and the bf16
+# pack (F2FP); FP32 add / multiply / FMA at 128 (sm_80: 64); conversions (I2F, F2F, F2I, ...)
+# and MUFU at 16; warp shuffles at 32 and shared / global memory instructions through the MIO
+# queue at about 1 (the "memory" class).  Tensor-core instructions are timed by the roofline
+# (FLOPs / peak), not here.  IMAD is counted as "int"; on sm_90 it may issue on the FMA pipe,
+# so integer-bound floors may be up to ~2x high there.
 SASS_RATES = {"issue": 4.0, "int": 2.0, "fp32": 4.0, "convert": 0.5, "memory": 1.0}
 SASS_RATES_SM80 = dict(SASS_RATES, fp32=2.0)
 CLOCK_HZ = {90: 1.83e9, 80: 1.41e9}  # the clocks at which the datasheet tensor peaks hold
 _TENSOR_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "WARPGROUP", "WARPSYNC")
-_CONVERT_OPS = ("I2F", "F2I", "F2F", "I2I", "F2FP", "I2FP", "MUFU", "FRND", "POPC", "FLO", "BREV")
-_FP32_OPS = ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FCHK", "FSWZADD")
+_CONVERT_OPS = ("I2F", "F2I", "F2F", "I2I", "I2FP", "MUFU", "FRND", "POPC", "FLO", "BREV")
+_FP32_OPS = ("FADD", "FMUL", "FFMA", "FCHK", "FSWZADD")
 _MEMORY_OPS = ("LDS", "STS", "LDG", "STG", "LDGSTS", "LDSM", "STSM", "ATOM", "ATOMS", "RED",
-               "LDL", "STL", "UTMALDG", "UBLKCP", "LD", "ST")
+               "LDL", "STL", "UTMALDG", "UBLKCP", "LD", "ST", "SHFL")
 
 
 def sass_text(kernel, cc: int) -> str:
@@ -271,6 +274,8 @@ def sass_loop_classes(sass: str) -> dict:
       if number - start > best[1] - best[0]:
         best = (start, number)
   counts = dict(issue=0, int=0, fp32=0, convert=0, memory=0, tensor=0, uniform=0)
+  if best == (0, 0):  # no loop (e.g. a single iteration, unrolled): no per-iteration count
+    return {}
   for line in lines[best[0]:best[1] + 1]:
     opcode = _sass_opcode(line)
     if opcode is None or opcode in ("NOP",):
@@ -321,6 +326,6 @@ def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict
   stats.update(per_k_step_counts(ptx))
   stats.update(ptxas_resources(ptx, cc))
   sass = sass_text(kernel, cc)
-  if sass:
-    stats.update({f"sass_{k}": v for k, v in sass_loop_classes(sass).items()})
+  loop = sass_loop_classes(sass) if sass else {}
+  stats.update({f"sass_{k}": v for k, v in loop.items()})
   return stats

@@ -454,8 +454,9 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
       return (common.load_tile(mul_ref, start, rows_pad, 0, c_size, mask, cols),
               common.load_tile(add_ref, start, rows_pad, 0, c_size, mask, cols))
 
-    # One program's tokens all in one sample (the DiT case: 256 tokens, 8 per program): load
-    # the sample's affine once.
+    # One token per tile (group 1, e.g. K = 4608) and a program's tokens all in one sample
+    # (256 tokens per sample, 8 per program): load the sample's affine once per program.
+    # Grouped tiles (K = 1152: 3 tokens, 9 per program) gather each row's affine instead.
     hoisted = tokens_per_sample % tokens_per_program == 0 and group == 1
     if hoisted:
       hoisted_tiles = affine_tiles(first_token, first_token < m_tokens)
@@ -583,10 +584,12 @@ DEFAULT_NUM_WARPS = 4
 
 
 def default_num_warps(rows: int, c_size: int) -> int:
-  """4 warps at every width.  Tried for K = 4608 (one token a 64 x 128 tile, 36 rows used):
-  3 tokens in a 128 x 128 tile at 8 warps cut the SASS issue floor from 35.6 to 25.0 us
-  (M = 4096, sm_90a) but spilled 12 B on sm_90a and 1.9 KB on sm_80; at 16 warps it spilled
-  on both and issued more (36.7 us on sm_90a)."""
+  """4 warps at every width.  Tried for K = 4608 (one token a 64 x 128 tile, 36 rows used),
+  with a 64-elements-per-thread group budget: 3 tokens in a 128 x 128 tile at 8 warps cut the
+  SASS issue floor from 35.6 to 25.0 us (M = 4096, sm_90a) but spilled 12 B on sm_90a and
+  1.9 KB on sm_80; at 16 warps it spilled on both and issued more (36.7 us on sm_90a).  The
+  group budget (GROUP_ELEMENTS_PER_THREAD) is therefore 32, which keeps K = 4608 at one
+  token."""
   del rows, c_size
   return DEFAULT_NUM_WARPS
 
@@ -690,6 +693,9 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
   power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
   (nearest, ties to even, saturating; FP8 E4M3: saturating cast), all in one pass per token.
+
+  tokens_per_program is rounded up to a multiple of the tokens per tile (token_group).
+  num_warps: default default_num_warps.
 
   norm_mul / norm_add (B, K) with tokens_per_sample, norm_eps (:class:`RowNorm`): quantize
   ``LayerNorm(x) * mul + add`` instead of x (the adaLN-modulated input of a DiT linear), the

@@ -495,9 +495,11 @@ def _local_is_hopper() -> bool:
   return any(name in kind for name in ("H100", "H200", "H800", "GH200", "H20"))
 
 
-def _mma_options(x, weight, config):
-  kind = "fp8" if x.dtype == jnp.float8_e4m3fn else None
-  options = default_mma_config(x.shape[0], weight.n_features, weight.k_features, dot_kind=kind)
+def _mma_options(x, weight, config, dot_kind=None):
+  """fp4_mma's launch options for this call: default_mma_config for the dot kind (the fp8
+  dot gets its own Hopper tiles), overridden by the config's entries."""
+  options = default_mma_config(x.shape[0], weight.n_features, weight.k_features,
+                               dot_kind=dot_kind)
   options.update({k: v for k, v in (config or {}).items() if k in options})
   return options
 
@@ -576,7 +578,7 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
                              out_dtype=out_dtype)
     return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
                            predecode=predecode, interpret=_interpret(), out_dtype=out_dtype,
-                           **_mma_options(x, weight, config))
+                           **_mma_options(x, weight, config, dot_kind))
 
   return path
 

@@ -50,8 +50,8 @@ class NormModulated:
   When the ``linear_inputs`` collection is mutable (calibration), Linear materializes the
   input and runs unfused, so the calibration forward computes the LayerNorm in the model's
   dtype where the fused GPU kernel keeps it in float32 (identical for float32 models).  The
-  fused kernel loads the per-sample affine once per program when a sample's tokens are a
-  multiple of its tokens per program (DiT: 256 and 8), else once per token (from L2)."""
+  fused kernel reads the per-sample affine from L2: once per program for one-token tiles in a
+  single sample, else per row of each grouped tile (K = 1152: 3 tokens per tile)."""
   x: jax.Array
   shift: jax.Array
   scale: jax.Array

@@ -191,7 +191,7 @@ def encode_magnitudes(v, magnitudes):
   """v (any shape, float32, grid units), magnitudes: 8 ascending grid values from 0 -> int32
   sign-magnitude codes: nearest magnitude, ties to the even index, saturating; zero magnitude
   never gets the sign bit.  A binary search over the 7 midpoints (exact: midpoints of float32
-  grid values are exact in float32): 3 comparisons and 3 threshold selects per element instead
+  grid values are exact in float32): 3 comparisons and 4 threshold selects per element instead
   of 7 comparisons and 7 adds (the act-quant kernel is instruction-bound).  Index bit b splits
   at an odd midpoint (b = 2, 1: a tie goes up, to the even index) or an even one (b = 0: a tie
   stays, at the even index)."""
