@@ -2,6 +2,8 @@
 interpret mode on CPU, compiled on a GPU) and matches the plain-jnp reference path, for one
 forward pass and for a short sampling run."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,11 +18,18 @@ from tiny_model import tiny_model_and_params
 ON_GPU = jax.default_backend() == "gpu"
 
 
-def _quantized(spec, overrides):
+@functools.lru_cache(maxsize=None)
+def _quantized_cached(spec, overrides):
   model, params = tiny_model_and_params()
-  qconfig = config_spec.load(spec, overrides)
+  qconfig = config_spec.load(spec, dict(overrides))
   qparams, _ = api.quantize(model, params, qconfig)
   return model, qparams
+
+
+def _quantized(spec, overrides):
+  """The tiny model quantized with spec + overrides, once per setting in this file (the
+  parameters are immutable arrays, shared by the tests)."""
+  return _quantized_cached(spec, tuple(sorted(overrides.items())))
 
 
 SETTINGS = {
