@@ -81,27 +81,22 @@ def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peak
 # DiT-XL/2 linears whose input is a block's modulated LayerNorm (qkv 1152 -> 3456, fc1 1152 ->
 # 4608): where a quantized path can take that LayerNorm into its act-quant step.
 LN_FED_SHAPES = ((1152, 3456), (1152, 4608))
-MAX_FAST_FACTOR = 128  # kernels/act_quant.py: largest power-of-two factor as one dense dot
-MIN_TILE = 16
-
-
-def _next_power_of_2(n: int) -> int:
-  return 1 << max(int(n) - 1, 0).bit_length()
-
-
 def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16x3",
                           x_bf16: bool = True) -> float:
-  """Tensor-core FLOPs per token of act_quant.quantize_rows' transform (0 without one): the
-  token row as a (a', c) tile (c = min(K / a, 128), a' = K / c padded to a power of two >= 16),
-  one (a'_pad, c) @ (c, c) +-1 dot and one (a'_pad, a'_pad) @ (a'_pad, c) dot; bf16x3 runs the
+  """Tensor-core FLOPs per token of act_quant.quantize_rows' transform (0 without one), from the
+  kernel's own tile rules: a token is an (a', c) tile (act_quant.row_shape), g tokens share a
+  (t, c) tile of t = act_quant.tile_rows(a', g) rows (act_quant.token_group), and each tile
+  runs one (t, c) @ (c, c) +-1 dot and one (t, t) @ (t, c) block-diagonal dot; bf16x3 runs the
   first on hi + lo (lo skipped for bf16 x, not after a fused LayerNorm: pass x_bf16=False) and
   the second three times."""
+  from dit_quant_jax.kernels import act_quant
   if not a_order:
     return 0.0
-  c_size = min(k_features // int(a_order), MAX_FAST_FACTOR)
-  rows_pad = max(MIN_TILE, _next_power_of_2(k_features // c_size))
-  first = rows_pad * c_size * c_size
-  second = rows_pad * rows_pad * c_size
+  rows, c_size = act_quant.row_shape(k_features, int(a_order))
+  group = act_quant.token_group(rows, c_size)
+  rows_pad = act_quant.tile_rows(rows, group)
+  first = rows_pad * c_size * c_size / group
+  second = rows_pad * rows_pad * c_size / group
   if transform_dtype == "bf16x3":
     first *= 1 if x_bf16 else 2
     second *= 3

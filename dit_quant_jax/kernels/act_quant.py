@@ -594,17 +594,22 @@ def default_num_warps(rows: int, c_size: int) -> int:
   return DEFAULT_NUM_WARPS
 
 
+def tile_rows(rows: int, group: int) -> int:
+  """Rows of the kernel's tile for ``group`` tokens of ``rows`` rows (a power of two >= 16)."""
+  return max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
+
+
 def token_group(rows: int, c_size: int, num_warps: int = 4) -> int:
   """Tokens per kernel tile: the count (<= MAX_GROUP) with the fewest padded elements per
   token, within MAX_GROUP_ROWS rows and max(GROUP_ELEMENTS_PER_THREAD per thread, one token's
   tile) elements (K = 1152, a' = 36, c = 32, 4 warps: 3 tokens in 128 rows, 1365 elements per
   token instead of 2048; K = 4608, c = 128: at 4 warps 1 token (its 64 x 128 tile fills the
   registers), at 16 warps 3 tokens in a 128 x 128 tile, 32 elements per thread)."""
-  single = max(common.MIN_BLOCK, pl.next_power_of_2(rows))
+  single = tile_rows(rows, 1)
   limit = max(GROUP_ELEMENTS_PER_THREAD * 32 * num_warps, single * c_size)
   best, best_cost = 1, single * c_size
   for group in range(2, MAX_GROUP + 1):
-    rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
+    rows_pad = tile_rows(rows, group)
     if rows_pad > max(MAX_GROUP_ROWS, single) or rows_pad * c_size > limit:
       break
     cost = rows_pad * c_size / group
@@ -732,7 +737,7 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
     num_warps = default_num_warps(rows, c_size)
   group = token_group(rows, c_size, num_warps)
   tokens_per_program = group * -(-tokens_per_program // group)
-  rows_pad = max(common.MIN_BLOCK, pl.next_power_of_2(rows * group))
+  rows_pad = tile_rows(rows, group)
   operands = [x.reshape(m_tokens * rows, c_size)]
   if factors is None:
     signs, row_norm = jnp.ones((rows, c_size), jnp.float32), 1.0

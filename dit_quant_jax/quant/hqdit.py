@@ -284,7 +284,6 @@ class FP4Weight(QuantizedWeight):
     factor folded into mul and add) -> (B, T, N) through ``kernels.fp4_matmul.linear`` with
     the prologue fused into its act-quant step."""
     from dit_quant_jax.kernels import act_quant
-    from dit_quant_jax.kernels import fp4_matmul
     if not self.fuses_row_norm():
       raise ValueError("this FP4Weight does not fuse the row norm here (fuses_row_norm() is "
                        "False): pass the normalized input to linear()")
@@ -294,14 +293,8 @@ class FP4Weight(QuantizedWeight):
     mul, add = mul.astype(jnp.float32), add.astype(jnp.float32)
     if self.input_scale is not None:
       mul, add = mul * self.input_scale[None, :], add * self.input_scale[None, :]
-    op, act_format = self.kernel_op()
-    transform = None
-    if self.hadamard_signs is not None:
-      transform = (self.hadamard_signs, self.hadamard_block)
-    norm = act_quant.RowNorm(mul, add, int(x.shape[1]), float(eps))
-    return fp4_matmul.linear(op, x, self.packed_weight(), bias, act_format=act_format,
-                             clip_ratio=self.act_clip_ratio, transform=transform,
-                             out_dtype=x.dtype, norm=norm)
+    return self._act_quant_linear(x, bias,
+                                  act_quant.RowNorm(mul, add, int(x.shape[1]), float(eps)))
 
   def kernel_op(self) -> tuple[str, Optional[str]]:
     """(FP4 op, activation format) of the kernel path: ('w4a16', None) weight-only or with
@@ -319,19 +312,26 @@ class FP4Weight(QuantizedWeight):
   def _kernel_linear(self, x, bias):
     """The kernel path on the smoothed input x (the low-rank branch is added by linear())."""
     from dit_quant_jax.kernels import fp4_matmul
-    op, act_format = self.kernel_op()
+    op, _ = self.kernel_op()
     weight = self.packed_weight()
     if op == "w4a16":  # the transform (and any fake quantization) in float32, as linear()'s
       xt = self.rotate_input(x.astype(jnp.float32))
       if self.act_granularity != "none":  # e.g. INT8 per-token
         xt = self.quantize_activation(xt)
       return fp4_matmul.linear("w4a16", xt.astype(x.dtype), weight, bias)
+    return self._act_quant_linear(x, bias)
+
+  def _act_quant_linear(self, x, bias, norm=None):
+    """W4A4 / W4A8 through fp4_matmul.linear: its act-quant applies the Hadamard, the clip
+    ratio and (norm, an act_quant.RowNorm) the LayerNorm prologue."""
+    from dit_quant_jax.kernels import fp4_matmul
+    op, act_format = self.kernel_op()
     transform = None
     if self.hadamard_signs is not None:
       transform = (self.hadamard_signs, self.hadamard_block)
-    return fp4_matmul.linear(op, x, weight, bias, act_format=act_format,
+    return fp4_matmul.linear(op, x, self.packed_weight(), bias, act_format=act_format,
                              clip_ratio=self.act_clip_ratio, transform=transform,
-                             out_dtype=x.dtype)
+                             out_dtype=x.dtype, norm=norm)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel of the original input x (activation quantization aside):
