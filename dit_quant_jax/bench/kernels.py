@@ -305,10 +305,12 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
 
   def w4a4_model(x, weight, bias, signs, block, path=None):
     return fm.linear("w4a4", x, weight, bias, act_format="e2m1", transform=(signs, block),
+                     transform_kind="hadamard",
                      path=path, out_dtype=jnp.bfloat16)
 
   def w4a4_ln(h, weight, bias, signs, block, mul, add, path=None):
     return fm.linear("w4a4", h, weight, bias, act_format="e2m1", transform=(signs, block),
+                     transform_kind="hadamard",
                      norm=aq.RowNorm(mul, add, m_per_sample, LN_EPS), path=path,
                      out_dtype=jnp.bfloat16)
 
@@ -529,7 +531,8 @@ def _random_quantized_params(params, kind: str, seed: int = 0):
       weight = hqdit.FP4Weight.from_codes(
           codes, np.full((n_out,), 0.01, np.float32), "e2m1",
           hadamard_signs=transform.signs, hadamard_block=transform.block,
-          hadamard_seed=transform.seed, act_format=act_format, act_granularity="per_token")
+          hadamard_seed=transform.seed, hadamard_kind=transform.kind, act_format=act_format,
+          act_granularity="per_token")
     out = rules.set_path(out, path + "/kernel", weight)
   return out
 

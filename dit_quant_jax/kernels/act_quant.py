@@ -359,16 +359,30 @@ def sylvester_unnormalized(n: int) -> np.ndarray:
   return h
 
 
-def _row_images(y, scale, act_format: str, code, image: str, reciprocal: bool = False):
+def _row_images(y, scale, act_format: str, code, image: str, reciprocal: bool = False,
+                saturate: bool = True, rounding: str = "search"):
   """y: (r, c) float32 transformed values, scale: () > 0 -> the image's stored dtype tile(s).
   reciprocal: y * (1 / scale) (the kernel: one multiply per element where Triton's division
-  adds a range fix-up; within an ulp of y / scale, as Triton's division itself)."""
-  v = y * (np.float32(1.0) / scale) if reciprocal else y / scale
+  adds a range fix-up; within an ulp of y / scale, as Triton's division itself).
+  rounding: 'search' (the midpoint search, fp4.encode_int8_image's select tree; the XLA path)
+  or 'magic' (the kernel: fp4.round_int_units' magic-number add where the format allows, ~2x
+  fewer instructions, the same codes); saturate=False (magic only) leaves out the clamp, for
+  rows scaled by their own unclipped absmax."""
   if code is None:  # FP8 E4M3: saturate, round to nearest even by the cast
+    v = y * (np.float32(1.0) / scale) if reciprocal else y / scale
     v = jnp.clip(v, -fp4.FP8_E4M3_MAX, fp4.FP8_E4M3_MAX)
     return lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8)
+  if rounding == "magic" and fp4.rounds_by_magic(code):
+    multiplier = np.float32(code.multiplier)  # a power of two: folding it in is exact
+    t = y * (multiplier / scale) if reciprocal else (y / scale) * multiplier
+    if image == "int8":  # the narrowing cast keeps the low byte: the two's complement integer
+      return fp4.int8_image_bits(t, code, saturate).astype(jnp.int8)
+    rounded = fp4.round_int_units(t, code, saturate)
+    e4m3 = rounded * np.float32(code.e4m3_factor / code.multiplier)
+    return lax.bitcast_convert_type(e4m3.astype(jnp.float8_e4m3fn), jnp.uint8)
+  v = y * (np.float32(1.0) / scale) if reciprocal else y / scale
   if image == "int8":
-    return fp4.encode_int8_image(v, code).astype(jnp.int8)
+    return fp4.encode_int8_image(v, code, rounding="search").astype(jnp.int8)
   return fp4.e4m3_bits(fp4.encode_nearest_even(v, code), code).astype(jnp.uint8)
 
 
@@ -380,9 +394,14 @@ def _image_scale_factor(code, image):
 
 
 def _split_bf16(v):
-  """float32 v -> (hi, lo) bfloat16 with hi + lo == v to ~2^-16 relative."""
-  hi = v.astype(jnp.bfloat16)
-  return hi, (v - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+  """float32 v -> (hi, lo) bfloat16 with hi + lo == v to 2^-16 relative: hi is v rounded to bf16
+  (half away from zero) on its bits, (bits + 0x8000) & 0xFFFF0000, which is exact in bf16, so
+  the residual v - hi (|lo| <= 2^-8 |v|) needs no cast back to float32 (a rounding cast to
+  bf16 and back costs a conversion per element); lo is that residual rounded to bf16."""
+  bits = lax.bitcast_convert_type(v, jnp.uint32)
+  hi = lax.bitcast_convert_type(
+      lax.bitwise_and(bits + np.uint32(0x8000), np.uint32(0xFFFF0000)), jnp.float32)
+  return hi.astype(jnp.bfloat16), (v - hi).astype(jnp.bfloat16)
 
 
 def _dot_f32(a, b):
@@ -393,27 +412,36 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                      rows_per_token: int, rows_pad: int, tokens_per_program: int,
                      transform_dtype: str, row_norm: float, has_transform: bool = True,
                      k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0,
-                     group: int = 1):
-  """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref][, mul_ref, add_ref], out_ref, scale_ref.
+                     group: int = 1, dense_signs: bool = False, bf16_signs: bool = True):
+  """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref[, dense_scale_ref]][, mul_ref, add_ref],
+  out_ref, scale_ref.
 
   x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
-  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; mul_ref / add_ref (with
+  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; dense_signs: dense_t_ref holds
+  sign(L^T) (a Hadamard block: every entry of L has one magnitude) and dense_scale_ref (1,) that
+  magnitude, so the second stage is two bf16 dots (y's hi and lo parts) instead of three; mul_ref / add_ref (with
   tokens_per_sample > 0, the row-norm prologue): (B * a' + pad, c) float32, the per-sample
   affine applied after a LayerNorm of each token row (over its k_features values, eps
-  norm_eps); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,) float32 row
+  norm_eps), with the transform's signs folded in (the kernel then skips its sign multiply); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,) float32 row
   scales (x ~= image * scale).
 
   group > 1: each step takes ``group`` consecutive tokens as one (a'_pad, c) tile (their rows
   are contiguous in x_ref), the transform's dense factor block-diagonal over them (the
   wrapper's dense_t and signs cover the group), absmax and LayerNorm statistics per token
   segment: a 36-row token padded alone to 64 rows wastes 44 % of the elementwise work, three
-  in 128 rows 16 %."""
+  in 128 rows 16 %.
+
+  bf16_signs: bf16 x stays bf16 and takes its signs by a bf16 multiply (exact; two elements
+  per instruction, no conversions); off where the wrapper's register budget says it spills."""
   refs = list(refs)
   x_ref, signs_ref = refs[:2]
   rest = refs[2:]
   dense_t_ref = hadamard_ref = mul_ref = add_ref = None
+  dense_scale_ref = None
   if has_transform:
     dense_t_ref, hadamard_ref, rest = rest[0], rest[1], rest[2:]
+    if dense_signs:
+      dense_scale_ref, rest = rest[0], rest[1:]
   has_norm = tokens_per_sample > 0
   if has_norm:
     mul_ref, add_ref, rest = rest[0], rest[1], rest[2:]
@@ -434,14 +462,28 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     precision, dot_dtype = None, jnp.bfloat16
   dense_t = dense_t_ref[...] if dense_t_ref is not None else None
   hadamard = hadamard_ref[...].astype(dot_dtype) if hadamard_ref is not None else None
+  # y_true = y * post_scale for the sign-form dense factor; the row scale absorbs it (and the
+  # unnormalized H_c's 1 / sqrt(c)): row_factor multiplies the transformed rows' absmax.
+  row_factor = np.float32(row_norm)
+  if dense_scale_ref is not None:
+    row_factor = row_factor * plgpu.load(dense_scale_ref.at[0])
   if split and dense_t is not None:
-    dense_t_hi, dense_t_lo = _split_bf16(dense_t)
+    if dense_signs:  # +-1: exact in bf16
+      dense_t_hi, dense_t_lo = dense_t.astype(jnp.bfloat16), None
+    else:
+      dense_t_hi, dense_t_lo = _split_bf16(dense_t)
   elif dense_t is not None:
     dense_t = dense_t.astype(dot_dtype)
   # x * (+-1) is exact in bf16 for bf16 x (no lo part); the row-norm prologue's output is not.
-  x_is_bf16 = x_ref.dtype == jnp.bfloat16 and not has_norm
+  # Such x stays bf16 and its signs are applied by a bf16 multiply (two per instruction).
+  x_is_bf16 = (x_ref.dtype == jnp.bfloat16 and not has_norm and split and has_transform
+               and bf16_signs)
+  signs_bf16 = signs.astype(jnp.bfloat16) if x_is_bf16 else None
   first_token = pl.program_id(0) * tokens_per_program
   factor = np.float32(_image_scale_factor(code, image))
+  # A row scaled by its own absmax without clipping stays within the grid (to a few ulps,
+  # which round back to the top value): the clamp is only needed for clip_ratio < 1.
+  saturate = clip_ratio < 1.0
   if has_norm:
     flat = ((jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token)[:, None] * c_size
             + jnp.arange(c_size, dtype=jnp.int32)[None, :])
@@ -474,16 +516,17 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     if hadamard is not None and split:
       # bf16x3: operands split into bf16 hi + lo parts, products summed in float32 (H is
       # +-1, exact in bf16); ~2^-16 relative error, on bf16 tensor cores.
-      signed = y * signs
       if x_is_bf16:  # x * (+-1) is exact in bf16: no lo part
-        y = _dot_f32(signed.astype(jnp.bfloat16), hadamard)
+        y = _dot_f32(y * signs_bf16, hadamard)
       else:
-        hi, lo = _split_bf16(signed)
+        hi, lo = _split_bf16(y if has_norm else y * signs)
         y = _dot_f32(hi, hadamard) + _dot_f32(lo, hadamard)
       hi, lo = _split_bf16(y)
-      y = (_dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi, lo)) + _dot_f32(dense_t_lo, hi)
+      y = _dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi, lo)
+      if dense_t_lo is not None:
+        y = y + _dot_f32(dense_t_lo, hi)
     elif hadamard is not None:
-      y = jnp.dot((y * signs).astype(dot_dtype), hadamard, precision=precision,
+      y = jnp.dot((y if has_norm else y * signs).astype(dot_dtype), hadamard, precision=precision,
                   preferred_element_type=jnp.float32)
       y = jnp.dot(dense_t, y.astype(dot_dtype), precision=precision,
                   preferred_element_type=jnp.float32)
@@ -494,13 +537,14 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     live = token < m_tokens
     row_mask = row_valid & live
     x_tile = common.load_tile(x_ref, token * rows_per_token, rows_pad, 0, c_size, row_mask,
-                              cols).astype(jnp.float32)
+                              cols)
+    x_tile = x_tile if x_is_bf16 else x_tile.astype(jnp.float32)
     y = transform(row_norm_prologue(x_tile, token, live) if has_norm else x_tile)
-    absmax = jnp.max(jnp.abs(y)) * np.float32(row_norm)
+    absmax = jnp.max(jnp.abs(y)) * row_factor
     scale = absmax * np.float32(clip_ratio) / np.float32(max_value)
     scale = jnp.where(scale > 0, scale, np.float32(1.0))
-    values = _row_images(y, scale / np.float32(row_norm), act_format, code, image,
-                         reciprocal=True)
+    values = _row_images(y, scale / row_factor, act_format, code, image,
+                         reciprocal=True, saturate=saturate, rounding="magic")
     common.store_tile(out_ref, values, token * rows_per_token, 0, row_mask, cols)
     plgpu.store(scale_ref.at[pl.ds(token, 1)], jnp.full((1,), scale / factor, jnp.float32),
                 mask=jnp.full((1,), live))
@@ -531,11 +575,16 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     return centred * inv_std[:, None] * mul + add
 
   def sample_tiles(row_sample, mask):
-    """Each row's sample's affine rows (gathered: row r reads sample row r % a')."""
-    source = row_sample * rows_per_token + jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token
-    mask = mask[:, None] & cols[None, :]
-    index = (source[:, None], jnp.arange(c_size, dtype=jnp.int32)[None, :])
-    return common.gather(mul_ref, index, mask), common.gather(add_ref, index, mask)
+    """Each row's sample's affine rows (row r reads sample row r % a'): the sample index is
+    clamped instead of masked (every address is then in the ref and the column index stays a
+    plain range, so the loads vectorize); rows past the last token read the last sample."""
+    del mask
+    n_samples = m_tokens // tokens_per_sample
+    source = (jnp.minimum(row_sample, n_samples - 1) * rows_per_token
+              + jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token)
+    index = (jnp.broadcast_to(source[:, None], (rows_pad, c_size)),
+             jnp.broadcast_to(jnp.arange(c_size, dtype=jnp.int32)[None, :], (rows_pad, c_size)))
+    return plgpu.load(mul_ref.at[index]), plgpu.load(add_ref.at[index])
 
   # (Gathering the program's two samples' affine tiles once instead, then selecting per row,
   # saves ~4 % of the instructions at K = 1152 but holds four tiles: it spilled 268-388 B.)
@@ -545,16 +594,17 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     row_token = token0 + segment
     row_live = row_valid & (row_token < m_tokens)
     x_tile = common.load_tile(x_ref, token0 * rows_per_token, rows_pad, 0, c_size, row_live,
-                              cols).astype(jnp.float32)
+                              cols)
+    x_tile = x_tile if x_is_bf16 else x_tile.astype(jnp.float32)
     y = transform(group_norm(x_tile, row_token, row_live) if has_norm else x_tile)
     peaks = segment_reduce(jnp.max(jnp.abs(y), axis=1), jnp.max, np.float32(0.0))
     scales = []
     for peak in peaks:
-      scale = peak * np.float32(row_norm) * np.float32(clip_ratio) / np.float32(max_value)
+      scale = peak * row_factor * np.float32(clip_ratio) / np.float32(max_value)
       scales.append(jnp.where(scale > 0, scale, np.float32(1.0)))
     row_scale = per_row(scales)
-    values = _row_images(y, (row_scale / np.float32(row_norm))[:, None], act_format, code,
-                         image, reciprocal=True)
+    values = _row_images(y, (row_scale / row_factor)[:, None], act_format, code,
+                         image, reciprocal=True, saturate=saturate, rounding="magic")
     common.store_tile(out_ref, values, token0 * rows_per_token, 0, row_live, cols)
     stored = jnp.full((group_pad,), scales[0] / factor)
     for i in range(1, group):
@@ -592,6 +642,14 @@ def default_num_warps(rows: int, c_size: int) -> int:
   token."""
   del rows, c_size
   return DEFAULT_NUM_WARPS
+
+
+def bf16_signs_fit(rows_pad: int, c_size: int, num_warps: int, dense_signs: bool) -> bool:
+  """Whether the kernel keeps bf16 x in bf16 for its sign multiply (row_quant_kernel's
+  bf16_signs).  The bf16 copy of x and the signs take registers: with a tile of 64 elements
+  per thread (K = 4608: 64 x 128 at 4 warps) and the three-dot second stage it spilled 44 B on
+  sm_90a; with the two-dot stage of dense_signs it did not (247 registers)."""
+  return dense_signs or rows_pad * c_size <= GROUP_ELEMENTS_PER_THREAD * 32 * num_warps
 
 
 def tile_rows(rows: int, group: int) -> int:
@@ -687,13 +745,14 @@ def apply_row_norm(x, norm_mul, norm_add, tokens_per_sample: int, norm_eps: floa
 @functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
                                              "tokens_per_program", "num_warps", "num_stages",
                                              "interpret", "transform_dtype",
-                                             "tokens_per_sample", "norm_eps"])
+                                             "tokens_per_sample", "norm_eps", "dense_signs"])
 def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
                   image: str = "int8", tokens_per_program: int = 8,
                   num_warps: Optional[int] = None,
                   num_stages: int = 1, interpret: bool = False,
                   transform_dtype: str = "bf16x3", norm_mul=None, norm_add=None,
-                  tokens_per_sample: int = 0, norm_eps: float = 1e-6):
+                  tokens_per_sample: int = 0, norm_eps: float = 1e-6,
+                  dense_signs: bool = False):
   """x: (M, K) float -> (image (M, K) int8 or float8_e4m3fn, row_scale (M,) float32) with
   x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
   power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
@@ -716,6 +775,12 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   L moves ~0.5% of the codes by a grid step and the per-token scales by ~0.3% (W4A4 outputs
   then ~2% from the reference; tests/test_kernels_fp4.py).  'float32' IEEE (CUDA cores, slow)
   or 'tf32'.
+
+  dense_signs (static): the caller asserts that every entry of the transform's dense factor
+  has one magnitude, as a Hadamard block H_a / sqrt(a) (quant.hadamard kind 'hadamard'); the
+  kernel then multiplies by its signs (exact in bf16: two dots in the second stage, not three)
+  and puts the magnitude into the row scale.  A block that is not of that form gives wrong
+  results: pass it only for such blocks (FP4Weight does for its 'hadamard' kind).
   """
   if x.ndim != 2:
     raise ValueError(f"x must be (M, K), got shape {x.shape}")
@@ -749,13 +814,22 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   signs = jnp.tile(signs, (group, 1))
   operands.append(jnp.pad(signs, ((0, rows_pad - rows * group), (0, 0))))
   if factors is not None:  # block-diagonal over the group's tokens
-    dense_t = jnp.kron(jnp.eye(group, dtype=jnp.float32), factors[1].T)
+    dense = factors[1]
+    if dense_signs:  # entries of one magnitude (a Hadamard block): signs and that magnitude
+      dense_scale = jnp.abs(dense[:1, 0])
+      dense = jnp.sign(dense)
+    dense_t = jnp.kron(jnp.eye(group, dtype=jnp.float32), dense.T)
     operands.append(jnp.zeros((rows_pad, rows_pad), jnp.float32)
                     .at[:rows * group, :rows * group].set(dense_t))
     operands.append(jnp.asarray(sylvester_unnormalized(c_size)))
+    if dense_signs:
+      operands.append(dense_scale)
   if has_norm:
     for affine in (norm_mul, norm_add):  # (B, K) -> (B * a' + pad rows, c), zero padded
-      affine = jnp.pad(affine.astype(jnp.float32), ((0, 0), (0, k_view - k_features)))
+      affine = affine.astype(jnp.float32)
+      if factors is not None:  # the transform's signs folded in: (LN(x) mul + add) * signs
+        affine = affine * factors[0][None, :]
+      affine = jnp.pad(affine, ((0, 0), (0, k_view - k_features)))
       operands.append(jnp.pad(affine.reshape(-1, c_size), ((0, rows_pad - rows), (0, 0))))
   stored_dtype = jnp.int8 if image == "int8" else jnp.uint8
   kernel = functools.partial(
@@ -764,7 +838,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       transform_dtype=transform_dtype, row_norm=float(row_norm),
       has_transform=factors is not None, k_features=k_features,
       tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps),
-      group=group)
+      group=group, dense_signs=bool(dense_signs) and factors is not None,
+      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps, bool(dense_signs)))
   out, scale = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),

@@ -505,7 +505,7 @@ def _mma_options(x, weight, config, dot_kind=None):
 
 
 def _quant_options(config):
-  keys = ("tokens_per_program", "num_warps", "transform_dtype")
+  keys = ("tokens_per_program", "num_warps", "transform_dtype", "dense_signs")
   return {k[len("quant_"):]: v for k, v in (config or {}).items()
           if k.startswith("quant_") and k[len("quant_"):] in keys}
 
@@ -695,7 +695,8 @@ def lowering_cases(shapes=None, device: str = "hopper"):
       transform = (jax.ShapeDtypeStruct((k_features,), jnp.float32),
                    jax.ShapeDtypeStruct((a_order, a_order), jnp.float32))
       warps = act_quant.default_num_warps(*act_quant.row_shape(k_features, a_order))
-      quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1)
+      # The model's transform: a Hadamard block (FP4Weight.hadamard_kind 'hadamard').
+      quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1, dense_signs=True)
       fn = jax.jit(lambda x, t: act_quant.quantize_rows(
           x, t, act_format="e2m1", image="int8", **quant_config))
       cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
@@ -760,7 +761,7 @@ def fuses_row_norm(op: str, path: str) -> bool:
 
 def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format=None,
            clip_ratio: float = 1.0, transform=None, path=None, device_kind=None,
-           out_dtype=None, norm=None):
+           out_dtype=None, norm=None, transform_kind=None):
   """x: (..., K) -> (..., N) through the path the dispatcher picks for (M, K, N, device)
   (``choose_path``), or the named ``path``.  op: 'w4a16' (x already transformed and, for
   fake-quantized activations, quantized), 'w4a8' (per-token FP8 E4M3 activations) or 'w4a4'
@@ -771,7 +772,11 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
   input is ``LayerNorm(x) * mul + add`` (a DiT block's adaLN-modulated input).  Paths whose
   act-quant is the Triton kernel (:func:`fuses_row_norm`) run it as the kernel's prologue (x
   read once, no copy of the modulated rows); the others take it materialized in x's dtype
-  (act_quant.apply_row_norm), as the unfused model does."""
+  (act_quant.apply_row_norm), as the unfused model does.
+
+  transform_kind: the transform block's kind (quant.hadamard); 'hadamard' (every entry of the
+  block of one magnitude) lets the Triton act-quant multiply by its signs (quantize_rows'
+  dense_signs).  None or another kind: the general dense factor."""
   if op not in PATHS:
     raise ValueError(f"unknown FP4 op {op!r}; expected one of {sorted(PATHS)}")
   if op == "w4a4" and act_format is None:
@@ -788,6 +793,8 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
       raise ValueError(f"unknown {op} path {path!r}; known: {sorted(PATHS[op])}")
     config = None
   fn = PATHS[op][path]
+  if transform_kind == "hadamard" and transform is not None and op != "w4a16":
+    config = dict(config or {}, quant_dense_signs=True)  # read by quantize_rows only
   if norm is not None and not (fuses_row_norm(op, path)
                                or (op != "w4a16" and path == "reference")):
     x2d = act_quant.apply_row_norm(x2d, norm.mul, norm.add, int(norm.tokens_per_sample),

@@ -101,7 +101,10 @@ class FP4Weight(QuantizedWeight):
       ``packing.pack_bits(codes, bits, axis=0)``;
   scale: (N,) float32, W[k, n] = lut[code[k, n]] * scale[n];
   hadamard_signs (K,) / hadamard_block (a, a): when set, the stored W is Q^T W_original and
-    ``linear`` applies x @ Q online (quant.hadamard); hadamard_seed records their seed;
+    ``linear`` applies x @ Q online (quant.hadamard); hadamard_seed records their seed and
+    hadamard_kind the block's kind ('hadamard': a real Hadamard block, every entry of one
+    magnitude, which the act-quant kernel multiplies by its signs; 'random'; None: unknown,
+    e.g. a checkpoint written before the field existed);
   act_scale: () float32 static activation scale (act_granularity 'per_tensor');
   act_format / act_granularity / act_clip_ratio: the activation fake quantization applied
     to the (transformed) input: 'per_token' dynamic, 'per_tensor' static, or 'none';
@@ -129,6 +132,7 @@ class FP4Weight(QuantizedWeight):
   lowrank_down: Optional[jax.Array] = None
   lowrank_up: Optional[jax.Array] = None
   layout: str = struct.field(pytree_node=False, default="pack_bits")
+  hadamard_kind: Optional[str] = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def from_codes(cls, codes, scale, format_name: str, **fields) -> "FP4Weight":
@@ -331,7 +335,7 @@ class FP4Weight(QuantizedWeight):
       transform = (self.hadamard_signs, self.hadamard_block)
     return fp4_matmul.linear(op, x, self.packed_weight(), bias, act_format=act_format,
                              clip_ratio=self.act_clip_ratio, transform=transform,
-                             out_dtype=x.dtype, norm=norm)
+                             transform_kind=self.hadamard_kind, out_dtype=x.dtype, norm=norm)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel of the original input x (activation quantization aside):
@@ -688,7 +692,8 @@ def quantize_layer(kernel, config, stats=None, *, layer_seed: int = 0):
   report["act_clip_ratio"] = fields.get("act_clip_ratio")
   if transform is not None:
     fields.update(hadamard_signs=jnp.asarray(transform.signs),
-                  hadamard_block=jnp.asarray(transform.block), hadamard_seed=int(layer_seed))
+                  hadamard_block=jnp.asarray(transform.block), hadamard_seed=int(layer_seed),
+                  hadamard_kind=transform.kind)
   if input_scale is not None:
     fields["input_scale"] = jnp.asarray(input_scale)
   if down is not None:
