@@ -112,6 +112,7 @@ def test_w4a4_pipeline_types_and_report(tiny):
     assert weight.format_name in formats.FP4_FORMATS
     assert weight.act_format in formats.FP4_FORMATS and weight.act_granularity == "per_token"
     assert weight.hadamard_signs is not None and weight.hadamard_seed is not None
+    assert weight.hadamard_kind == "hadamard"  # the default block: the kernel's sign form
     assert weight.packed_codes.dtype == jnp.uint8
     assert weight.layout == "k_tiles"  # the FP4 kernels' tiled layout, K padded to 128
     assert weight.packed_codes.shape == (weight.shape[1], -(-weight.shape[0] // 128) * 64)

@@ -544,3 +544,131 @@ def test_binary_search_encode_matches_the_midpoint_scan(name):
   code = fp4.fp4_code(name)
   np.testing.assert_array_equal(np.asarray(fp4.encode_int8_image(jnp.asarray(v), code)),
                                 np.asarray(fp4.int8_values(codes, code)))
+
+
+def _tie_points(code):
+  """Every grid value, midpoint and the midpoints' float32 neighbours, both signs, in int8-image
+  units, plus past-saturation values and zeros."""
+  ints = np.asarray(code.int_magnitudes, np.float32)
+  mids = (ints[1:] + ints[:-1]) / np.float32(2)
+  points = np.concatenate([ints, mids, np.nextafter(mids, np.float32(np.inf)),
+                           np.nextafter(mids, np.float32(-np.inf)),
+                           [ints[-1] * 1.5, ints[-1] * (1 + 2**-22), 1e30, 0.0, -0.0]])
+  return points.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_magic_rounding_matches_the_search(name):
+  """fp4.round_int_units / int8_image_bits / encode_e4m3_image (the kernel's magic-number add)
+  == the midpoint search's codes through the tables, eagerly and under jit (XLA must not fold
+  the add and the subtraction away), on every tie and its float32 neighbours."""
+  code = fp4.fp4_code(name)
+  if not fp4.rounds_by_magic(code):  # E3M0: ties alternate between indices
+    assert name == "e3m0"
+    with pytest.raises(ValueError, match="alternate"):
+      fp4.round_int_units(jnp.ones(3), code)
+    return
+  rng = _rng(31)
+  points = _tie_points(code)
+  t = np.concatenate([points, -points, rng.normal(size=20000).astype(np.float32)
+                      * np.float32(code.int_magnitudes[-1])])
+  v = t / np.float32(code.multiplier)  # exact: the multiplier is a power of two
+  want = np.asarray(fp4.int8_values(fp4.encode_magnitudes_linear_scan(jnp.asarray(v),
+                                                                      code.magnitudes), code))
+  for fn in (lambda f: f, jax.jit):
+    rounded = fn(lambda t: fp4.round_int_units(t, code))(jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(rounded), want.astype(np.float32))
+    assert not np.signbit(np.asarray(rounded)[want == 0]).any()  # -0 comes out as +0
+    bits = fn(lambda t: fp4.int8_image_bits(t, code))(jnp.asarray(t))
+    np.testing.assert_array_equal(np.asarray(bits.astype(jnp.int8)), want.astype(np.int8))
+    image = fn(lambda v: fp4.encode_int8_image(v, code))(jnp.asarray(v))
+    np.testing.assert_array_equal(np.asarray(image), want)
+    if code.has_e4m3_image:
+      e4m3 = fn(lambda v: fp4.encode_e4m3_image(v, code))(jnp.asarray(v))
+      np.testing.assert_array_equal(np.asarray(e4m3), want / code.multiplier * code.e4m3_factor)
+  # saturate=False: exact for rows scaled by their own absmax (|t| <= top to a few ulps)
+  inside = np.abs(t) <= code.int_magnitudes[-1] * (1 + 2**-22)
+  unclamped = jax.jit(lambda t: fp4.round_int_units(t, code, saturate=False))(jnp.asarray(t))
+  np.testing.assert_array_equal(np.asarray(unclamped)[inside], want[inside].astype(np.float32))
+  with pytest.raises(ValueError, match="rounding"):
+    fp4.encode_int8_image(jnp.ones(2), code, rounding="nearest")
+
+
+def test_split_bf16_is_exact_to_2_pow_16():
+  """act_quant._split_bf16 (bit rounding, no conversion): hi is exactly bf16, and hi + lo equals
+  v to 2^-16 relative, on random magnitudes over many binades, ties of the bit rounding, both
+  signs and zero."""
+  rng = _rng(41)
+  v = (rng.normal(size=50000) * np.exp(rng.uniform(-30, 30, size=50000))).astype(np.float32)
+  ties = (np.arange(1, 200, dtype=np.uint32) << 16 | np.uint32(0x8000)) + np.uint32(0x3F800000)
+  v = np.concatenate([v, ties.view(np.float32), -ties.view(np.float32), [0.0, -0.0, 1.0]])
+  hi, lo = aq._split_bf16(jnp.asarray(v))
+  hi32 = np.asarray(hi.astype(jnp.float32), np.float64)
+  total = hi32 + np.asarray(lo.astype(jnp.float32), np.float64)
+  np.testing.assert_array_less(np.abs(total - v), 2.0**-16 * np.abs(v) + 1e-45)
+  assert np.all(np.abs(v - hi32) <= 2.0**-8 * np.abs(v))  # hi is v rounded to bf16
+
+
+@pytest.mark.parametrize("k_features,a_order,samples,tokens", [(384, 12, 2, 8), (1152, 36, 2, 5),
+                                                              (4608, 36, 1, 3)])
+def test_quantize_rows_dense_signs_matches_reference(k_features, a_order, samples, tokens):
+  """dense_signs (a Hadamard block: the kernel multiplies by its signs and puts the magnitude
+  into the row scale) computes the general path's function, with and without the LayerNorm
+  prologue, on the model's own transform (quant.hadamard kind 'hadamard')."""
+  from dit_quant_jax.quant import hadamard
+  rng = _rng(k_features + 3)
+  model = hadamard.make_transform(k_features, seed=5)
+  assert model.kind == "hadamard" and model.block_order == a_order
+  block = np.abs(model.block)
+  assert np.all(block == block[0, 0])  # what dense_signs asserts
+  transform = (jnp.asarray(model.signs), jnp.asarray(model.block))
+  x, mul, add = _row_norm_inputs(rng, samples, tokens, k_features, jnp.bfloat16)
+  for norm in (None, aq.RowNorm(mul, add, tokens, 1e-6)):
+    kwargs = {} if norm is None else norm.kwargs()
+    for act_format, image in (("e2m1", "int8"), ("e1m2", "fp8"), ("fp8_e4m3", "fp8")):
+      ref, ref_scale = aq.quantize_rows_xla(x, transform, act_format=act_format, image=image,
+                                            clip_ratio=0.85, **kwargs)
+      got, scale = aq.quantize_rows(x, transform, act_format=act_format, image=image,
+                                    clip_ratio=0.85, interpret=True, dense_signs=True,
+                                    tokens_per_program=2, **kwargs)
+      np.testing.assert_allclose(np.asarray(scale), np.asarray(ref_scale), rtol=2e-5)
+      flips = (np.asarray(got.astype(jnp.float32)) != np.asarray(ref.astype(jnp.float32)))
+      # near-ties of bf16x3 only (a wrong sign or magnitude would move most codes)
+      assert flips.sum() <= max(4, 3e-4 * flips.size), flips.sum()
+
+
+def test_bf16_signs_fit_the_registers():
+  # K = 1152 (3 tokens in a 128 x 32 tile: 32 elements per thread at 4 warps): bf16 signs
+  assert aq.bf16_signs_fit(128, 32, 4, dense_signs=False)
+  # K = 4608 (64 x 128: 64 per thread): only with the two-dot stage of dense_signs
+  assert not aq.bf16_signs_fit(64, 128, 4, dense_signs=False)
+  assert aq.bf16_signs_fit(64, 128, 4, dense_signs=True)
+
+
+def test_fp4_weight_hadamard_kind_reaches_the_kernel(monkeypatch):
+  """HQ-DiT's FP4Weight records its block kind, and its kernel path asks quantize_rows for the
+  sign-form dense factor only for a real Hadamard block."""
+  from dit_quant_jax.kernels import common
+  from dit_quant_jax.quant import hadamard
+  rng = _rng(43)
+  model = hadamard.make_transform(384, seed=2)
+  weight = _hqdit_weight(rng, 384, 48, "e2m1", "per_token", None, "e2m1",
+                         hadamard_signs=jnp.asarray(model.signs),
+                         hadamard_block=jnp.asarray(model.block))
+  seen = []
+  original = aq.quantize_rows
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs.get("dense_signs", False))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(aq, "quantize_rows", spy)
+  x = jnp.asarray(rng.normal(size=(80, 384)), jnp.float32)
+  outputs = []
+  for kind, expected in (("hadamard", True), ("random", False), (None, False)):
+    seen.clear()
+    with common.kernel_impl("pallas"):
+      outputs.append(np.asarray(weight.replace(hadamard_kind=kind).linear(x, None)))
+    assert seen == [expected], (kind, seen)
+  # the sign form computes the general dense factor's function (near-tie flips aside)
+  np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-2 * np.abs(outputs[2]).max())

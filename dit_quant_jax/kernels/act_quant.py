@@ -466,7 +466,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   # unnormalized H_c's 1 / sqrt(c)): row_factor multiplies the transformed rows' absmax.
   row_factor = np.float32(row_norm)
   if dense_scale_ref is not None:
-    row_factor = row_factor * plgpu.load(dense_scale_ref.at[0])
+    row_factor = row_factor * jnp.sum(plgpu.load(dense_scale_ref.at[pl.ds(0, 1)]))
   if split and dense_t is not None:
     if dense_signs:  # +-1: exact in bf16
       dense_t_hi, dense_t_lo = dense_t.astype(jnp.bfloat16), None
