@@ -133,3 +133,39 @@ def test_linear_inputs_are_the_materialized_norm():
   expected = layers.modulate(layers.layer_norm(tokens), shift, scale)
   assert isinstance(sown, jax.Array) and sown.shape == (2, 16, 32)
   np.testing.assert_allclose(np.asarray(sown), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def test_fc1_gelu_is_fused_into_the_kernel_and_matches_unfused(monkeypatch):
+  """DiT's fc1 -> GELU: on the FP4 kernel path the GELU runs in fc1's matmul epilogue (no
+  separate pass), and the model computes what it computes with GELU applied afterwards; the
+  dense model applies jax.nn.gelu exactly as before."""
+  from dit_quant_jax.kernels import fp4_matmul
+  from dit_quant_jax.models import layers
+  from dit_quant_jax.quant import hqdit
+  model, qparams = _quantized(*SETTINGS["hqdit_w4a4"])
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.standard_normal((2, 32, 32, 1)), jnp.float32)
+  t, y = jnp.asarray([5, 600]), jnp.asarray([2, 7])
+  activations = []
+  original = fp4_matmul.linear
+
+  def spy(*args, **kwargs):
+    activations.append(kwargs.get("activation"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(fp4_matmul, "linear", spy)
+  with common.kernel_impl("pallas"):
+    fused = model.apply({"params": qparams}, x, t, y)
+  assert activations.count("gelu_tanh") == 2, activations  # depth 2: one fc1 per block
+  monkeypatch.setattr(hqdit.FP4Weight, "fuses_activation", lambda self, name: False)
+  with common.kernel_impl("pallas"):
+    unfused = model.apply({"params": qparams}, x, t, y)
+  err = float(jnp.linalg.norm(fused - unfused) / jnp.linalg.norm(unfused))
+  assert err < 1e-4, err
+  # dense Linear with an activation: exactly jax.nn.gelu of x @ W + b
+  dense = layers.Linear(7, activation="gelu_tanh")
+  xs = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+  params = dense.init(jax.random.PRNGKey(0), xs)
+  kernel, bias = params["params"]["kernel"], params["params"]["bias"]
+  np.testing.assert_array_equal(np.asarray(dense.apply(params, xs)),
+                                np.asarray(jax.nn.gelu(xs @ kernel + bias, approximate=True)))

@@ -672,3 +672,60 @@ def test_fp4_weight_hadamard_kind_reaches_the_kernel(monkeypatch):
     assert seen == [expected], (kind, seen)
   # the sign form computes the general dense factor's function (near-tie flips aside)
   np.testing.assert_allclose(outputs[0], outputs[2], atol=1e-2 * np.abs(outputs[2]).max())
+
+
+def test_fused_gelu_matches_the_closed_form():
+  """numerics/activation: the epilogue's exp2 / division form of GELU (tanh) == the float64
+  closed form and jax.nn.gelu(approximate=True), over the range and past where exp2 overflows."""
+  from dit_quant_jax.numerics import activation
+  y = np.concatenate([np.linspace(-12, 12, 20001), [-200.0, -60.0, 60.0, 200.0, 0.0]])
+  y = y.astype(np.float32)
+  want = activation.reference_float64("gelu_tanh", y)
+  for fn in (lambda f: f, jax.jit):
+    got = np.asarray(fn(lambda v: activation.fused("gelu_tanh", v))(jnp.asarray(y)), np.float64)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+  unfused = np.asarray(activation.unfused("gelu_tanh", jnp.asarray(y)), np.float64)
+  # jax.nn.gelu's 1 + tanh(u) cancels for x < -4 (-0.0 where the value is ~ -1e-7)
+  np.testing.assert_allclose(unfused, want, rtol=2e-6, atol=1e-6)
+  assert activation.fused(None, jnp.asarray(y)) is not None
+  with pytest.raises(ValueError, match="unknown output activation"):
+    activation.check("relu6")
+
+
+def _all_runnable_paths():
+  return [(op, path) for op in ("w4a16", "w4a8", "w4a4") for path in ["reference"] + _runnable(op)]
+
+
+@pytest.mark.parametrize("op,path", _all_runnable_paths())
+def test_paths_fuse_the_output_activation(op, path):
+  """fp4_matmul.linear(activation='gelu_tanh') on every path == the path's output with GELU
+  applied afterwards in float32 (the epilogue applies it before the output cast)."""
+  from dit_quant_jax.numerics import activation
+  x, weight, bias, transform = _path_inputs(13, 20, 256, 40, "e2m1", 8 if op != "w4a16" else None)
+  kwargs = dict(path=path, out_dtype=jnp.float32)
+  if op != "w4a16":
+    kwargs.update(transform=transform, clip_ratio=0.9)
+  if op == "w4a4":
+    kwargs["act_format"] = "e2m1"
+  plain = fmm.linear(op, x, weight, bias, **kwargs)
+  fused = fmm.linear(op, x, weight, bias, activation="gelu_tanh", **kwargs)
+  want = activation.reference_float64("gelu_tanh", np.asarray(plain, np.float64))
+  np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  with pytest.raises(ValueError, match="unknown output activation"):
+    fmm.linear(op, x, weight, bias, activation="swish", **kwargs)
+
+
+def test_fp4_mma_split_k_epilogue_applies_the_activation():
+  from dit_quant_jax.numerics import activation
+  x, weight, bias, _ = _path_inputs(14, 16, 512, 32, "e2m1", None)
+  xb = x.astype(jnp.bfloat16)
+  ones = jnp.ones((16,), jnp.float32)
+  for split_k in (1, 2):
+    plain = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", split_k=split_k,
+                            block_m=16, block_n=32, interpret=True)
+    fused = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", split_k=split_k,
+                            block_m=16, block_n=32, interpret=True, activation="gelu_tanh")
+    want = activation.reference_float64("gelu_tanh", np.asarray(plain, np.float64))
+    np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5, atol=1e-6)

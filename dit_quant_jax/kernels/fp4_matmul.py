@@ -38,6 +38,7 @@ from dit_quant_jax.kernels import act_quant
 from dit_quant_jax.kernels import common
 from dit_quant_jax.kernels import dispatch
 from dit_quant_jax.kernels import fp4_mma
+from dit_quant_jax.numerics import activation as activation_fn
 from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
 
@@ -510,27 +511,27 @@ def _quant_options(config):
           if k.startswith("quant_") and k[len("quant_"):] in keys}
 
 
-def _w4a16_reference(x, weight, bias=None, *, config=None):
+def _w4a16_reference(x, weight, bias=None, *, config=None, activation=None):
   del config
   y = jnp.dot(x.astype(jnp.float32), fp4_mma.dequantize_reference(weight),
               precision=lax.Precision.HIGHEST)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
-  return y.astype(x.dtype)
+  return activation_fn.fused(activation, y).astype(x.dtype)
 
 
-def _w4a16_xla(x, weight, bias=None, *, config=None):
+def _w4a16_xla(x, weight, bias=None, *, config=None, activation=None):
   del config
-  return fp4_mma.xla_dot_folded(x, weight, bias, out_dtype=x.dtype)
+  return fp4_mma.xla_dot_folded(x, weight, bias, out_dtype=x.dtype, activation=activation)
 
 
 def _w4a16_triton_path(predecode: bool):
 
-  def path(x, weight, bias=None, *, config=None):
+  def path(x, weight, bias=None, *, config=None, activation=None):
     ones = jnp.ones((x.shape[0],), jnp.float32)
     return fp4_mma.fp4_mma(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
                            predecode=predecode, interpret=_interpret(), out_dtype=x.dtype,
-                           **_mma_options(x, weight, config))
+                           activation=activation, **_mma_options(x, weight, config))
 
   return path
 
@@ -540,7 +541,8 @@ def _norm_kwargs(norm):
   return {} if norm is None else norm.kwargs()
 
 
-def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm=None):
+def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm=None,
+                         activation=None):
   """Plain jnp: the float32 fake-quantized activations times the dequantized weight."""
   image = "fp8" if act_format == act_quant.FP8_FORMAT else "int8"
   values, row_scale = act_quant.quantize_rows_xla(x, transform, act_format=act_format,
@@ -550,7 +552,7 @@ def _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, nor
   y = jnp.dot(xq, fp4_mma.dequantize_reference(weight), precision=lax.Precision.HIGHEST)
   if bias is not None:
     y = y + bias.astype(jnp.float32)
-  return y
+  return activation_fn.fused(activation, y)
 
 
 def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=None,
@@ -559,7 +561,7 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
   (XLA unpack + dot_general, or the fp4_mma kernel)."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None, out_dtype=jnp.float32, norm=None):
+           config=None, out_dtype=jnp.float32, norm=None, activation=None):
     if x.ndim != 2:
       raise ValueError(f"x must be (M, K), got shape {x.shape}")
     image = "int8" if dot_kind == "int8" else "fp8"
@@ -575,9 +577,10 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
       values = values.astype(jnp.bfloat16)
     if dot_impl == "xla":
       return fp4_mma.xla_dot(values, row_scale, weight, bias, dot_kind=dot_kind,
-                             out_dtype=out_dtype)
+                             out_dtype=out_dtype, activation=activation)
     return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
                            predecode=predecode, interpret=_interpret(), out_dtype=out_dtype,
+                           activation=activation,
                            **_mma_options(x, weight, config, dot_kind))
 
   return path
@@ -588,30 +591,35 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
   kernels/fp4_mosaic.py): the dispatcher must not pick it before a GPU test passes."""
 
   def path(x, weight, bias=None, *, act_format=fixed_format, clip_ratio=1.0, transform=None,
-           config=None, out_dtype=jnp.float32, norm=None):
+           config=None, out_dtype=jnp.float32, norm=None, activation=None):
     from dit_quant_jax.kernels import fp4_mosaic  # jax >= 0.11 only
     values, row_scale = act_quant.quantize_rows(
         x, transform, act_format=act_format, clip_ratio=float(clip_ratio), image=dot_kind,
         interpret=_interpret(), **_quant_options(config), **_norm_kwargs(norm))
     options = {k: v for k, v in (config or {}).items()
                if k in ("block_m", "block_n", "max_concurrent_steps")}
-    return fp4_mosaic.fp4_mosaic_matmul(values, row_scale, weight, bias, dot_kind=dot_kind,
-                                        out_dtype=out_dtype, **options)
+    y = fp4_mosaic.fp4_mosaic_matmul(values, row_scale, weight, bias, dot_kind=dot_kind,
+                                     out_dtype=out_dtype, **options)
+    if activation is None:
+      return y
+    return activation_fn.fused(activation, y.astype(jnp.float32)).astype(out_dtype)
 
   return path
 
 
 def _w4a8_reference(x, weight, bias=None, *, clip_ratio=1.0, transform=None, config=None,
-                    out_dtype=jnp.float32, norm=None):
+                    out_dtype=jnp.float32, norm=None, activation=None):
   del config
-  y = _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform, norm)
+  y = _quantized_reference(x, weight, bias, act_quant.FP8_FORMAT, clip_ratio, transform, norm,
+                           activation)
   return y.astype(out_dtype)
 
 
 def _w4a4_reference(x, weight, bias=None, *, act_format, clip_ratio=1.0, transform=None,
-                    config=None, out_dtype=jnp.float32, norm=None):
+                    config=None, out_dtype=jnp.float32, norm=None, activation=None):
   del config
-  y = _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm)
+  y = _quantized_reference(x, weight, bias, act_format, clip_ratio, transform, norm,
+                           activation)
   return y.astype(out_dtype)
 
 
@@ -761,7 +769,7 @@ def fuses_row_norm(op: str, path: str) -> bool:
 
 def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format=None,
            clip_ratio: float = 1.0, transform=None, path=None, device_kind=None,
-           out_dtype=None, norm=None, transform_kind=None):
+           out_dtype=None, norm=None, transform_kind=None, activation=None):
   """x: (..., K) -> (..., N) through the path the dispatcher picks for (M, K, N, device)
   (``choose_path``), or the named ``path``.  op: 'w4a16' (x already transformed and, for
   fake-quantized activations, quantized), 'w4a8' (per-token FP8 E4M3 activations) or 'w4a4'
@@ -776,7 +784,12 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
 
   transform_kind: the transform block's kind (quant.hadamard); 'hadamard' (every entry of the
   block of one magnitude) lets the Triton act-quant multiply by its signs (quantize_rows'
-  dense_signs).  None or another kind: the general dense factor."""
+  dense_signs).  None or another kind: the general dense factor.
+
+  activation (None or 'gelu_tanh', numerics/activation.py): applied to the float32 output
+  before the cast, in the matmul's epilogue on the kernel paths (DiT's fc1 -> GELU: no separate
+  pass over the output)."""
+  activation_fn.check(activation)
   if op not in PATHS:
     raise ValueError(f"unknown FP4 op {op!r}; expected one of {sorted(PATHS)}")
   if op == "w4a4" and act_format is None:
@@ -801,11 +814,11 @@ def linear(op: str, x, weight: fp4_mma.PackedFp4Weight, bias=None, *, act_format
                                    float(norm.eps)).astype(x.dtype)
     norm = None
   if op == "w4a16":
-    y = fn(x2d, weight, bias, config=config).astype(out_dtype)
+    y = fn(x2d, weight, bias, config=config, activation=activation).astype(out_dtype)
   else:
     extra = dict(act_format=act_format) if op == "w4a4" else {}
     if norm is not None:
       extra["norm"] = norm
     y = fn(x2d, weight, bias, clip_ratio=clip_ratio, transform=transform, config=config,
-           out_dtype=out_dtype, **extra)
+           out_dtype=out_dtype, activation=activation, **extra)
   return y.reshape(lead + (weight.n_features,))

@@ -44,6 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from dit_quant_jax.kernels import common
+from dit_quant_jax.numerics import activation as activation_fn
 from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
 
@@ -53,7 +54,7 @@ NIBBLE_MASK = 15
 # Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
 DOT_KINDS = ("int8", "fp8", "bf16")
 STATIC_ARGS = ["dot_kind", "predecode", "block_m", "block_n", "split_k", "num_warps", "num_stages",
-               "interpret", "out_dtype"]
+               "interpret", "out_dtype", "activation"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def acc_dtype_for(dot_kind: str):
 
 def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
-                   block_n: int, split_k: int):
+                   block_n: int, split_k: int, activation=None):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
   (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
@@ -228,16 +229,18 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     row_scale = common.load_vector(row_scale_ref, row_start, block_m, row_mask)
     col_scale = common.load_vector(col_scale_ref, col_start, block_n, col_mask)
     bias = common.load_vector(bias_ref, col_start, block_n, col_mask)
-    return _scale_and_bias(acc, row_scale, col_scale, bias)
+    return _scale_and_bias(acc, row_scale, col_scale, bias, activation)
 
   common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
                      row_start=row_start, col_start=col_start, row_mask=row_mask,
                      col_mask=col_mask)
 
 
-def _scale_and_bias(acc, row_scale, col_scale, bias):
-  """acc * row_scale[:, None] * col_scale[None, :] + bias (same order in kernel and split-K)."""
-  return acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
+def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None):
+  """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (same order in kernel and
+  split-K; numerics/activation.fused, on the float32 tile before the output cast)."""
+  y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
+  return activation_fn.fused(activation, y)
 
 
 def _check_operands(x, row_scale, weight: PackedFp4Weight, bias, dot_kind):
@@ -262,8 +265,9 @@ def _bias_or_zeros(bias, n_features):
 def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1,
             num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-            out_dtype=jnp.float32):
-  """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias.
+            out_dtype=jnp.float32, activation=None):
+  """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
+  then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue.
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -280,8 +284,10 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   col_scale = weight.column_scale(dot_kind)
   bias = _bias_or_zeros(bias, weight.n_features)
   row_scale = row_scale.astype(jnp.float32)
+  activation_fn.check(activation)
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
-                             predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k)
+                             predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
+                             activation=activation)
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
@@ -290,7 +296,7 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
       n_features=weight.n_features, out_dtype=out_dtype, acc_dtype=acc_dtype_for(dot_kind),
       block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
       num_stages=num_stages, interpret=interpret, name=f"fp4_mma_{dot_kind}",
-      epilogue=lambda acc: _scale_and_bias(acc, row_scale, col_scale, bias))
+      epilogue=lambda acc: _scale_and_bias(acc, row_scale, col_scale, bias, activation))
 
 
 # ----------------------------------------------------------------------------------------
@@ -298,9 +304,9 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
 # ----------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=["dot_kind", "out_dtype"])
+@functools.partial(jax.jit, static_argnames=["dot_kind", "out_dtype", "activation"])
 def xla_dot(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
-            out_dtype=jnp.float32):
+            out_dtype=jnp.float32, activation=None):
   """Same function as :func:`fp4_mma`: decode the (K, N) image with XLA (transient buffer of
   K * N bytes, 2 K * N for bf16), then ``lax.dot_general`` with an int32 / float32 accumulator."""
   _check_operands(x, row_scale, weight, bias, dot_kind)
@@ -308,12 +314,13 @@ def xla_dot(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   acc = lax.dot_general(x, w_image, (((1,), (1,)), ((), ())),
                         preferred_element_type=acc_dtype_for(dot_kind))
   y = _scale_and_bias(acc, row_scale.astype(jnp.float32), weight.column_scale(dot_kind),
-                      _bias_or_zeros(bias, weight.n_features))
+                      _bias_or_zeros(bias, weight.n_features), activation_fn.check(activation))
   return y.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=["out_dtype"])
-def xla_dot_folded(x, weight: PackedFp4Weight, bias=None, *, out_dtype=jnp.bfloat16):
+@functools.partial(jax.jit, static_argnames=["out_dtype", "activation"])
+def xla_dot_folded(x, weight: PackedFp4Weight, bias=None, *, out_dtype=jnp.bfloat16,
+                   activation=None):
   """W4A16 with XLA: the layer decoded once into a transient bf16 (N, K) weight with the
   column scale folded in (value * scale rounded to bf16: the dequantized weight of the plain
   path), then the bf16 dot + bias, the same pattern as the bf16 baseline (no scale epilogue)."""
@@ -323,7 +330,8 @@ def xla_dot_folded(x, weight: PackedFp4Weight, bias=None, *, out_dtype=jnp.bfloa
   w_bf16 = (values * weight.scale.astype(jnp.float32)[:, None]).astype(jnp.bfloat16)
   y = lax.dot_general(x.astype(jnp.bfloat16), w_bf16, (((1,), (1,)), ((), ())),
                       preferred_element_type=jnp.float32)
-  return (y + _bias_or_zeros(bias, weight.n_features)).astype(out_dtype)
+  y = y + _bias_or_zeros(bias, weight.n_features)
+  return activation_fn.fused(activation, y.astype(jnp.float32)).astype(out_dtype)
 
 
 def decode_weight_image(weight: PackedFp4Weight, dot_kind: str):

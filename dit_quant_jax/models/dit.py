@@ -191,8 +191,8 @@ class Mlp(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = Linear(self.hidden_features, dtype=self.dtype, name="fc1")(x)
-    h = jax.nn.gelu(h, approximate=True)  # official: nn.GELU(approximate="tanh")
+    # official: nn.GELU(approximate="tanh"); fused into fc1's epilogue by quantized kernels
+    h = Linear(self.hidden_features, dtype=self.dtype, name="fc1", activation="gelu_tanh")(x)
     return Linear(self.out_features, dtype=self.dtype, name="fc2")(h)
 
 

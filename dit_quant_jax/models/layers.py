@@ -11,7 +11,7 @@ calibration (activation ranges, GPTQ Hessians) observes layer inputs without mod
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from flax import struct
 
+from dit_quant_jax.numerics import activation as activation_fn
 from dit_quant_jax.quant.qtensor import QuantizedWeight
 
 LINEAR_INPUTS = "linear_inputs"
@@ -81,6 +82,10 @@ class Linear(nn.Module):
   bias_init: Initializer = nn.initializers.zeros
   dtype: Any = None  # computation dtype; None keeps the input's dtype
   precision: Any = None
+  # Output activation (numerics/activation.py, e.g. 'gelu_tanh' for DiT's fc1): fused into a
+  # quantized kernel's epilogue where it can (QuantizedWeight.fuses_activation), else applied
+  # to the output as the unfused model does (jax.nn.gelu).
+  activation: Optional[str] = None
 
   @nn.compact
   def __call__(self, x) -> jax.Array:
@@ -109,14 +114,20 @@ class Linear(nn.Module):
         raise ValueError(
             f"{self.path_text()}: quantized kernel has shape {tuple(kernel.shape)}, "
             f"layer expects {(in_features, self.features)}")
+      fused = {}
+      if self.activation is not None and kernel.fuses_activation(self.activation):
+        fused = dict(activation=self.activation)
       if isinstance(x, NormModulated) and kernel.fuses_row_norm():
-        return kernel.linear_row_norm(x.x.astype(dtype), 1 + x.scale, x.shift, x.eps, bias)
+        y = kernel.linear_row_norm(x.x.astype(dtype), 1 + x.scale, x.shift, x.eps, bias,
+                                   **fused)
+        return y if fused else activation_fn.unfused(self.activation, y)
     if isinstance(x, NormModulated):
       x = x.materialize()
     x = x.astype(dtype)
 
     if isinstance(kernel, QuantizedWeight):
-      return kernel.linear(x, bias)
+      y = kernel.linear(x, bias, **fused)
+      return y if fused else activation_fn.unfused(self.activation, y)
 
     if kernel.shape != (in_features, self.features):
       raise ValueError(
@@ -125,7 +136,7 @@ class Linear(nn.Module):
     y = jnp.dot(x, kernel.astype(dtype), precision=self.precision)
     if bias is not None:
       y = y + bias.astype(dtype)
-    return y
+    return activation_fn.unfused(self.activation, y)
 
   def path_text(self) -> str:
     return "/".join(str(p) for p in self.scope.path) if self.scope is not None else "Linear"

@@ -250,7 +250,8 @@ class FP4Weight(QuantizedWeight):
     return rtn.activation_fake_quant(x, self.act_format, self.act_granularity,
                                      self.act_clip_ratio, self.act_scale)
 
-  def linear(self, x: jax.Array, bias: Optional[jax.Array]) -> jax.Array:
+  def linear(self, x: jax.Array, bias: Optional[jax.Array],
+             activation: Optional[str] = None) -> jax.Array:
     """x: (..., K) -> (..., N): online transform, activation quantization, matmul.
 
     On GPU (kernels.common.resolve_impl; forced with ``kernel_impl("pallas")``, interpret
@@ -260,18 +261,38 @@ class FP4Weight(QuantizedWeight):
     exact int8 / fp8 image, then an 8-bit dot) for 4-bit per-token activations, W4A8 for FP8
     per-token activations.  Elsewhere (and for other settings) the plain-jnp path:
     dequantized weight, fake-quantized input.  Both compute the same function.
+
+    activation (only where :meth:`fuses_activation`): the output activation, applied in the
+    kernel's epilogue.
     """
-    from dit_quant_jax.kernels import common
+    self._check_activation(activation)
     smoothed = self.smooth_input(x)
-    if (self.bits == 4 and self.act_granularity in ("none", "per_token")
-        and common.resolve_impl("auto")[0]):
-      return self._add_branch(self._kernel_linear(smoothed, bias), smoothed).astype(x.dtype)
+    if self._kernel_path():
+      return self._add_branch(self._kernel_linear(smoothed, bias, activation),
+                              smoothed).astype(x.dtype)
     dtype = x.dtype
     xq = self.quantize_activation(self.rotate_input(smoothed.astype(jnp.float32)))
     y = jnp.dot(xq.astype(dtype), self.dequantize(dtype))
     if bias is not None:
       y = y + bias.astype(y.dtype)
     return self._add_branch(y, smoothed)
+
+  def _kernel_path(self) -> bool:
+    from dit_quant_jax.kernels import common
+    return (self.bits == 4 and self.act_granularity in ("none", "per_token")
+            and common.resolve_impl("auto")[0])
+
+  def fuses_activation(self, name: Optional[str]) -> bool:
+    """Every 4-bit kernel path applies a known output activation in its matmul epilogue
+    (kernels.fp4_matmul.linear's activation), unless a low-rank branch is added after it."""
+    from dit_quant_jax.numerics import activation as activation_fn
+    return (name in activation_fn.ACTIVATIONS and self.lowrank_down is None
+            and self._kernel_path())
+
+  def _check_activation(self, activation):
+    if activation is not None and not self.fuses_activation(activation):
+      raise ValueError(f"this FP4Weight does not fuse the output activation {activation!r} "
+                       "here (fuses_activation() is False): apply it to linear()'s output")
 
   def fuses_row_norm(self) -> bool:
     """The W4A4 / W4A8 kernel path (per-token activations, no low-rank branch) takes the
@@ -283,11 +304,12 @@ class FP4Weight(QuantizedWeight):
             and self.lowrank_down is None and self.kernel_op()[0] != "w4a16"
             and common.resolve_impl("auto")[0])
 
-  def linear_row_norm(self, x, mul, add, eps, bias):
+  def linear_row_norm(self, x, mul, add, eps, bias, activation=None):
     """x: (B, T, K) un-normalized rows; input = LayerNorm(x) * mul + add (the SmoothQuant
     factor folded into mul and add) -> (B, T, N) through ``kernels.fp4_matmul.linear`` with
     the prologue fused into its act-quant step."""
     from dit_quant_jax.kernels import act_quant
+    self._check_activation(activation)
     if not self.fuses_row_norm():
       raise ValueError("this FP4Weight does not fuse the row norm here (fuses_row_norm() is "
                        "False): pass the normalized input to linear()")
@@ -298,7 +320,8 @@ class FP4Weight(QuantizedWeight):
     if self.input_scale is not None:
       mul, add = mul * self.input_scale[None, :], add * self.input_scale[None, :]
     return self._act_quant_linear(x, bias,
-                                  act_quant.RowNorm(mul, add, int(x.shape[1]), float(eps)))
+                                  act_quant.RowNorm(mul, add, int(x.shape[1]), float(eps)),
+                                  activation)
 
   def kernel_op(self) -> tuple[str, Optional[str]]:
     """(FP4 op, activation format) of the kernel path: ('w4a16', None) weight-only or with
@@ -313,7 +336,7 @@ class FP4Weight(QuantizedWeight):
         return "w4a8", name
     return "w4a16", None
 
-  def _kernel_linear(self, x, bias):
+  def _kernel_linear(self, x, bias, activation=None):
     """The kernel path on the smoothed input x (the low-rank branch is added by linear())."""
     from dit_quant_jax.kernels import fp4_matmul
     op, _ = self.kernel_op()
@@ -322,10 +345,11 @@ class FP4Weight(QuantizedWeight):
       xt = self.rotate_input(x.astype(jnp.float32))
       if self.act_granularity != "none":  # e.g. INT8 per-token
         xt = self.quantize_activation(xt)
-      return fp4_matmul.linear("w4a16", xt.astype(x.dtype), weight, bias)
-    return self._act_quant_linear(x, bias)
+      return fp4_matmul.linear("w4a16", xt.astype(x.dtype), weight, bias,
+                               activation=activation)
+    return self._act_quant_linear(x, bias, activation=activation)
 
-  def _act_quant_linear(self, x, bias, norm=None):
+  def _act_quant_linear(self, x, bias, norm=None, activation=None):
     """W4A4 / W4A8 through fp4_matmul.linear: its act-quant applies the Hadamard, the clip
     ratio and (norm, an act_quant.RowNorm) the LayerNorm prologue."""
     from dit_quant_jax.kernels import fp4_matmul
@@ -335,7 +359,8 @@ class FP4Weight(QuantizedWeight):
       transform = (self.hadamard_signs, self.hadamard_block)
     return fp4_matmul.linear(op, x, self.packed_weight(), bias, act_format=act_format,
                              clip_ratio=self.act_clip_ratio, transform=transform,
-                             transform_kind=self.hadamard_kind, out_dtype=x.dtype, norm=norm)
+                             transform_kind=self.hadamard_kind, out_dtype=x.dtype, norm=norm,
+                             activation=activation)
 
   def effective_kernel(self) -> jax.Array:
     """The (K, N) kernel of the original input x (activation quantization aside):

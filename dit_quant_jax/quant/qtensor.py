@@ -51,11 +51,19 @@ class QuantizedWeight:
     return False
 
   def linear_row_norm(self, x: jax.Array, mul: jax.Array, add: jax.Array, eps: float,
-                      bias: Optional[jax.Array]) -> jax.Array:
+                      bias: Optional[jax.Array], activation: Optional[str] = None) -> jax.Array:
     """y for the input ``LayerNorm(x) * mul[:, None] + add[:, None]`` (x: (B, T, K), mul /
     add: (B, K); LayerNorm without affine parameters, float32, biased variance), for types
-    whose kernel fuses that prologue (:meth:`fuses_row_norm`)."""
+    whose kernel fuses that prologue (:meth:`fuses_row_norm`); activation as in
+    :meth:`fuses_activation`."""
     raise NotImplementedError(f"{type(self).__name__} does not fuse the row norm")
+
+  def fuses_activation(self, name: Optional[str]) -> bool:
+    """Whether ``linear(x, bias, activation=name)`` (and linear_row_norm's) applies the output
+    activation (numerics/activation.py) inside its matmul's epilogue on this device; default
+    no: the caller applies it to the output (models.layers.Linear)."""
+    del name
+    return False
 
   def in_current_layout(self) -> "QuantizedWeight":
     """The same weight in the storage layout the kernels read now (a weight saved in an older
