@@ -178,8 +178,16 @@ def test_dit_step_estimate_sums_the_block_floors():
   norm_s = 28 * 2 * roofline.layer_norm_pass_floor(4096, 1152, H100)["floor_s"]
   assert rows["bf16"]["norms_s"] == pytest.approx(norm_s) == rows["VQ W2"]["norms_s"]
   assert rows["HQ-DiT W4A4"]["norms_s"] == 0
+  # the GELU pass over fc1's output: paid by bf16 and VQ, in fc1's epilogue on the FP4 paths
+  gelu_s = 28 * roofline.gelu_pass_floor(4096, 4608, H100)["floor_s"]
+  assert gelu_s == pytest.approx(28 * 4096 * 4608 * 4 / H100.bandwidth)
+  assert rows["bf16"]["gelu_s"] == pytest.approx(gelu_s) == rows["VQ W2"]["gelu_s"]
+  # FP4: fused into fc1's epilogue, 2 MUFU per output element at 16 per SM per clock
+  epilogue_s = 28 * 2 * 4096 * 4608 / (16 * 132 * 1.83e9)
+  assert rows["HQ-DiT W4A4"]["gelu_s"] == pytest.approx(epilogue_s) == rows["HQ-DiT W4A8"]["gelu_s"]
+  assert epilogue_s < gelu_s / 2
   assert rows["bf16"]["step_s"] == pytest.approx(
-      rows["bf16"]["linears_s"] + rows["bf16"]["attention_s"] + norm_s)
+      rows["bf16"]["linears_s"] + rows["bf16"]["attention_s"] + norm_s + gelu_s)
 
 
 def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():

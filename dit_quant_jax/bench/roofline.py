@@ -121,6 +121,12 @@ def layer_norm_pass_floor(m_rows: int, k_features: int, peaks: Peaks) -> dict:
   return floor_seconds(0.0, m_rows * k_features * 2 * BF16_BYTES, peaks)
 
 
+def gelu_pass_floor(m_rows: int, n_features: int, peaks: Peaks) -> dict:
+  """The unfused GELU of fc1's output (one XLA fusion: bf16 read, bf16 written); the FP4
+  paths apply it in fc1's matmul epilogue instead (numerics/activation.py)."""
+  return floor_seconds(0.0, m_rows * n_features * 2 * BF16_BYTES, peaks)
+
+
 def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Peaks) -> float:
   """XLA unpack of a 4-bit layer into a transient (K, N) image: K N / 2 read, K N x image written."""
   return (k_features * n_features / 2 + k_features * n_features * image_bytes) / peaks.bandwidth

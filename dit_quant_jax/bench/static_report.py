@@ -369,13 +369,26 @@ STEP_VARIANTS = (("bf16", None), ("VQ W2", "vq"), ("HQ-DiT W4A4", "w4a4"),
                  ("HQ-DiT W4A8", "w4a8"))
 
 
+GELU_EPILOGUE_MUFU = 2  # SASS of fp4_mma's epilogue with 'gelu_tanh': MUFU.EX2 + MUFU.RCP
+MUFU_LANES_PER_SM = 16  # special-function results per SM per clock (sm_80 / sm_90)
+
+
+def gelu_epilogue_floor(m_rows: int, n_features: int, cc: int) -> float:
+  """Seconds of fc1's fused GELU on the special-function units (2 MUFU per output element; its
+  ~8 other instructions per element issue on the FMA pipe, below this), with no overlap."""
+  rate = MUFU_LANES_PER_SM * triton_ptx.SM_COUNT[cc] * triton_ptx.CLOCK_HZ[cc]
+  return GELU_EPILOGUE_MUFU * m_rows * n_features / rate
+
+
 def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
   """Floors of one DiT-XL/2 sampling step's matmuls per variant: the 4 token linears (M =
   4096) and the adaLN linear (M = 16 images, 1152 -> 6912) of each block through the
   dispatcher's path, plus the attention matmuls (bf16, QK^T and PV, unchanged by quantization)
   and the two LayerNorm + modulate passes per block, which the W4A4 / W4A8 variants fuse into
-  the qkv / fc1 act-quant (counted there).  GELU / residual / gate passes are left out (the
-  same in every variant)."""
+  the qkv / fc1 act-quant (counted there), and the GELU pass over fc1's output, which every
+  FP4 path fuses into fc1's epilogue (bf16 and VQ pay it as a pass; the FP4 variants its
+  epilogue's special-function floor, :func:`gelu_epilogue_floor`).  Residual / gate passes are
+  left out (the same in every variant)."""
   cls = CLASS_OF_CC[cc]
   peaks = roofline.DATASHEET[cls]
   kind = triton_ptx.DEVICE_KIND[cc]
@@ -384,6 +397,8 @@ def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
   attn_bytes = 4 * b["tokens"] * b["hidden"] * roofline.BF16_BYTES  # q, k, v read, out written
   attention_s = roofline.floor_seconds(attn_flops, attn_bytes, peaks)["floor_s"]
   norm_pass_s = roofline.layer_norm_pass_floor(b["tokens"], b["hidden"], peaks)["floor_s"]
+  gelu_pass_s = roofline.gelu_pass_floor(b["tokens"], 4 * b["hidden"], peaks)["floor_s"]
+  gelu_epilogue_s = gelu_epilogue_floor(b["tokens"], 4 * b["hidden"], cc)
   rows = []
   for name, op in STEP_VARIANTS:
     linears_s = 0.0
@@ -407,10 +422,13 @@ def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
           floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused,
                                     issue)
       linears_s += floor["floor_s"]
-    step_s = b["depth"] * (linears_s + attention_s + norms_s)
+    # FP4 paths: in fc1's epilogue, at its special-function floor (counted as if it did not
+    # overlap the GEMM's tensor-core time)
+    gelu_s = gelu_pass_s if op in (None, "vq") else gelu_epilogue_s
+    step_s = b["depth"] * (linears_s + attention_s + norms_s + gelu_s)
     rows.append(dict(variant=name, linears_s=b["depth"] * linears_s,
                      attention_s=b["depth"] * attention_s, norms_s=b["depth"] * norms_s,
-                     step_s=step_s))
+                     gelu_s=b["depth"] * gelu_s, step_s=step_s))
   base = rows[0]["step_s"]
   for row in rows:
     row["speedup"] = base / row["step_s"]
@@ -421,17 +439,20 @@ def dit_step_markdown(cc: int, issue: Optional[dict] = None) -> list[str]:
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   lines = ["", f"### DiT-XL/2 sampling step (256 px, batch 8 with CFG), sm_{cc} ({peaks.name})",
            "", "Sum of floors over the 28 blocks: the five linears through the dispatcher's "
-           "paths, the bf16 attention matmuls and the two LayerNorm + modulate passes per block "
+           "paths, the bf16 attention matmuls, the two LayerNorm + modulate passes per block "
            "(fused into the qkv / fc1 act-quant where the dispatched path's act-quant is the "
-           "Triton kernel, then counted in the linears: W4A4 on both, W4A8 on sm_80); the "
-           "other elementwise passes (GELU, gates, residuals; the same in every variant) are "
-           "not counted, so real speedups are lower.  Triton kernels' parts are at least their "
-           "SASS issue floors (as in the table above).",
-           "", "| variant | linears us | attention us | LayerNorm passes us | step floor us | "
-           "floor speedup |", "|---|---|---|---|---|---|"]
+           "Triton kernel, then counted in the linears: W4A4 on both, W4A8 on sm_80) and the "
+           "GELU over fc1's output (a pass for bf16 and VQ; fused into fc1's epilogue by every FP4 "
+           "path, counted there at its special-function floor, 2 MUFU per element, without "
+           "overlap); the other elementwise passes (gates, residuals; the same in every "
+           "variant) are not counted, so real speedups are lower.  Triton kernels' parts are at "
+           "least their SASS issue floors (as in the table above).",
+           "", "| variant | linears us | attention us | LayerNorm passes us | GELU us | "
+           "step floor us | floor speedup |", "|---|---|---|---|---|---|---|"]
   for row in dit_step_estimate(cc, issue):
     lines.append(f"| {row['variant']} | {row['linears_s'] * 1e6:.0f} | "
                  f"{row['attention_s'] * 1e6:.0f} | {row['norms_s'] * 1e6:.0f} | "
+                 f"{row['gelu_s'] * 1e6:.0f} | "
                  f"{row['step_s'] * 1e6:.0f} | {row['speedup']:.2f} |")
   return lines
 
