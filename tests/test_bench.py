@@ -48,14 +48,17 @@ def test_roofline_closed_forms():
 
 def test_fp4_roofline_closed_forms():
   # act-quant at K = 1152 with the 36-block: token row as (36, 32), three tokens per 128-row
-  # tile; bf16x3 on a bf16 x: one (128, 32) @ (32, 32) dot and three (128, 128) @ (128, 32)
-  # dots per three tokens
+  # tile; bf16x3 on a bf16 x: one (128, 32) @ (32, 32) dot and, with the Hadamard block's
+  # signs (dense_signs), two (128, 128) @ (128, 32) dots per three tokens (three for a general
+  # block)
   assert roofline.act_quant_token_flops(1152, 36) == pytest.approx(
+      2 * (128 * 32 * 32 + 2 * 128 * 128 * 32) / 3)
+  assert roofline.act_quant_token_flops(1152, 36, dense_signs=False) == pytest.approx(
       2 * (128 * 32 * 32 + 3 * 128 * 128 * 32) / 3)
   assert roofline.act_quant_token_flops(1152, 36, "bfloat16") == pytest.approx(
       2 * (128 * 32 * 32 + 128 * 128 * 32) / 3)
   # K = 4608: one token per (36 -> 64, 128) tile
-  assert roofline.act_quant_token_flops(4608, 36) == 2 * (64 * 128 * 128 + 3 * 64 * 64 * 128)
+  assert roofline.act_quant_token_flops(4608, 36) == 2 * (64 * 128 * 128 + 2 * 64 * 64 * 128)
   assert roofline.act_quant_token_flops(1152, None) == 0
   m, k, n = 4096, 1152, 3456
   act = roofline.act_quant_floor(m, k, 36, H100)
@@ -78,7 +81,7 @@ def test_fp4_roofline_closed_forms():
   assert roofline.fp4_path_floor("w4a16", "xla_bf16", m, k, n, H100)["epilogue_s"] == 0
   # LayerNorm fused into the act-quant: the first dot runs on hi + lo of the float32 rows
   assert roofline.act_quant_token_flops(1152, 36, x_bf16=False) == pytest.approx(
-      2 * (2 * 128 * 32 * 32 + 3 * 128 * 128 * 32) / 3)
+      2 * (2 * 128 * 32 * 32 + 2 * 128 * 128 * 32) / 3)
   fused = roofline.act_quant_floor(m, k, 36, H100, norm_fused=True)
   assert fused["memory_s"] == act["memory_s"]
   assert fused["compute_s"] == pytest.approx(

@@ -82,13 +82,14 @@ def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peak
 # 4608): where a quantized path can take that LayerNorm into its act-quant step.
 LN_FED_SHAPES = ((1152, 3456), (1152, 4608))
 def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16x3",
-                          x_bf16: bool = True) -> float:
+                          x_bf16: bool = True, dense_signs: bool = True) -> float:
   """Tensor-core FLOPs per token of act_quant.quantize_rows' transform (0 without one), from the
   kernel's own tile rules: a token is an (a', c) tile (act_quant.row_shape), g tokens share a
   (t, c) tile of t = act_quant.tile_rows(a', g) rows (act_quant.token_group), and each tile
   runs one (t, c) @ (c, c) +-1 dot and one (t, t) @ (t, c) block-diagonal dot; bf16x3 runs the
   first on hi + lo (lo skipped for bf16 x, not after a fused LayerNorm: pass x_bf16=False) and
-  the second three times."""
+  the second on y's hi and lo parts: twice for a Hadamard block (quantize_rows' dense_signs,
+  the model's transform), three times for a general one (dense_signs=False)."""
   from dit_quant_jax.kernels import act_quant
   if not a_order:
     return 0.0
@@ -99,7 +100,7 @@ def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16
   second = rows_pad * rows_pad * c_size / group
   if transform_dtype == "bf16x3":
     first *= 1 if x_bf16 else 2
-    second *= 3
+    second *= 2 if dense_signs else 3
   return 2.0 * (first + second)
 
 
