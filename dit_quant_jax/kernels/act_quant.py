@@ -417,13 +417,14 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   out_ref, scale_ref.
 
   x_ref: (M * a', c) (one token = a' rows); signs_ref: (a'_pad, c) float32; dense_t_ref:
-  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; dense_signs: dense_t_ref holds
-  sign(L^T) (a Hadamard block: every entry of L has one magnitude) and dense_scale_ref (1,) that
-  magnitude, so the second stage is two bf16 dots (y's hi and lo parts) instead of three; mul_ref / add_ref (with
-  tokens_per_sample > 0, the row-norm prologue): (B * a' + pad, c) float32, the per-sample
-  affine applied after a LayerNorm of each token row (over its k_features values, eps
-  norm_eps), with the transform's signs folded in (the kernel then skips its sign multiply); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,) float32 row
-  scales (x ~= image * scale).
+  (a'_pad, a'_pad) = L^T zero-padded; hadamard_ref: (c, c) +-1; with dense_signs, dense_t_ref
+  holds sign(L^T) (a Hadamard block: every entry of L has one magnitude) and dense_scale_ref
+  (1,) that magnitude, so the second stage is two bf16 dots (y's hi and lo parts), not three;
+  mul_ref / add_ref (with tokens_per_sample > 0, the row-norm prologue): (B * a' + pad, c)
+  float32, the per-sample affine applied after a LayerNorm of each token row (over its
+  k_features values, eps norm_eps), the transform's signs folded in (the kernel then skips its
+  sign multiply); out_ref: (M * a', c) 8-bit image (int8 / uint8 bits); scale_ref: (M,)
+  float32 row scales (x ~= image * scale).
 
   group > 1: each step takes ``group`` consecutive tokens as one (a'_pad, c) tile (their rows
   are contiguous in x_ref), the transform's dense factor block-diagonal over them (the
@@ -462,8 +463,9 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     precision, dot_dtype = None, jnp.bfloat16
   dense_t = dense_t_ref[...] if dense_t_ref is not None else None
   hadamard = hadamard_ref[...].astype(dot_dtype) if hadamard_ref is not None else None
-  # y_true = y * post_scale for the sign-form dense factor; the row scale absorbs it (and the
-  # unnormalized H_c's 1 / sqrt(c)): row_factor multiplies the transformed rows' absmax.
+  # The transformed rows come out unnormalized: times sqrt(c) (H_c is +-1) and, for the sign
+  # form of the dense factor, divided by its magnitude.  row_factor (the true rows / the
+  # computed ones) goes into the row scales only.
   row_factor = np.float32(row_norm)
   if dense_scale_ref is not None:
     row_factor = row_factor * jnp.sum(plgpu.load(dense_scale_ref.at[pl.ds(0, 1)]))
@@ -526,8 +528,8 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
       if dense_t_lo is not None:
         y = y + _dot_f32(dense_t_lo, hi)
     elif hadamard is not None:
-      y = jnp.dot((y if has_norm else y * signs).astype(dot_dtype), hadamard, precision=precision,
-                  preferred_element_type=jnp.float32)
+      y = jnp.dot((y if has_norm else y * signs).astype(dot_dtype), hadamard,
+                  precision=precision, preferred_element_type=jnp.float32)
       y = jnp.dot(dense_t, y.astype(dot_dtype), precision=precision,
                   preferred_element_type=jnp.float32)
     return y
@@ -565,20 +567,19 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   def segment_reduce(row_values, reduce, fill):
     return [reduce(jnp.where(segment == i, row_values, fill)) for i in range(group)]
 
-  def group_norm(x_tile, row_token, row_live):
+  def group_norm(x_tile, row_token):
     sums = segment_reduce(jnp.sum(x_tile, axis=1), jnp.sum, np.float32(0.0))
     mean = per_row([v * inv_k for v in sums])
     centred = jnp.where(element_valid, x_tile - mean[:, None], np.float32(0.0))
     sq = segment_reduce(jnp.sum(centred * centred, axis=1), jnp.sum, np.float32(0.0))
     inv_std = per_row([lax.rsqrt(v * inv_k + np.float32(norm_eps)) for v in sq])
-    mul, add = sample_tiles(row_token // tokens_per_sample, row_live)
+    mul, add = sample_tiles(row_token // tokens_per_sample)
     return centred * inv_std[:, None] * mul + add
 
-  def sample_tiles(row_sample, mask):
+  def sample_tiles(row_sample):
     """Each row's sample's affine rows (row r reads sample row r % a'): the sample index is
     clamped instead of masked (every address is then in the ref and the column index stays a
     plain range, so the loads vectorize); rows past the last token read the last sample."""
-    del mask
     n_samples = m_tokens // tokens_per_sample
     source = (jnp.minimum(row_sample, n_samples - 1) * rows_per_token
               + jnp.arange(rows_pad, dtype=jnp.int32) % rows_per_token)
@@ -596,7 +597,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     x_tile = common.load_tile(x_ref, token0 * rows_per_token, rows_pad, 0, c_size, row_live,
                               cols)
     x_tile = x_tile if x_is_bf16 else x_tile.astype(jnp.float32)
-    y = transform(group_norm(x_tile, row_token, row_live) if has_norm else x_tile)
+    y = transform(group_norm(x_tile, row_token) if has_norm else x_tile)
     peaks = segment_reduce(jnp.max(jnp.abs(y), axis=1), jnp.max, np.float32(0.0))
     scales = []
     for peak in peaks:
@@ -839,7 +840,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       has_transform=factors is not None, k_features=k_features,
       tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps),
       group=group, dense_signs=bool(dense_signs) and factors is not None,
-      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps, bool(dense_signs)))
+      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps,
+                                bool(dense_signs) and factors is not None))
   out, scale = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),
