@@ -44,6 +44,7 @@ from dit_quant_jax.kernels import dispatch
 from dit_quant_jax.kernels import fp4_matmul as fm
 from dit_quant_jax.kernels import fp4_mma
 from dit_quant_jax.kernels import vq_matmul as vq
+from dit_quant_jax.numerics import activation as activation_fn
 from dit_quant_jax.numerics import packing
 from dit_quant_jax.quant import hadamard
 
@@ -76,12 +77,14 @@ VARIANTS = {
     "fp4_w4a4": "FP4 weights, per-token E2M1 act-quant included, the dispatcher's path",
     "fp4_w4a4_had": "fp4_w4a4 with the model's Hadamard (quant/hadamard.py block at this K), "
                     "through fp4_matmul.linear",
-    "bf16_ln": "LayerNorm + per-sample modulate (XLA) then the bf16 dot: a DiT qkv / fc1 "
-               "(baseline of the _ln rows)",
+    "bf16_ln": "LayerNorm + per-sample modulate (XLA) then the bf16 dot: a DiT qkv / fc1, "
+               "at fc1's shape (1152x4608) followed by its GELU (baseline of the _ln rows)",
     "fp4_w4a4_ln": "fp4_w4a4_had on un-normalized rows, LayerNorm + modulate fused into the "
-                   "act-quant (act_quant.RowNorm); speedup vs bf16_ln",
+                   "act-quant (act_quant.RowNorm), at fc1's shape with the GELU fused into the "
+                   "matmul epilogue; speedup vs bf16_ln",
 }
 LN_BASELINE = "bf16_ln"  # variants ending in _ln are timed against this one
+FC1_SHAPE = (1152, 4608)  # DiT-XL/2's fc1 (K, N): the _ln variants add the GELU there
 LN_EPS = 1e-6
 FP4_OPS = {"fp4_w4a16": "w4a16", "fp4_w4a8": "w4a8", "fp4_w4a4": "w4a4"}
 VQ_CONFIGS = {"vq_w2": (256, 4), "vq_w3": (64, 2)}  # (codewords k, sub-vector length d)
@@ -308,15 +311,19 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
                      transform_kind="hadamard",
                      path=path, out_dtype=jnp.bfloat16)
 
+  # fc1 is followed by the MLP's GELU: in the FP4 matmul's epilogue, a pass after the bf16 dot
+  gelu = "gelu_tanh" if (k_features, n_features) == FC1_SHAPE else None
+
   def w4a4_ln(h, weight, bias, signs, block, mul, add, path=None):
     return fm.linear("w4a4", h, weight, bias, act_format="e2m1", transform=(signs, block),
                      transform_kind="hadamard",
                      norm=aq.RowNorm(mul, add, m_per_sample, LN_EPS), path=path,
-                     out_dtype=jnp.bfloat16)
+                     out_dtype=jnp.bfloat16, activation=gelu)
 
   def bf16_ln(h, w, b, mul, add):
     x = aq.apply_row_norm(h, mul, add, m_per_sample, LN_EPS).astype(jnp.bfloat16)
-    return (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(jnp.bfloat16)
+    y = (jnp.dot(x, w, preferred_element_type=jnp.float32) + b).astype(jnp.bfloat16)
+    return activation_fn.unfused(gelu, y)
 
   had = (ops["had_signs"], ops["had_block"])
   calls["fp4_w4a4_had"] = (
