@@ -161,7 +161,7 @@ def test_fc1_gelu_is_fused_into_the_kernel_and_matches_unfused(monkeypatch):
   with common.kernel_impl("pallas"):
     unfused = model.apply({"params": qparams}, x, t, y)
   err = float(jnp.linalg.norm(fused - unfused) / jnp.linalg.norm(unfused))
-  assert err < 1e-4, err
+  assert err < (3e-3 if ON_GPU else 1e-4), err  # compiled: the epilogue's tanh.approx.f32
   # dense Linear with an activation: exactly jax.nn.gelu of x @ W + b
   dense = layers.Linear(7, activation="gelu_tanh")
   xs = jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)

@@ -694,9 +694,17 @@ def test_fused_gelu_matches_the_closed_form():
   unfused = np.asarray(activation.unfused("gelu_tanh", jnp.asarray(y)), np.float64)
   # jax.nn.gelu's 1 + tanh(u) cancels for x < -4 (-0.0 where the value is ~ -1e-7)
   np.testing.assert_allclose(unfused, want, rtol=2e-6, atol=1e-6)
+  # the tanh form the compiled kernels use (with the hardware's tanh.approx there)
+  tanh_form = np.asarray(activation.fused("gelu_tanh", jnp.asarray(y), tanh=jnp.tanh), np.float64)
+  np.testing.assert_allclose(tanh_form, want, rtol=2e-6, atol=1e-6)
   assert activation.fused(None, jnp.asarray(y)) is not None
   with pytest.raises(ValueError, match="unknown output activation"):
     activation.check("relu6")
+
+
+def common_on_gpu():
+  from dit_quant_jax.kernels import common
+  return common.on_gpu()
 
 
 def _all_runnable_paths():
@@ -717,8 +725,9 @@ def test_paths_fuse_the_output_activation(op, path):
   plain = fmm.linear(op, x, weight, bias, **kwargs)
   fused = fmm.linear(op, x, weight, bias, activation="gelu_tanh", **kwargs)
   want = activation.reference_float64("gelu_tanh", np.asarray(plain, np.float64))
-  np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5,
-                             atol=1e-5 * np.abs(want).max())
+  # compiled on a GPU the Triton epilogues use tanh.approx.f32 (~2^-12 |y| absolute)
+  tol = 1e-3 if common_on_gpu() and path.startswith(("triton", "unpacked")) else 1e-5
+  np.testing.assert_allclose(np.asarray(fused), want, rtol=tol, atol=tol * np.abs(want).max())
   with pytest.raises(ValueError, match="unknown output activation"):
     fmm.linear(op, x, weight, bias, activation="swish", **kwargs)
 

@@ -71,3 +71,36 @@ def test_w4a4_large_m_kernels_use_tensor_cores_without_spills(cc):
     assert any(wanted[kernel] in t for t in types), (name, types)
     seen.add(kernel)
   assert seen == set(wanted)
+
+
+@pytest.mark.parametrize("cc", [90, 80])
+def test_fc1_gelu_epilogue_uses_the_hardware_tanh(cc):
+  """fc1's fused GELU (fp4_mma activation='gelu_tanh', compiled): one tanh.approx.f32 per output
+  element in the epilogue, no exp2 / division, no spills, the int8 tensor cores unchanged."""
+  import functools
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import fp4_matmul, fp4_mma
+  m, k, n = 4096, 1152, 4608
+  weight = fp4_mma.PackedFp4Weight(jax.ShapeDtypeStruct((n, fp4_mma.padded_k(k) // 2), jnp.uint8),
+                                   jax.ShapeDtypeStruct((n,), jnp.float32), "e2m1", k)
+  config = fp4_matmul.default_mma_config(m, n, k, "hopper" if cc == 90 else "ampere", "int8")
+  avals = (jax.ShapeDtypeStruct((m, k), jnp.int8), jax.ShapeDtypeStruct((m,), jnp.float32), weight)
+  texts = {}
+  for activation in (None, "gelu_tanh"):
+    fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind="int8", predecode=True,
+                                   out_dtype=jnp.bfloat16, activation=activation, **config))
+    module = triton_ptx.lower_for_gpu(fn, *avals, cc=cc)[-1]
+    kernel = triton_ptx.compile_ttir(module["ttir"], num_warps=config["num_warps"],
+                                     num_stages=config["num_stages"], cc=cc)
+    texts[activation] = kernel.asm["ptx"]
+    resources = triton_ptx.ptxas_resources(kernel.asm["ptx"], cc)
+    assert resources["ptxas_ok"] and resources["spill_store_bytes"] == 0, resources
+  plain, fused = texts[None], texts["gelu_tanh"]
+  assert "tanh.approx.f32" not in plain
+  # one tanh per output element of the thread's share of the tile (128 x 128 over 8 warps on
+  # sm_90a: 64)
+  per_thread = config["block_m"] * config["block_n"] // (32 * config["num_warps"])
+  assert fused.count("tanh.approx.f32") == per_thread, fused.count("tanh.approx.f32")
+  assert "ex2.approx" not in fused and "div.full" not in fused and "div.rn" not in fused
+  assert triton_ptx.ptx_counts(fused)["mma" if cc == 80 else "wgmma"] == \
+      triton_ptx.ptx_counts(plain)["mma" if cc == 80 else "wgmma"]

@@ -369,13 +369,13 @@ STEP_VARIANTS = (("bf16", None), ("VQ W2", "vq"), ("HQ-DiT W4A4", "w4a4"),
                  ("HQ-DiT W4A8", "w4a8"))
 
 
-GELU_EPILOGUE_MUFU = 2  # SASS of fp4_mma's epilogue with 'gelu_tanh': MUFU.EX2 + MUFU.RCP
+GELU_EPILOGUE_MUFU = 1  # SASS of fp4_mma's epilogue with 'gelu_tanh': one MUFU.TANH per element
 MUFU_LANES_PER_SM = 16  # special-function results per SM per clock (sm_80 / sm_90)
 
 
 def gelu_epilogue_floor(m_rows: int, n_features: int, cc: int) -> float:
-  """Seconds of fc1's fused GELU on the special-function units (2 MUFU per output element; its
-  ~8 other instructions per element issue on the FMA pipe, below this), with no overlap."""
+  """Seconds of fc1's fused GELU on the special-function units (1 MUFU.TANH per output element;
+  its 5 other instructions per element issue on the FMA pipe, below this), with no overlap."""
   rate = MUFU_LANES_PER_SM * triton_ptx.SM_COUNT[cc] * triton_ptx.CLOCK_HZ[cc]
   return GELU_EPILOGUE_MUFU * m_rows * n_features / rate
 
@@ -443,7 +443,7 @@ def dit_step_markdown(cc: int, issue: Optional[dict] = None) -> list[str]:
            "(fused into the qkv / fc1 act-quant where the dispatched path's act-quant is the "
            "Triton kernel, then counted in the linears: W4A4 on both, W4A8 on sm_80) and the "
            "GELU over fc1's output (a pass for bf16 and VQ; fused into fc1's epilogue by every FP4 "
-           "path, counted there at its special-function floor, 2 MUFU per element, without "
+           "path, counted there at its special-function floor, 1 MUFU per element, without "
            "overlap); the other elementwise passes (gates, residuals; the same in every "
            "variant) are not counted, so real speedups are lower.  Triton kernels' parts are at "
            "least their SASS issue floors (as in the table above).",

@@ -341,3 +341,12 @@ def int_lut_from_lut(lut) -> tuple[np.ndarray, int]:
     multiplier *= 2
   raise ValueError(f"lut {lut.tolist()} has no power-of-two integer multiple <= "
                    f"{MAX_INT_LUT_MULTIPLIER} within int8")
+
+
+def tanh_approx(x):
+  """float32 tanh by the GPU's tanh.approx.f32 (sm_75+, one MUFU op; max relative error about
+  2^-11), for compiled Pallas-Triton kernels only: interpret mode cannot run inline PTX, so
+  callers pass it only when not interpreting (fp4_mma's epilogue GELU)."""
+  return plgpu.elementwise_inline_asm(
+      "tanh.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])[0]

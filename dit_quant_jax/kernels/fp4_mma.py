@@ -182,7 +182,7 @@ def acc_dtype_for(dot_kind: str):
 
 def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
-                   block_n: int, split_k: int, activation=None):
+                   block_n: int, split_k: int, activation=None, approx_tanh: bool = False):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
   (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
@@ -229,18 +229,20 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     row_scale = common.load_vector(row_scale_ref, row_start, block_m, row_mask)
     col_scale = common.load_vector(col_scale_ref, col_start, block_n, col_mask)
     bias = common.load_vector(bias_ref, col_start, block_n, col_mask)
-    return _scale_and_bias(acc, row_scale, col_scale, bias, activation)
+    return _scale_and_bias(acc, row_scale, col_scale, bias, activation,
+                           common.tanh_approx if approx_tanh else None)
 
   common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
                      row_start=row_start, col_start=col_start, row_mask=row_mask,
                      col_mask=col_mask)
 
 
-def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None):
+def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):
   """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (same order in kernel and
-  split-K; numerics/activation.fused, on the float32 tile before the output cast)."""
+  split-K; numerics/activation.fused, on the float32 tile before the output cast; tanh: the
+  compiled kernel's hardware tanh, else the float32-accurate form)."""
   y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
-  return activation_fn.fused(activation, y)
+  return activation_fn.fused(activation, y, tanh)
 
 
 def _check_operands(x, row_scale, weight: PackedFp4Weight, bias, dot_kind):
@@ -267,7 +269,9 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
             out_dtype=jnp.float32, activation=None):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
-  then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue.
+  then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue
+  (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode and the split-K
+  reduction: the float32-accurate form).
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -287,7 +291,7 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   activation_fn.check(activation)
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
                              predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
-                             activation=activation)
+                             activation=activation, approx_tanh=not interpret)
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
