@@ -707,11 +707,15 @@ def common_on_gpu():
   return common.on_gpu()
 
 
-def _all_runnable_paths():
-  return [(op, path) for op in ("w4a16", "w4a8", "w4a4") for path in ["reference"] + _runnable(op)]
+# One path per implementation of the epilogue: the references, XLA's folded bf16 dot, its
+# 8-bit dot with the scale epilogue, fp4_mma with in-loop decode and on the decoded image.
+ACTIVATION_PATHS = [("w4a16", "reference"), ("w4a16", "xla_bf16"), ("w4a16", "triton_bf16"),
+                    ("w4a8", "reference"), ("w4a8", "unpacked_triton_bf16"),
+                    ("w4a4", "reference"), ("w4a4", "xla_int8"), ("w4a4", "triton_int8"),
+                    ("w4a4", "unpacked_triton_int8")]
 
 
-@pytest.mark.parametrize("op,path", _all_runnable_paths())
+@pytest.mark.parametrize("op,path", ACTIVATION_PATHS)
 def test_paths_fuse_the_output_activation(op, path):
   """fp4_matmul.linear(activation='gelu_tanh') on every path == the path's output with GELU
   applied afterwards in float32 (the epilogue applies it before the output cast)."""
