@@ -748,3 +748,30 @@ def test_fp4_mma_split_k_epilogue_applies_the_activation():
                             block_m=16, block_n=32, interpret=True, activation="gelu_tanh")
     want = activation.reference_float64("gelu_tanh", np.asarray(plain, np.float64))
     np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["e1m2", "e2m1", "e3m0"])
+def test_packed_bf16_decode_bit_model_gives_the_values(name):
+  """The compiled kernels' packed bf16 decode (fp4_mma.packed_bf16_decode_asm: sign to bit 15,
+  magnitude bits to [7 - M, 10 - M), then an FMA by 2^(127 - bias)): its bit model, on every
+  byte and both nibble planes, is the code's value times 2^(bias - 127) exactly (subnormal codes
+  as bf16 subnormals), and the asm text carries the model's constants."""
+  import ml_dtypes
+  code = fp4.fp4_code(name)
+  assert fp4_mma.packed_bf16_decode_applies(code, "bf16")
+  assert not fp4_mma.packed_bf16_decode_applies(code, "int8")
+  assert not fp4_mma.packed_bf16_decode_applies(fp4.fp4_code("int4"), "bf16")
+  byte_tile = np.arange(256, dtype=np.uint8).reshape(16, 16)
+  for plane in (0, 1):
+    bits = fp4_mma.packed_bf16_decode_model(byte_tile, code, plane)
+    values = bits.view(ml_dtypes.bfloat16).astype(np.float64) * 2.0 ** (127 - code.bias)
+    codes = (byte_tile >> 4) if plane else (byte_tile & 15)
+    np.testing.assert_array_equal(values, code.lut[codes].astype(np.float64))
+    params = fp4_mma.packed_bf16_decode_params(code, plane)
+    asm = fp4_mma.packed_bf16_decode_asm(code, plane)
+    assert f"shl.b32 a, t, {params['mag_shift']};" in asm
+    assert f"{params['mag_mask']:#010x}" in asm and f"{params['factor']:#010x}" in asm
+    assert asm.count("fma.rn.bf16x2") == 2 and "$2" in asm  # 4 bytes in, 2 bf16 pairs out
+  # the factor is exact in bf16 and the column scale takes the int image's multiplier back
+  assert fp4_mma._bf16_bits(2.0 ** (127 - code.bias)) << 16 == \
+      int(np.array(2.0 ** (127 - code.bias), np.float32).view(np.uint32))

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
 from dit_quant_jax.numerics import activation as activation_fn
@@ -160,6 +161,69 @@ def decode_image(codes_i32, code: fp4.Fp4Code, dot_kind: str):
   return values.astype(jnp.int8) if dot_kind == "int8" else values.astype(jnp.bfloat16)
 
 
+# ----------------------------------------------------------------------------------------
+# Packed bf16 decode (compiled kernels): 4 bytes -> 4 bf16 of one nibble plane per asm block.
+# ----------------------------------------------------------------------------------------
+#
+# A minifloat code's sign and 3 magnitude bits, placed in a bf16 at bit 15 and at bits
+# [7 - M, 10 - M) (the exponent field's low bits and the top mantissa bits), are the bf16 of
+# value * 2**(bias - 127) exactly, subnormal codes (e = 0) as bf16 subnormals; one bf16 FMA by
+# 2**(127 - bias) (PTX bf16 arithmetic keeps subnormals) gives the value.  Two bytes per 32-bit
+# register (PRMT spreads bytes 0, 1 into the two 16-bit lanes), then shift / mask / LOP3 / FMA:
+# 5 instructions per 2 weights, against ~10 per weight for the jnp decode in Triton (SASS
+# count; the decode bounds the small-M W4A16 / W4A8 kernels).  The int8 / fp8 images and INT4
+# keep the jnp decode; so does interpret mode, which cannot run inline PTX.
+
+
+def packed_bf16_decode_applies(code: fp4.Fp4Code, dot_kind: str) -> bool:
+  return dot_kind == "bf16" and code.mantissa_bits is not None
+
+
+def _bf16_bits(value: float) -> int:
+  return int(np.array(value, np.float32).view(np.uint32)) >> 16
+
+
+def packed_bf16_decode_params(code: fp4.Fp4Code, plane: int) -> dict:
+  """The bit operations of :func:`packed_bf16_decode_asm` for nibble plane 0 (low) / 1 (high):
+  magnitude shift and mask, sign shift, the FMA factor (bf16 bits, both lanes)."""
+  m_bits = code.mantissa_bits
+  factor = _bf16_bits(2.0 ** (127 - code.bias))
+  return dict(mag_shift=(7 - m_bits) - 4 * plane, sign_shift=12 - 4 * plane,
+              mag_mask=(7 << (7 - m_bits)) * 0x00010001, factor=factor * 0x00010001)
+
+
+def packed_bf16_decode_asm(code: fp4.Fp4Code, plane: int) -> str:
+  """PTX for elementwise_inline_asm (pack 4 uint8 -> 4 bf16 of one plane, '=r,=r,r')."""
+  p = packed_bf16_decode_params(code, plane)
+  lines = ["{", ".reg .b32 t, a, b, f, z;", f"mov.b32 f, {p['factor']:#010x};",
+           "mov.b32 z, 0x80008000;"]
+  for out, selector in (("$0", "0x4140"), ("$1", "0x4342")):
+    lines += [f"prmt.b32 t, $2, 0, {selector};",
+              f"shl.b32 a, t, {p['mag_shift']};",
+              f"shl.b32 b, t, {p['sign_shift']};",
+              "and.b32 b, b, 0x80008000;",
+              f"lop3.b32 a, a, {p['mag_mask']:#010x}, b, 0xEA;",
+              f"fma.rn.bf16x2 {out}, a, f, z;"]
+  return "\n".join(lines + ["}"])
+
+
+def packed_bf16_decode_model(byte_tile: np.ndarray, code: fp4.Fp4Code, plane: int) -> np.ndarray:
+  """numpy model of the asm's bit operations, lane by lane (tests): uint8 bytes -> the bf16 bit
+  patterns of its first 5 instructions (before the FMA) as uint16."""
+  p = packed_bf16_decode_params(code, plane)
+  t = byte_tile.astype(np.uint32)  # one byte in the low bits of a 16-bit lane
+  mag = ((t << np.uint32(p["mag_shift"])) & np.uint32(p["mag_mask"] & 0xFFFF))
+  sign = (t << np.uint32(p["sign_shift"])) & np.uint32(0x8000)
+  return (mag | sign).astype(np.uint16)
+
+
+def decode_bf16_packed(byte_tile, code: fp4.Fp4Code, plane: int):
+  """(rows, 64) uint8 tile -> (rows, 64) bf16 values of one nibble plane (compiled kernels)."""
+  return plgpu.elementwise_inline_asm(
+      packed_bf16_decode_asm(code, plane), args=[byte_tile], constraints="=r,=r,r", pack=4,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(byte_tile.shape, jnp.bfloat16)])[0]
+
+
 def check_dot_kind(dot_kind: str, code: fp4.Fp4Code) -> None:
   if dot_kind not in DOT_KINDS:
     raise ValueError(f"unknown dot kind {dot_kind!r}; expected one of {DOT_KINDS}")
@@ -182,7 +246,8 @@ def acc_dtype_for(dot_kind: str):
 
 def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
-                   block_n: int, split_k: int, activation=None, approx_tanh: bool = False):
+                   block_n: int, split_k: int, activation=None, approx_tanh: bool = False,
+                   packed_decode: bool = False):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
   (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
@@ -200,6 +265,10 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     k_start = k_tile * TILE_K
     if predecode:
       planes = (None, None)
+    elif packed_decode:  # bf16 values (not the int8 image): the wrapper's column scale matches
+      byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
+                                   HALF_TILE_K, col_mask, all_half)
+      planes = tuple(decode_bf16_packed(byte_tile, code, plane) for plane in (0, 1))
     else:
       byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
                                    HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
@@ -217,6 +286,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
                                   col_mask, all_half)
         if dot_kind == "fp8":
           w_half = lax.bitcast_convert_type(w_half, jnp.float8_e4m3fn)
+      elif packed_decode:
+        w_half = codes  # already the bf16 values
       else:
         w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
       acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype)
@@ -289,9 +360,15 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   bias = _bias_or_zeros(bias, weight.n_features)
   row_scale = row_scale.astype(jnp.float32)
   activation_fn.check(activation)
+  # compiled: the packed bf16 decode yields values, not the multiplier's integer image
+  packed_decode = (not interpret and not predecode
+                   and packed_bf16_decode_applies(weight.code, dot_kind))
+  if packed_decode:
+    col_scale = col_scale * np.float32(weight.code.multiplier)
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
                              predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
-                             activation=activation, approx_tanh=not interpret)
+                             activation=activation, approx_tanh=not interpret,
+                             packed_decode=packed_decode)
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
