@@ -59,6 +59,9 @@ def test_fp4_roofline_closed_forms():
       2 * (128 * 32 * 32 + 128 * 128 * 32) / 3)
   # K = 4608: one token per (36 -> 64, 128) tile
   assert roofline.act_quant_token_flops(4608, 36) == 2 * (64 * 128 * 128 + 2 * 64 * 64 * 128)
+  # a general block at K = 4608: bf16 x is split too (act_quant.bf16_signs_fit), three dots
+  assert roofline.act_quant_token_flops(4608, 36, dense_signs=False) == 2 * (
+      2 * 64 * 128 * 128 + 3 * 64 * 64 * 128)
   assert roofline.act_quant_token_flops(1152, None) == 0
   m, k, n = 4096, 1152, 3456
   act = roofline.act_quant_floor(m, k, 36, H100)

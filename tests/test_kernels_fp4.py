@@ -775,3 +775,26 @@ def test_packed_bf16_decode_bit_model_gives_the_values(name):
   # the factor is exact in bf16 and the column scale takes the int image's multiplier back
   assert fp4_mma._bf16_bits(2.0 ** (127 - code.bias)) << 16 == \
       int(np.array(2.0 ** (127 - code.bias), np.float32).view(np.uint32))
+
+
+def test_quantize_rows_zero_and_subnormal_rows_get_scale_one():
+  """A row of zeros or of float32 subnormals (absmax ~1e-39): scale 1, every code 0, no NaN /
+  inf from the reciprocal of a subnormal scale, in the kernel and the reference alike."""
+  rng = _rng(51)
+  x = rng.normal(size=(4, 384)).astype(np.float32)
+  x[1] = 0.0
+  x[2] = rng.normal(size=384).astype(np.float32) * np.float32(1e-39)
+  transform = _transform(rng, 384, 12)
+  for act_format, image in (("e2m1", "int8"), ("e2m1", "fp8"), ("fp8_e4m3", "fp8")):
+    for clip in (0.9, 1.0):
+      ref, ref_scale = aq.quantize_rows_xla(jnp.asarray(x), transform, act_format=act_format,
+                                            image=image, clip_ratio=clip)
+      got, scale = aq.quantize_rows(jnp.asarray(x), transform, act_format=act_format,
+                                    image=image, clip_ratio=clip, interpret=True)
+      for values, scales in ((got, scale), (ref, ref_scale)):
+        values = np.asarray(values.astype(jnp.float32))
+        assert np.all(np.isfinite(values)) and np.all(np.isfinite(np.asarray(scales)))
+        assert not values[1:3].any()
+        factor = fp4.fp4_code(act_format).multiplier if image == "int8" else (
+            1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).e4m3_factor)
+        np.testing.assert_allclose(np.asarray(scales)[1:3] * factor, 1.0)

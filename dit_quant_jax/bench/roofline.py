@@ -99,6 +99,9 @@ def act_quant_token_flops(k_features: int, a_order, transform_dtype: str = "bf16
   first = rows_pad * c_size * c_size / group
   second = rows_pad * rows_pad * c_size / group
   if transform_dtype == "bf16x3":
+    warps = act_quant.default_num_warps(rows, c_size)
+    # bf16 x keeps bf16 (one dot) only where the kernel's register rule lets it
+    x_bf16 = x_bf16 and act_quant.bf16_signs_fit(rows_pad, c_size, warps, dense_signs)
     first *= 1 if x_bf16 else 2
     second *= 2 if dense_signs else 3
   return 2.0 * (first + second)

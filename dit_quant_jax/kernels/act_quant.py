@@ -301,6 +301,10 @@ def quantize_activations(x, magnitudes, transform=None, *, clip_ratio: float = 1
 # 64 x 128 at K = 4608 = 36 * 128).  H_c enters unnormalized (+-1, exact in bf16) and 1/sqrt(c)
 # goes into the row scale.
 
+# A row whose scale is below float32's smallest normal (an all-zero row, or one whose absmax is
+# ~1e-38) gets scale 1, so all its codes are 0: a subnormal scale's reciprocal overflows, and
+# devices differ in whether they flush it.
+MIN_ROW_SCALE = np.float32(np.finfo(np.float32).tiny)
 MAX_FAST_FACTOR = 128  # largest power-of-two factor applied as one dense +-1 (c, c) dot
 IMAGES = ("int8", "fp8", "packed")
 TRANSFORM_DTYPES = ("bf16x3", "float32", "tf32", "bfloat16")
@@ -373,6 +377,9 @@ def _row_images(y, scale, act_format: str, code, image: str, reciprocal: bool = 
     v = jnp.clip(v, -fp4.FP8_E4M3_MAX, fp4.FP8_E4M3_MAX)
     return lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8)
   if rounding == "magic" and fp4.rounds_by_magic(code):
+    # Compiled, Triton contracts y * r and the magic add into one FMA where no clamp sits
+    # between them (clip_ratio >= 1): the exact product is rounded, not its float32 rounding,
+    # which moves a code only for a product within half an ulp of a tie.
     multiplier = np.float32(code.multiplier)  # a power of two: folding it in is exact
     t = y * (multiplier / scale) if reciprocal else (y / scale) * multiplier
     if image == "int8":  # the narrowing cast keeps the low byte: the two's complement integer
@@ -544,7 +551,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     y = transform(row_norm_prologue(x_tile, token, live) if has_norm else x_tile)
     absmax = jnp.max(jnp.abs(y)) * row_factor
     scale = absmax * np.float32(clip_ratio) / np.float32(max_value)
-    scale = jnp.where(scale > 0, scale, np.float32(1.0))
+    scale = jnp.where(scale >= MIN_ROW_SCALE, scale, np.float32(1.0))
     values = _row_images(y, scale / row_factor, act_format, code, image,
                          reciprocal=True, saturate=saturate, rounding="magic")
     common.store_tile(out_ref, values, token * rows_per_token, 0, row_mask, cols)
@@ -602,7 +609,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     scales = []
     for peak in peaks:
       scale = peak * row_factor * np.float32(clip_ratio) / np.float32(max_value)
-      scales.append(jnp.where(scale > 0, scale, np.float32(1.0)))
+      scales.append(jnp.where(scale >= MIN_ROW_SCALE, scale, np.float32(1.0)))
     row_scale = per_row(scales)
     values = _row_images(y, (row_scale / row_factor)[:, None], act_format, code,
                          image, reciprocal=True, saturate=saturate, rounding="magic")
@@ -883,7 +890,7 @@ def quantize_rows_xla(x, transform=None, *, act_format: str, clip_ratio: float =
   y = x.astype(jnp.float32) if transform is None else transform_rows_xla(x, transform)
   max_value = fp4.FP8_E4M3_MAX if code is None else code.magnitudes[-1]
   scale = jnp.max(jnp.abs(y), axis=1) * np.float32(clip_ratio) / np.float32(max_value)
-  scale = jnp.where(scale > 0, scale, np.float32(1.0))
+  scale = jnp.where(scale >= MIN_ROW_SCALE, scale, np.float32(1.0))
   values = _row_images(y, scale[:, None], act_format, code, image)
   if image == "fp8":
     values = lax.bitcast_convert_type(values, jnp.float8_e4m3fn)

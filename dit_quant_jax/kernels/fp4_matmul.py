@@ -602,6 +602,7 @@ def _mosaic_path(dot_kind: str, fixed_format=None):
                                      out_dtype=out_dtype, **options)
     if activation is None:
       return y
+    # not fused: the Mosaic kernel has no activation epilogue yet (a pass on its rounded output)
     return activation_fn.fused(activation, y.astype(jnp.float32)).astype(out_dtype)
 
   return path
