@@ -609,8 +609,7 @@ def test_split_bf16_is_exact_to_2_pow_16():
   assert np.all(np.abs(v - hi32) <= 2.0**-8 * np.abs(v))  # hi is v rounded to bf16
 
 
-@pytest.mark.parametrize("k_features,a_order,samples,tokens", [(384, 12, 2, 8), (1152, 36, 2, 5),
-                                                              (4608, 36, 1, 3)])
+@pytest.mark.parametrize("k_features,a_order,samples,tokens", [(1152, 36, 2, 5), (4608, 36, 1, 3)])
 def test_quantize_rows_dense_signs_matches_reference(k_features, a_order, samples, tokens):
   """dense_signs (a Hadamard block: the kernel multiplies by its signs and puts the magnitude
   into the row scale) computes the general path's function, with and without the LayerNorm
@@ -785,16 +784,16 @@ def test_quantize_rows_zero_and_subnormal_rows_get_scale_one():
   x[1] = 0.0
   x[2] = rng.normal(size=384).astype(np.float32) * np.float32(1e-39)
   transform = _transform(rng, 384, 12)
-  for act_format, image in (("e2m1", "int8"), ("e2m1", "fp8"), ("fp8_e4m3", "fp8")):
-    for clip in (0.9, 1.0):
-      ref, ref_scale = aq.quantize_rows_xla(jnp.asarray(x), transform, act_format=act_format,
-                                            image=image, clip_ratio=clip)
-      got, scale = aq.quantize_rows(jnp.asarray(x), transform, act_format=act_format,
-                                    image=image, clip_ratio=clip, interpret=True)
-      for values, scales in ((got, scale), (ref, ref_scale)):
-        values = np.asarray(values.astype(jnp.float32))
-        assert np.all(np.isfinite(values)) and np.all(np.isfinite(np.asarray(scales)))
-        assert not values[1:3].any()
-        factor = fp4.fp4_code(act_format).multiplier if image == "int8" else (
-            1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).e4m3_factor)
-        np.testing.assert_allclose(np.asarray(scales)[1:3] * factor, 1.0)
+  for act_format, image, clip in (("e2m1", "int8", 0.9), ("e2m1", "fp8", 1.0),
+                                  ("fp8_e4m3", "fp8", 1.0)):
+    ref, ref_scale = aq.quantize_rows_xla(jnp.asarray(x), transform, act_format=act_format,
+                                          image=image, clip_ratio=clip)
+    got, scale = aq.quantize_rows(jnp.asarray(x), transform, act_format=act_format,
+                                  image=image, clip_ratio=clip, interpret=True)
+    for values, scales in ((got, scale), (ref, ref_scale)):
+      values = np.asarray(values.astype(jnp.float32))
+      assert np.all(np.isfinite(values)) and np.all(np.isfinite(np.asarray(scales)))
+      assert not values[1:3].any()
+      factor = fp4.fp4_code(act_format).multiplier if image == "int8" else (
+          1.0 if act_format == "fp8_e4m3" else fp4.fp4_code(act_format).e4m3_factor)
+      np.testing.assert_allclose(np.asarray(scales)[1:3] * factor, 1.0)
