@@ -229,6 +229,11 @@ MAGIC_ROUND_BITS = 0x4B400000  # bits of MAGIC_ROUND; bits(n + MAGIC_ROUND) = th
 _EXPONENT_MASK = 0x7F800000
 
 
+def _saturate_int_units(t, code: "Fp4Code"):
+  top = np.float32(code.int_magnitudes[-1])
+  return jnp.minimum(jnp.maximum(t, -top), top)
+
+
 def rounds_by_magic(code: "Fp4Code") -> bool:
   """Whether :func:`round_int_units` applies to ``code`` (every format but E3M0)."""
   return code.int_magnitudes == tuple(range(8)) or (code.mantissa_bits or 0) >= 1
@@ -243,8 +248,7 @@ def round_int_units(t, code: "Fp4Code", saturate: bool = True):
   if not rounds_by_magic(code):
     raise ValueError(f"{code.name} ties alternate between indices; use encode_int8_image")
   if saturate:
-    top = np.float32(code.int_magnitudes[-1])
-    t = jnp.minimum(jnp.maximum(t, -top), top)
+    t = _saturate_int_units(t, code)
   # INT4's integers 0..7 space like a 2-mantissa-bit minifloat's image (E1M2 x4): q = 1.  The
   # magic constant is always computed from t's exponent, never a literal: XLA's algebraic
   # simplifier rewrites (t + literal) - literal to t.
@@ -262,8 +266,7 @@ def int8_image_bits(t, code: "Fp4Code", saturate: bool = True):
   ``bits(rounded + MAGIC_ROUND)``; the kernel's narrowing cast to int8 keeps that byte, so the
   integer costs one add (uniform grids: none, the rounding add already is it)."""
   if saturate:
-    top = np.float32(code.int_magnitudes[-1])
-    t = jnp.minimum(jnp.maximum(t, -top), top)
+    t = _saturate_int_units(t, code)
   if code.int_magnitudes == tuple(range(8)):
     shifted = t + MAGIC_ROUND
   else:
