@@ -233,6 +233,53 @@ def test_sass_loop_classes_and_issue_floor():
   assert triton_ptx.sass_loop_classes("        /*0000*/                   EXIT ;") == {}  # no loop
 
 
+PTX_LOOP = """
+$L__BB0_1:
+\twgmma.fence.sync.aligned;
+\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1}, %rd1, %rd2, p, 1, 1, 0, 1;
+\twgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%r1}, %rd3, %rd4, p, 1, 1, 0, 1;
+\twgmma.commit_group.sync.aligned;
+\twgmma.wait_group.sync.aligned 0;
+\tmma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%r2}, {%r3}, {%r4}, {%r2};
+\t@%p1 bra $L__BB0_1;
+"""
+
+
+def test_loop_mma_work_counts_flops_per_cta_and_the_wait():
+  from dit_quant_jax.bench import triton_ptx
+  work = triton_ptx.loop_mma_work(PTX_LOOP, num_warps=8)
+  # 2 wgmma per warpgroup x 2 warpgroups; 1 mma.sync per warp x 8 warps
+  assert work["loop_mma_flops_16bit"] == 2 * (2 * 64 * 128 * 16) * 2
+  assert work["loop_mma_flops_8bit"] == 8 * (2 * 16 * 8 * 32)
+  assert work["loop_wgmma_waits_all"]
+  assert not triton_ptx.loop_mma_work(PTX_LOOP.replace("aligned 0", "aligned 1"), 8)[
+      "loop_wgmma_waits_all"]
+
+
+def test_ctas_per_sm_is_the_tighter_of_registers_and_shared_memory():
+  from dit_quant_jax.bench import triton_ptx
+  assert triton_ptx.ctas_per_sm(104, 8, 98304, 90) == 2  # 104 x 256 threads; 2 x 96 KB
+  assert triton_ptx.ctas_per_sm(128, 8, 196608, 90) == 1  # shared memory
+  assert triton_ptx.ctas_per_sm(209, 8, 65536, 90) == 1  # registers (> 128 per thread)
+  assert triton_ptx.ctas_per_sm(64, 4, 16384, 90) == 8
+
+
+def test_issue_floor_adds_the_tensor_time_only_when_nothing_overlaps_it():
+  from dit_quant_jax.bench import triton_ptx
+  loop = dict(issue=200, int=100, fp32=0, convert=0, memory=10)
+  mma = dict(loop_mma_flops_16bit=2.0 * 128 * 128 * 128, loop_mma_flops_8bit=0.0,
+             loop_wgmma_waits_all=True, ctas_per_sm=1)
+  kwargs = dict(num_warps=8, programs=864, trips=9, cc=90)
+  plain = triton_ptx.issue_floor_seconds(loop, **kwargs)
+  tensor_s = 864 * 9 * (2.0 * 128 ** 3) / (989e12 / 1.83e9 / 132) / (132 * 1.83e9)
+  serial = triton_ptx.issue_floor_seconds(loop, mma=mma, **kwargs)
+  assert serial["tensor_s"] == pytest.approx(tensor_s) and serial["mma_serial"]
+  assert serial["issue_floor_s"] == pytest.approx(tensor_s + plain["issue_floor_s"])
+  overlapped = triton_ptx.issue_floor_seconds(loop, mma=dict(mma, ctas_per_sm=2), **kwargs)
+  assert overlapped["issue_floor_s"] == pytest.approx(max(tensor_s, plain["issue_floor_s"]))
+  assert not overlapped["mma_serial"]
+
+
 def test_issue_floors_raise_the_triton_parts_only():
   from dit_quant_jax.bench import static_report
   m, k, n = 4096, 1152, 3456

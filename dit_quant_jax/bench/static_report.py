@@ -111,14 +111,16 @@ def case_stats(fn, avals, config: dict, cc: int, name: str = "") -> list[dict]:
       loop = {key[5:]: value for key, value in stats.items() if key.startswith("sass_")}
       stats.update(triton_ptx.issue_floor_seconds(
           loop, num_warps=num_warps, programs=math.prod(module["grid"]),
-          trips=main_loop_trips(name, config, avals), cc=cc))
+          trips=main_loop_trips(name, config, avals), cc=cc, mma=stats))
     out.append(stats)
   return out
 
 
 def _tensor_core_text(stats: dict) -> str:
   if stats.get("wgmma"):
-    return f"wgmma x{stats['wgmma']} ({', '.join(stats['wgmma_types'])})"
+    overlap = "waits every step" if stats.get("loop_wgmma_waits_all") else "async across steps"
+    return (f"wgmma x{stats['wgmma']} ({', '.join(stats['wgmma_types'])}; {overlap}, "
+            f"{stats.get('ctas_per_sm', 1)} CTA/SM)")
   if stats.get("mma"):
     return f"mma.sync x{stats['mma']} ({', '.join(stats['mma_types'])})"
   return "none (CUDA cores)"
@@ -319,7 +321,12 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = Non
            "marked * are raised to a Triton kernel's SASS issue floor (its main loop's "
            "instructions over the SMs' issue and pipe rates, bench/triton_ptx."
            "issue_floor_seconds): there the kernel's instructions, not its bytes or FLOPs, "
-           "bound it.", "",
+           "bound it.  Where a kernel's K loop waits for all its wgmma every step (Triton "
+           "makes no dot with an int32 accumulator asynchronous) and one CTA fills an SM, its "
+           "issue floor is the tensor-core time plus the rest of the loop's issue time "
+           "(nothing overlaps them), not the larger of the two.  Kernels are compiled "
+           "through triton's TTIR passes as XLA compiles them (bench/triton_ptx.ttir_stage).",
+           "",
            "| op | target | K x N | M | path | producer | floor us | bf16 floor us (LN fused: "
            "+ the LayerNorm pass) | floor speedup | act-quant share of the rest (LN fused: "
            "raw / beyond the LayerNorm pass) | meets? |",

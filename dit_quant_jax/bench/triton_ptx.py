@@ -85,10 +85,39 @@ def lowering_available() -> tuple[bool, str]:
   return True, ""
 
 
-def compile_ttir(ttir: str, *, num_warps: int, num_stages: int, cc: int):
-  """Compile TTIR text with triton for sm_<cc> (sm_90a for 90); returns the compiled kernel."""
+def ttir_stage(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> str:
+  """Run triton's TTIR-level passes (``make_ttir``: inliner, canonicalize, combine, ...) over
+  the TTIR that Pallas emits, as XLA's Triton pipeline does before it converts to TTGIR
+  (xla/backends/gpu/codegen/triton/compilation_pipeline_cuda.cc).  ``triton.compile`` on a
+  ``.ttir`` file starts after that stage, so without this the combine pass never folds Pallas's
+  ``acc + dot(a, b)`` into ``dot(a, b, acc)``: the PTX then waits for every wgmma in the K loop
+  (``wgmma.wait_group 0``) and adds the accumulator on the FP32 pipe, which is not what a GPU
+  runs."""
+  from triton._C.libtriton import ir
+  from triton.backends.compiler import GPUTarget
+  from triton.backends.nvidia.compiler import CUDABackend
+  backend = CUDABackend(GPUTarget("cuda", cc, 32))
+  options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, "kernel.ttir")
+    with open(path, "w") as f:
+      f.write(ttir)
+    module = ir.parse_mlir_module(path, context)
+  module.context = context
+  return str(CUDABackend.make_ttir(module, {}, options, cc))
+
+
+def compile_ttir(ttir: str, *, num_warps: int, num_stages: int, cc: int,
+                 run_ttir_stage: bool = True):
+  """Compile TTIR text with triton for sm_<cc> (sm_90a for 90); returns the compiled kernel.
+  run_ttir_stage: first run :func:`ttir_stage` (what XLA does; False: the raw Pallas TTIR)."""
   import triton
   from triton.backends.compiler import GPUTarget
+  if run_ttir_stage:
+    ttir = ttir_stage(ttir, num_warps=num_warps, num_stages=num_stages, cc=cc)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "kernel.ttir")
     with open(path, "w") as f:
@@ -153,6 +182,49 @@ def per_k_step_counts(ptx: str) -> dict:
               step_cp_async=_count(r"cp\.async\.(?:ca|cg)\.shared", body),
               step_mma=_count(r"\bmma\.sync\.aligned", body) + _count(r"wgmma\.mma_async", body),
               step_lines=body.count("\n") + 1 if body else 0)
+
+
+# Dense tensor-core peaks per SM and clock (datasheet peak / SMs / CLOCK_HZ): FLOP per cycle.
+# H100 SXM: 989 TFLOP/s bf16, twice that for 8-bit; A100 SXM: 312 / 624.
+MMA_FLOPS_PER_SM_CYCLE = {90: {"16bit": 989e12 / 132 / 1.83e9, "8bit": 2 * 989e12 / 132 / 1.83e9},
+                          80: {"16bit": 312e12 / 108 / 1.41e9, "8bit": 2 * 312e12 / 108 / 1.41e9}}
+SHARED_BYTES_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+REGISTERS_PER_SM = 65536
+
+
+def _operand_class(types: str) -> str:
+  return "8bit" if re.search(r"\b(?:s8|u8|e4m3|e5m2)\b", types.replace(".", " ")) else "16bit"
+
+
+def loop_mma_work(ptx: str, num_warps: int) -> dict:
+  """Tensor-core work of one CTA in one iteration of the main loop (k_loop_body), in FLOPs by
+  operand width: a wgmma mMnNkK is issued by each warpgroup (num_warps / 4 of them) and does
+  2 M N K; an mma.sync mMnNkK by each warp.  Also whether the loop waits for all its wgmma
+  before the next iteration (``wgmma.wait_group 0`` inside it: in that CTA no tensor-core work
+  overlaps the rest of the iteration; a properly asynchronous Triton dot waits with
+  ``wait_group 1`` and overlaps the next iteration's loads and decode)."""
+  body = k_loop_body(ptx)
+  flops = {"16bit": 0.0, "8bit": 0.0}
+  pattern = r"m(\d+)n(\d+)k(\d+)\.(\S+?)[ ;]"
+  for m, n, k, types in re.findall(r"wgmma\.mma_async\.sync\.aligned\." + pattern, body):
+    flops[_operand_class(types)] += 2.0 * int(m) * int(n) * int(k) * max(num_warps // 4, 1)
+  for m, n, k, types in re.findall(r"\bmma\.sync\.aligned\." + pattern, body):
+    flops[_operand_class(types)] += 2.0 * int(m) * int(n) * int(k) * num_warps
+  waits = re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", body)
+  return dict(loop_mma_flops_16bit=flops["16bit"], loop_mma_flops_8bit=flops["8bit"],
+              loop_wgmma_waits_all=any(int(w) == 0 for w in waits))
+
+
+def ctas_per_sm(registers: int | None, num_warps: int, shared_bytes: int, cc: int) -> int:
+  """CTAs of one kernel resident per SM, bounded by registers (allocated per warp in units of
+  256) and shared memory; at least 1."""
+  limits = []
+  if registers:
+    per_warp = -(-registers * 32 // 256) * 256
+    limits.append(REGISTERS_PER_SM // (per_warp * num_warps))
+  if shared_bytes:
+    limits.append(SHARED_BYTES_PER_SM.get(cc, 164 * 1024) // int(shared_bytes))
+  return max(1, min(limits)) if limits else 1
 
 
 def find_ptxas() -> list[str]:
@@ -298,18 +370,35 @@ def sass_loop_classes(sass: str) -> dict:
 
 
 def issue_floor_seconds(loop: dict, *, num_warps: int, programs: int, trips: int, cc: int,
-                        sm_count: int | None = None) -> dict:
-  """Lower bound on a kernel's time from what its main loop must issue: over all programs and
-  iterations, each instruction class's warp-instructions / (SMs x its per-SM rate x clock);
-  the slowest class bounds the kernel (perfect overlap, no latency, no wave quantization)."""
+                        sm_count: int | None = None, mma: dict | None = None) -> dict:
+  """Lower bound on a kernel's time from what its main loop must issue and compute: over all
+  programs and iterations, each instruction class's warp-instructions / (SMs x its per-SM rate
+  x clock), and the loop's tensor-core FLOPs at the per-SM peak (``mma``: kernel_stats'
+  ``loop_mma_*`` and ``ctas_per_sm``).  Overlap: where the loop waits for all its wgmma in
+  every iteration and one CTA fills an SM, nothing else runs while the tensor cores work, so
+  the floor is the tensor time plus the slowest class's time ("serial"); otherwise the slowest
+  of all (perfect overlap).  No latency, no wave quantization."""
   rates = SASS_RATES if cc >= 90 else SASS_RATES_SM80
   sms = sm_count or SM_COUNT.get(cc, 108)
+  clock = CLOCK_HZ.get(cc, 1.4e9)
   warp_iterations = programs * trips * num_warps
-  times = {name: warp_iterations * loop.get(name, 0) / (sms * rate * CLOCK_HZ.get(cc, 1.4e9))
+  times = {name: warp_iterations * loop.get(name, 0) / (sms * rate * clock)
            for name, rate in rates.items()}
   bound = max(times, key=times.get)
-  return dict(issue_floor_s=times[bound], issue_bound=bound, **{f"{k}_s": v for k, v in
-                                                                times.items()})
+  floor = times[bound]
+  out = {}
+  if mma:
+    peaks = MMA_FLOPS_PER_SM_CYCLE.get(cc, MMA_FLOPS_PER_SM_CYCLE[80])
+    cycles = sum(mma.get(f"loop_mma_flops_{width}", 0.0) / peaks[width] for width in peaks)
+    tensor_s = programs * trips * cycles / (sms * clock)
+    serial = bool(mma.get("loop_wgmma_waits_all")) and int(mma.get("ctas_per_sm", 1)) <= 1
+    out.update(tensor_s=tensor_s, mma_serial=serial)
+    if serial:
+      floor, bound = tensor_s + floor, f"serial mma+{bound}"
+    elif tensor_s > floor:
+      floor, bound = tensor_s, "tensor"
+  return dict(issue_floor_s=floor, issue_bound=bound, **out,
+              **{f"{k}_s": v for k, v in times.items()})
 
 
 def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict:
@@ -325,6 +414,8 @@ def kernel_stats(ttir: str, *, num_warps: int, num_stages: int, cc: int) -> dict
   stats.update(ptx_counts(ptx))
   stats.update(per_k_step_counts(ptx))
   stats.update(ptxas_resources(ptx, cc))
+  stats.update(loop_mma_work(ptx, num_warps))
+  stats["ctas_per_sm"] = ctas_per_sm(stats.get("registers"), num_warps, stats["shared_bytes"], cc)
   sass = sass_text(kernel, cc)
   loop = sass_loop_classes(sass) if sass else {}
   stats.update({f"sass_{k}": v for k, v in loop.items()})

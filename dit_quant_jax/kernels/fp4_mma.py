@@ -261,11 +261,23 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
   all_half = jnp.ones((HALF_TILE_K,), jnp.bool_)
   acc_dtype = acc_dtype_for(dot_kind)
 
+  def whole_tile_step(k_tile, acc):
+    # The decoded image: one dot over the whole K tile.  One dot per loop iteration is what
+    # lets Triton keep the wgmma of a float32-accumulator dot in flight across iterations (two
+    # chained dots make it wait for the first before the second: wgmma.wait_group 0).
+    k_start = k_tile * TILE_K
+    k_mask = k_start + jnp.arange(TILE_K, dtype=jnp.int32) < k_features
+    x_tile = common.load_tile(x_ref, row_start, block_m, k_start, TILE_K, row_mask, k_mask)
+    w_tile = common.load_tile(tiles_ref, col_start, block_n, k_start, TILE_K, col_mask,
+                              jnp.ones((TILE_K,), jnp.bool_))
+    if dot_kind == "fp8":  # E4M3 bit patterns (a masked fp8 load cannot lower)
+      x_tile = lax.bitcast_convert_type(x_tile, jnp.float8_e4m3fn)
+      w_tile = lax.bitcast_convert_type(w_tile, jnp.float8_e4m3fn)
+    return acc + jnp.dot(x_tile, w_tile.T, preferred_element_type=acc_dtype)
+
   def k_step(k_tile, acc):
     k_start = k_tile * TILE_K
-    if predecode:
-      planes = (None, None)
-    elif packed_decode:  # bf16 values (not the int8 image): the wrapper's column scale matches
+    if packed_decode:  # bf16 values (not the int8 image): the wrapper's column scale matches
       byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
                                    HALF_TILE_K, col_mask, all_half)
       planes = tuple(decode_bf16_packed(byte_tile, code, plane) for plane in (0, 1))
@@ -281,12 +293,7 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
                                 k_mask)
       if dot_kind == "fp8":  # x arrives as E4M3 bit patterns (a masked fp8 load cannot lower)
         x_half = lax.bitcast_convert_type(x_half, jnp.float8_e4m3fn)
-      if predecode:
-        w_half = common.load_tile(tiles_ref, col_start, block_n, half_start, HALF_TILE_K,
-                                  col_mask, all_half)
-        if dot_kind == "fp8":
-          w_half = lax.bitcast_convert_type(w_half, jnp.float8_e4m3fn)
-      elif packed_decode:
+      if packed_decode:
         w_half = codes  # already the bf16 values
       else:
         w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
@@ -294,7 +301,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     return acc
 
   first, end = common.k_tile_range(k_features, TILE_K, split_k)
-  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), acc_dtype))
+  acc = lax.fori_loop(first, end, whole_tile_step if predecode else k_step,
+                      jnp.zeros((block_m, block_n), acc_dtype))
 
   def epilogue(acc):
     row_scale = common.load_vector(row_scale_ref, row_start, block_m, row_mask)
