@@ -6,6 +6,7 @@ import pytest
 
 from dit_quant_jax.kernels import common
 from dit_quant_jax.kernels import dispatch
+from dit_quant_jax.kernels import fp4_matmul
 
 H100 = "NVIDIA H100 80GB HBM3"
 H200 = "NVIDIA H200"
@@ -96,3 +97,10 @@ def test_fp4_paths_exist_and_are_verified():
   assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=A100).path == "unpacked_triton_bf16"
   assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=H100).path == "unpacked_triton_bf16"
   assert dispatch.choose("w4a4", 16, 1152, 4608, device_kind=H100).config == {}
+  # W4A16: the in-loop decode kernel at every M on Hopper; XLA decode + dot at large M on sm_80.
+  assert dispatch.choose("w4a16", 4096, 1152, 4608, device_kind=H100).path == "triton_bf16"
+  assert dispatch.choose("w4a16", 16, 1152, 4608, device_kind=H100).path == "triton_bf16"
+  assert dispatch.choose("w4a16", 4096, 1152, 4608, device_kind=A100).path == "xla_bf16"
+  hopper_loop = fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16", predecode=False)
+  assert hopper_loop["num_stages"] == 2 and hopper_loop["block_m"] == 128  # 2 CTAs per SM
+  assert fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16")["num_stages"] == 3

@@ -77,6 +77,30 @@ def test_w4a4_large_m_kernels_use_tensor_cores_without_spills(cc):
   assert seen == set(wanted)
 
 
+def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm():
+  """The W4A16 kernel the table picks at large M on Hopper (4-bit tiles decoded in the K loop):
+  its wgmma waits every step, so the config must leave room for a second CTA per SM (shared
+  memory and registers), on bf16 wgmma, without spills."""
+  import functools
+
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import fp4_matmul
+  from dit_quant_jax.kernels import fp4_mma
+  m_rows, k_features, n_features = 512, 512, 256  # any M > 64 takes the token-row config
+  config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, "hopper", "bf16",
+                                         predecode=False)
+  weight = fp4_mma.PackedFp4Weight(
+      jax.ShapeDtypeStruct((n_features, k_features // 2), jnp.uint8),
+      jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
+  fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind="bf16", predecode=False, **config))
+  avals = (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16),
+           jax.ShapeDtypeStruct((m_rows,), jnp.float32), weight)
+  (stats,) = static_report.case_stats(fn, avals, config, 90, f"fp4_mma_bf16 M={m_rows}")
+  assert stats["wgmma"] > 0 and any("bf16" in t for t in stats["wgmma_types"]), stats
+  assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, stats
+  assert stats["ctas_per_sm"] >= 2, stats
+
+
 def test_ttir_stage_makes_the_decoded_image_dot_asynchronous():
   """The bf16 kernel on a decoded image (W4A8's large-M path): one dot per K step, compiled
   through triton's TTIR passes as XLA does, keeps its wgmma in flight across steps; the raw

@@ -471,18 +471,26 @@ def _interpret() -> bool:
 
 
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
-                       device: str | None = None, dot_kind: str | None = None) -> dict:
+                       device: str | None = None, dot_kind: str | None = None,
+                       predecode: bool = True) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
   with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled), and for
   the fp8 dot on Hopper too (it lowers to mma.sync f16 there: 128 x 128 spills 220-528 B at 255
   registers, 64 x 128 takes 128 registers and none).
   Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
+  The bf16 kernel decoding 4-bit tiles in its K loop (predecode=False) on Hopper takes 2
+  stages: 104 KB of shared memory and 128 registers let 2 CTAs share an SM, so one decodes
+  while the other's wgmma runs (Triton waits for a wgmma whose operand the loop itself wrote to
+  shared memory before the next K step; with 3 stages, 144 KB, one CTA fills the SM and decode
+  and tensor cores take turns: static report).
   device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
   exercise the Hopper configs)."""
   if m_rows > 64:
     if device is None:
       device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
+    if device == "hopper" and dot_kind == "bf16" and not predecode:
+      return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=2)
     if device == "hopper" and dot_kind != "fp8":
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
     return dict(block_m=64, block_n=128, split_k=1, num_warps=8, num_stages=3)
@@ -496,11 +504,11 @@ def _local_is_hopper() -> bool:
   return any(name in kind for name in ("H100", "H200", "H800", "GH200", "H20"))
 
 
-def _mma_options(x, weight, config, dot_kind=None):
+def _mma_options(x, weight, config, dot_kind=None, predecode=True):
   """fp4_mma's launch options for this call: default_mma_config for the dot kind (the fp8
   dot gets its own Hopper tiles), overridden by the config's entries."""
   options = default_mma_config(x.shape[0], weight.n_features, weight.k_features,
-                               dot_kind=dot_kind)
+                               dot_kind=dot_kind, predecode=predecode)
   options.update({k: v for k, v in (config or {}).items() if k in options})
   return options
 
@@ -531,7 +539,8 @@ def _w4a16_triton_path(predecode: bool):
     ones = jnp.ones((x.shape[0],), jnp.float32)
     return fp4_mma.fp4_mma(x.astype(jnp.bfloat16), ones, weight, bias, dot_kind="bf16",
                            predecode=predecode, interpret=_interpret(), out_dtype=x.dtype,
-                           activation=activation, **_mma_options(x, weight, config))
+                           activation=activation,
+                           **_mma_options(x, weight, config, "bf16", predecode))
 
   return path
 
@@ -581,7 +590,7 @@ def _quantized_path(act_impl: str, dot_impl: str, dot_kind: str, fixed_format=No
     return fp4_mma.fp4_mma(values, row_scale, weight, bias, dot_kind=dot_kind,
                            predecode=predecode, interpret=_interpret(), out_dtype=out_dtype,
                            activation=activation,
-                           **_mma_options(x, weight, config, dot_kind))
+                           **_mma_options(x, weight, config, dot_kind, predecode))
 
   return path
 
@@ -690,9 +699,9 @@ def lowering_cases(shapes=None, device: str = "hopper"):
         jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
     row_scale = jax.ShapeDtypeStruct((m_rows,), jnp.float32)
     for kind in kinds:
-      config = default_mma_config(m_rows, n_features, k_features, device, kind)
       x = jax.ShapeDtypeStruct((m_rows, k_features), fp4_mma.x_dtype_for(kind))
       for predecode in ((False, True) if m_rows > 64 else (False,)):
+        config = default_mma_config(m_rows, n_features, k_features, device, kind, predecode)
         fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=predecode,
                                        out_dtype=jnp.bfloat16, **config))
         prefix = "fp4_mma_unpacked" if predecode else "fp4_mma"
