@@ -133,8 +133,8 @@ def job_train_resume(model, params, out_dir):
 
 def job_vq4dit(model, params, out_dir):
   qconfig = config_spec.load("configs/vq4dit.py:tiny", {
-      "calibration.steps": 3, "calibration.checkpoint_every": 3, "calibration.log_every": 3,
-      "calib.num_samples": 4, "calib.timestep_respacing": "2", "kmeans.num_iters": 5})
+      "calibration.steps": 2, "calibration.checkpoint_every": 2, "calibration.log_every": 2,
+      "calib.num_samples": 2, "calib.timestep_respacing": "2", "kmeans.num_iters": 2})
   qparams, report = api.quantize(model, params, qconfig, workdir=os.path.join(out_dir, "vq_state"))
   kernel = qparams["blocks_0"]["mlp"]["fc1"]["kernel"].dequantize()
   return dict(vq_kernel=distributed.to_host(kernel),
@@ -146,7 +146,7 @@ def job_hqdit(model, params, out_dir):
   # W4A4: format selection, clip searches, Hadamard; GPTQ and the sequential (quantized-input)
   # calibration off to keep the test short (they add no cross-process code path).
   qconfig = config_spec.load("configs/hqdit.py:w4a4", {
-      "calib.num_samples": 4, "calib.timestep_respacing": "ddim2", "gptq.enabled": False,
+      "calib.num_samples": 2, "calib.timestep_respacing": "ddim2", "gptq.enabled": False,
       "calib.inputs": "fp", "weight.clip_count": 3, "act.clip_count": 3})
   qparams, _ = api.quantize(model, params, qconfig)
   noise, labels = pipeline.noise_and_labels(model, 1, seed=9)
