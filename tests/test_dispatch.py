@@ -24,8 +24,9 @@ def test_device_classes():
 
 @pytest.mark.parametrize("device_kind", [H100, A100])
 def test_vq_paths_by_m(device_kind):
-  expected = {16: "vq_splitk", 64: "vq_splitk", 128: "vq_tiled", 1024: "vq_dequant_dot",
-              16384: "vq_dequant_dot"}
+  # Large M: the tiled kernel on Hopper (2 CTAs per SM), XLA decode + bf16 dot on sm_80.
+  large = "vq_tiled" if device_kind == H100 else "vq_dequant_dot"
+  expected = {16: "vq_splitk", 64: "vq_splitk", 128: "vq_tiled", 1024: large, 16384: large}
   for m_rows, path in expected.items():
     assert dispatch.choose("vq", m_rows, 1152, 4608, device_kind=device_kind).path == path
   # M = 256 sits on the H100 side of the ridge (memory-bound dot) but not on the A100's.
@@ -52,7 +53,8 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
                 or config["split_k"] * 2 > k_tiles or config["split_k"] == dispatch.MAX_SPLIT_K)
   tiled = dispatch.choose("vq", 256, 1152, 4608, device_kind=H100).config
   assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"]) == (128, 128, 8)
-  assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config == {}
+  assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config == tiled
+  assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=A100).config == {}
 
 
 def test_split_k_rule():
@@ -81,7 +83,7 @@ def test_register_and_errors():
 
 
 def test_describe_lists_every_shape():
-  rows = dispatch.describe("vq", DIT_XL2_SHAPES, (16, 4096), device_kind=H100)
+  rows = dispatch.describe("vq", DIT_XL2_SHAPES, (16, 4096), device_kind=A100)
   assert len(rows) == 10
   assert {row["path"] for row in rows} == {"vq_splitk", "vq_dequant_dot"}
 

@@ -5,11 +5,12 @@ axis 0 with ``pack_bits(bits=ceil(log2 k))``; ``W[s * d + j, n] = codebook[index
 
 Three paths, chosen per shape by :mod:`dit_quant_jax.kernels.dispatch`:
 
-* ``vq_dequant_dot`` (large M, compute-bound): decode the layer into a transient bf16 (K, N)
+* ``vq_dequant_dot`` (large M on sm_80, compute-bound): decode the layer into a transient bf16 (K, N)
   buffer with XLA and call the bf16 XLA dot (tensor cores at full rate).  Peak memory grows by
   one layer; the decode costs one pass over the indices and one bf16 write of the weight, which
   the dot amortises over M rows.
-* ``vq_tiled`` (mid M): a Pallas kernel; each program owns a (block_m, block_n) output tile and
+* ``vq_tiled`` (mid M; every M > 64 on Hopper, where two CTAs per SM overlap one's decode with
+  the other's wgmma): a Pallas kernel; each program owns a (block_m, block_n) output tile and
   per K step decodes its (block_k, block_n) weight tile once: the tile's indices are read as a
   contiguous block (rows of N bytes: wide loads), each index gathers its whole d-vector from the
   bf16 codebook (one d * 2-byte load per index, not d loads), and one bf16 ``dot`` with float32
