@@ -97,7 +97,7 @@ def test_fp4_paths_exist_and_are_verified():
         assert path in fp4_matmul.PATHS[op], (op, cls, path)
         assert (op, path) not in fp4_matmul.UNVERIFIED, (op, path)
   assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=A100).path == "unpacked_triton_bf16"
-  assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=H100).path == "unpacked_triton_bf16"
+  assert dispatch.choose("w4a8", 4096, 1152, 4608, device_kind=H100).path == "unpacked_triton_fp8"
   assert dispatch.choose("w4a4", 16, 1152, 4608, device_kind=H100).config == {}
   # W4A16: the in-loop decode kernel at every M on Hopper; XLA decode + dot at large M on sm_80.
   assert dispatch.choose("w4a16", 4096, 1152, 4608, device_kind=H100).path == "triton_bf16"

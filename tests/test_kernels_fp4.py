@@ -519,7 +519,10 @@ def test_choose_path_falls_back_where_kernels_do_not_apply():
   # fp8 images only for formats with an exact E4M3 image (INT4 has none)
   path = fmm.choose_path("w4a4", 8, 384, 64, act_format="int4", device_kind="H100").path
   assert not path.endswith("fp8")
-  assert fmm.choose_path("w4a8", 4096, 1152, 1152, device_kind="H100").path == "unpacked_triton_bf16"
+  assert fmm.choose_path("w4a8", 4096, 1152, 1152, device_kind="H100").path == "unpacked_triton_fp8"
+  # an INT4 weight has no E4M3 image: the bf16 image on Hopper too
+  assert fmm.choose_path("w4a8", 4096, 1152, 1152, device_kind="H100",
+                         weight_format="int4").path == "unpacked_triton_bf16"
   assert fmm.choose_path("w4a8", 4096, 1152, 1152, device_kind="A100").path == "unpacked_triton_bf16"
   with pytest.raises(ValueError, match="act_format"):
     fmm.linear("w4a4", jnp.ones((2, 128)), fp4_mma.pack_weight(np.zeros((128, 16), np.int32),

@@ -101,6 +101,35 @@ def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm():
   assert stats["ctas_per_sm"] >= 2, stats
 
 
+def test_hopper_fp8_kernel_uses_fp8_wgmma():
+  """W4A8's large-M kernel on Hopper (the layer's E4M3 image, fp8_dot.FAST_ACCUM): the TTIR's
+  tt.dot carries maxNumImpreciseAcc and the PTX has wgmma e4m3 (without it Triton upcasts to
+  f16 mma.sync), no spills, 2 CTAs per SM."""
+  import functools
+
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import fp4_matmul
+  from dit_quant_jax.kernels import fp4_mma
+  from dit_quant_jax.kernels import fp8_dot
+  assert fp8_dot.INSTALLED
+  m_rows, k_features, n_features = 4096, 1152, 1152  # proj at 256 px, batch 16 (registers
+  # depend on K's tile count through the software pipeline: test the DiT width)
+  config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, "hopper", "fp8")
+  weight = fp4_mma.PackedFp4Weight(
+      jax.ShapeDtypeStruct((n_features, k_features // 2), jnp.uint8),
+      jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
+  fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind="fp8", predecode=True, **config))
+  avals = (jax.ShapeDtypeStruct((m_rows, k_features), jnp.float8_e4m3fn),
+           jax.ShapeDtypeStruct((m_rows,), jnp.float32), weight)
+  (module,) = triton_ptx.lower_for_gpu(fn, *avals, cc=90)
+  assert f"maxNumImpreciseAcc = {fp8_dot.FAST_ACCUM_INTERVAL}" in module["ttir"]
+  stats = triton_ptx.kernel_stats(module["ttir"], num_warps=config["num_warps"],
+                                  num_stages=config["num_stages"], cc=90)
+  assert stats["wgmma"] > 0 and stats["wgmma_types"] == ["f32.e4m3.e4m3"], stats
+  assert stats["mma"] == 0 and stats["spill_store_bytes"] == 0, stats
+  assert stats["ctas_per_sm"] >= 2, stats
+
+
 def test_ttir_stage_makes_the_decoded_image_dot_asynchronous():
   """The bf16 kernel on a decoded image (W4A8's large-M path): one dot per K step, compiled
   through triton's TTIR passes as XLA does, keeps its wgmma in flight across steps; the raw

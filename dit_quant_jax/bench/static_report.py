@@ -205,7 +205,7 @@ LN_FED_SHAPES = roofline.LN_FED_SHAPES
 # Triton kernel (lowering case name prefix) of each FP4 path's GEMM; the XLA dots have none.
 _GEMM_KERNEL = {"triton_int8": "fp4_mma_int8", "unpacked_triton_int8": "fp4_mma_unpacked_int8",
                 "triton_bf16": "fp4_mma_bf16", "unpacked_triton_bf16": "fp4_mma_unpacked_bf16",
-                "triton_fp8": "fp4_mma_fp8"}
+                "triton_fp8": "fp4_mma_fp8", "unpacked_triton_fp8": "fp4_mma_unpacked_fp8"}
 
 
 def issue_floors(rows) -> dict:

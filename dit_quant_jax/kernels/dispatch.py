@@ -62,9 +62,7 @@ TABLE = {
         "cpu": ((64, "vq_splitk"), (256, "vq_tiled"), (INF, "vq_dequant_dot")),
     },
     # FP4 (kernels/fp4_matmul.py PATHS names).  Small M: the Triton kernel that reads the
-    # 4-bit weight once (1/4 of the bf16 bytes).  Large M: unpack once per call, then W4A16:
-    # the XLA bf16 dot on the scale-folded bf16 layer; W4A8: the XLA fp8 dot (Hopper; the
-    # Triton fp8 dot lowers to mma.sync f16) or bf16 (Ampere); W4A4: see below.
+    # 4-bit weight once (1/4 of the bf16 bytes).  Large M: see each op below.
     # The Mosaic GPU paths stay out until a GPU run verifies them (fp4_matmul.UNVERIFIED).
     # W4A16 on Hopper: the in-loop decode kernel at every M (2 CTAs per SM overlap one's
     #   decode with the other's wgmma: its floor is the bf16 dot's FLOP floor, vs 0.74-0.98x
@@ -85,8 +83,10 @@ TABLE = {
     # second pass scales, and its act-quant is XLA's (no LayerNorm fusion): H100 floors
     # 0.59-0.77x at M = 4096 vs about 0.73x and 0.80x vs 0.75x for the DiT step (session 20);
     # the Triton fp8 dot lowers to mma.sync f16 (see fp4_matmul.PATHS).  A GPU run decides.
+    # Hopper (session 22): the fp8 image decoded once + the Triton fp8 kernel on fp8 wgmma
+    # (kernels/fp8_dot.py; 64 x 128 tiles, 2 CTAs per SM), the W4A4 recipe at the 8-bit rate.
     "w4a8": {
-        "hopper": ((64, "triton_bf16"), (INF, "unpacked_triton_bf16")),
+        "hopper": ((64, "triton_bf16"), (INF, "unpacked_triton_fp8")),
         "ampere": ((64, "triton_bf16"), (INF, "unpacked_triton_bf16")),
         "gpu": ((64, "triton_bf16"), (INF, "unpacked_triton_bf16")),
         "cpu": ((64, "triton_bf16"), (INF, "xla_fp8")),

@@ -450,17 +450,20 @@ def w4a4_linear(packed_x, x_scale, x_int_lut, packed_weight, w_int_lut, w_scale,
 # act-quant kernel + fp4_mma kernel decoding 4-bit tiles in its K loop; interpret mode off
 # GPU), "unpacked_triton_*" (the same, but the layer's 8-bit / bf16 image is decoded once per
 # call with XLA and the kernel only loads it: the large-M choice, see fp4_mma.fp4_mma).
-# "triton_fp8" lowers to mma.sync on f16 (Pallas does not set tt.dot's max_num_imprecise_acc,
-# so Triton refuses fp8 wgmma): exact but at f16 rate; prefer xla_fp8 / triton_int8 on Hopper.
+# The fp8 kernels compiled for a GPU ask for fp8_dot.FAST_ACCUM (Pallas alone leaves tt.dot's
+# maxNumImpreciseAcc at 0, and Triton then upcasts to f16 mma.sync): Hopper fp8 wgmma, the
+# products summed in the tensor core over each 128-wide K tile and added into a float32
+# accumulator per tile (interpret mode: exact float32 dots).
 # "mosaic_int8" / "mosaic_fp8" (Hopper, jax >= 0.11; M, N multiples of 128):
 # kernels/fp4_mosaic.py, lowered off-GPU only (wgmma s8 / e4m3 in its Mosaic GPU MLIR), never
 # run: GPU-test before dispatching.
 #
-# Roofline (H100 SXM, static SASS counts; see the h11a report): decoding 4-bit tiles inside the
-# K loop costs ~12 instructions per weight element per M tile in Triton (SASS: 777 per thread
-# per 128 x 128 x 128 step vs 4 IGMMA), 3-6x the int8 tensor-core time at block_m = 128, so the
-# in-loop paths are for small M only; at large M the unpacked_* paths (decode once, 176
-# instructions per step) and the XLA dots are the candidates.  The XLA dots write an int32 /
+# Roofline (H100 SXM, static SASS counts, benchmarks/static_report.md): decoding 4-bit tiles
+# inside the K loop to int8 / fp8 costs 400+ integer instructions per warp per 128-wide K step,
+# above the 8-bit tensor-core time, so those in-loop paths are for small M only; the bf16 one
+# (packed decode, 223) hides under the bf16 wgmma with 2 CTAs per SM (W4A16 at every M on
+# Hopper); at large M the unpacked_* paths (decode once, ~100 instructions per step) and the
+# XLA dots are the 8-bit candidates.  The XLA dots write an int32 /
 # float32 (M, N) accumulator and scale it in a second fusion unless XLA fuses that epilogue into
 # the GEMM: measure before preferring them to unpacked_triton_*.
 # UNVERIFIED = the path names no test has run (the dispatcher must skip them until a GPU run).
@@ -476,8 +479,9 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
   with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled), and for
-  the fp8 dot on Hopper too (it lowers to mma.sync f16 there: 128 x 128 spills 220-528 B at 255
-  registers, 64 x 128 takes 128 registers and none).
+  the fp8 dot on Hopper too: on fp8 wgmma (fp8_dot.FAST_ACCUM) the decoded-image kernel takes
+  122 registers and 64 KB at 64 x 128 (2 CTAs per SM: one's per-step float32 promotion overlaps
+  the other's wgmma) vs 185 registers at 128 x 128 (1 CTA: promotion and wgmma take turns).
   Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
   The bf16 kernel decoding 4-bit tiles in its K loop (predecode=False) on Hopper takes 2
   stages: 104 KB of shared memory and 128 registers let 2 CTAs share an SM, so one decodes
@@ -648,6 +652,9 @@ PATHS = {
         "triton_fp8": _quantized_path("triton", "triton", "fp8", _FP8),
         "triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8),
         "unpacked_triton_bf16": _quantized_path("triton", "triton", "bf16", _FP8, True),
+        # The layer's E4M3 image decoded once + the Triton fp8 kernel: Hopper fp8 wgmma
+        # (kernels/fp8_dot.py), products summed in the tensor core over each 128-wide K tile.
+        "unpacked_triton_fp8": _quantized_path("triton", "triton", "fp8", _FP8, True),
         "mosaic_fp8": _mosaic_path("fp8", _FP8),
     },
     "w4a4": {
@@ -666,7 +673,8 @@ PATHS = {
 FP4_PATHS = PATHS
 # Paths whose act-quant step is act_quant.quantize_rows (the Triton kernel): fuses_row_norm.
 _TRITON_ACT_QUANT = {
-    "w4a8": ("triton_fp8", "triton_bf16", "unpacked_triton_bf16", "mosaic_fp8"),
+    "w4a8": ("triton_fp8", "triton_bf16", "unpacked_triton_bf16", "unpacked_triton_fp8",
+             "mosaic_fp8"),
     "w4a4": ("triton_int8", "triton_fp8", "triton_quant_xla_int8", "unpacked_triton_int8",
              "mosaic_int8", "mosaic_fp8"),
 }
@@ -740,7 +748,8 @@ def lowering_cases(shapes=None, device: str = "hopper"):
 # below a 16-wide dot tile, e.g. the tiny test models).
 _XLA_QUANT_FALLBACK = {
     ("w4a8", "triton_fp8"): "xla_fp8", ("w4a8", "triton_bf16"): "xla_bf16",
-    ("w4a8", "unpacked_triton_bf16"): "xla_bf16", ("w4a8", "mosaic_fp8"): "xla_fp8",
+    ("w4a8", "unpacked_triton_bf16"): "xla_bf16", ("w4a8", "unpacked_triton_fp8"): "xla_fp8",
+    ("w4a8", "mosaic_fp8"): "xla_fp8",
     ("w4a4", "triton_int8"): "xla_int8", ("w4a4", "triton_fp8"): "xla_fp8",
     ("w4a4", "triton_quant_xla_int8"): "xla_int8", ("w4a4", "unpacked_triton_int8"): "xla_int8",
     ("w4a4", "mosaic_int8"): "xla_int8", ("w4a4", "mosaic_fp8"): "xla_fp8",

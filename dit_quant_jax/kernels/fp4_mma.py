@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import fp8_dot
 from dit_quant_jax.numerics import activation as activation_fn
 from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
@@ -247,7 +248,7 @@ def acc_dtype_for(dot_kind: str):
 def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
                    block_n: int, split_k: int, activation=None, approx_tanh: bool = False,
-                   packed_decode: bool = False):
+                   packed_decode: bool = False, fast_accum: bool = False):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
   (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
@@ -260,6 +261,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
   col_mask = col_start + jnp.arange(block_n, dtype=jnp.int32) < n_features
   all_half = jnp.ones((HALF_TILE_K,), jnp.bool_)
   acc_dtype = acc_dtype_for(dot_kind)
+  # fp8 on a GPU: Hopper's fp8 wgmma (fp8_dot.FAST_ACCUM; Triton's f16 mma.sync otherwise).
+  dot_precision = fp8_dot.FAST_ACCUM if fast_accum and dot_kind == "fp8" else None
 
   def whole_tile_step(k_tile, acc):
     # The decoded image: one dot over the whole K tile.  One dot per loop iteration is what
@@ -273,7 +276,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     if dot_kind == "fp8":  # E4M3 bit patterns (a masked fp8 load cannot lower)
       x_tile = lax.bitcast_convert_type(x_tile, jnp.float8_e4m3fn)
       w_tile = lax.bitcast_convert_type(w_tile, jnp.float8_e4m3fn)
-    return acc + jnp.dot(x_tile, w_tile.T, preferred_element_type=acc_dtype)
+    return acc + jnp.dot(x_tile, w_tile.T, preferred_element_type=acc_dtype,
+                         precision=dot_precision)
 
   def k_step(k_tile, acc):
     k_start = k_tile * TILE_K
@@ -297,7 +301,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
         w_half = codes  # already the bf16 values
       else:
         w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
-      acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype)
+      acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype,
+                          precision=dot_precision)
     return acc
 
   first, end = common.k_tile_range(k_features, TILE_K, split_k)
@@ -376,7 +381,8 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
                              predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
                              activation=activation, approx_tanh=not interpret,
-                             packed_decode=packed_decode)
+                             packed_decode=packed_decode,
+                             fast_accum=not interpret and fp8_dot.INSTALLED)
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
