@@ -414,6 +414,9 @@ def test_lowering_cases_are_well_formed():
   assert any("fp4_mma_int8 M=4096" in n for n in names)
   assert any("quantize_rows_int8 M=4096 K=1152 a=36" in n for n in names)
   assert any("quantize_rows_norm_int8 M=4096 K=1152 a=36" in n for n in names)
+  assert any("quantize_rows_norm_fp8 M=4096 K=1152 a=36" in n for n in names)  # W4A8, Hopper
+  assert not any("_fp8 " in n for n in (c[0] for c in fmm.lowering_cases(
+      shapes=[(4096, 1152, 4608)], device="ampere")))
   for _, fn, args, config in cases:
     assert callable(fn) and "num_warps" in config
     assert all(isinstance(a, (jax.ShapeDtypeStruct, fp4_mma.PackedFp4Weight, tuple)) for a in args)

@@ -243,10 +243,11 @@ def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: 
       out.update(floor_s=value, issue_raised=True)
     return out
   act_s = out["act_quant_s"]
-  # W4A4 only: the report lowers the int8-image act-quant (E2M1 encode); W4A8's FP8 image
-  # is a clip and a cast, cheaper, and has no lowered case (its act-quant keeps its floor).
-  if op == "w4a4" and fp4_matmul.fuses_row_norm(op, path):
-    kernel = "quantize_rows_norm_int8" if fused else "quantize_rows_int8"
+  # The report lowers the act-quant for both images: int8 (W4A4's E2M1 codes) and fp8 (W4A8's
+  # E4M3 image, the Hopper device class only).
+  if op in ("w4a4", "w4a8") and fp4_matmul.fuses_row_norm(op, path):
+    image = "int8" if op == "w4a4" else "fp8"
+    kernel = f"quantize_rows_norm_{image}" if fused else f"quantize_rows_{image}"
     value = issue.get((kernel, m_rows, k_features, None))
     if value is not None and value > act_s:
       act_s = value

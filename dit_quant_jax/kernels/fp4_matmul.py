@@ -688,6 +688,15 @@ def quantize_fp8_per_token(x, clip_ratio: float = 1.0):
                                      image="fp8")
 
 
+def _quantize_case(x, transform, **kwargs):
+  return act_quant.quantize_rows(x, transform, **kwargs)
+
+
+def _quantize_norm_case(x, transform, norm_mul, norm_add, **kwargs):
+  return act_quant.quantize_rows(x, transform, norm_mul=norm_mul, norm_add=norm_add,
+                                 tokens_per_sample=256, **kwargs)
+
+
 def lowering_cases(shapes=None, device: str = "hopper"):
   """(name, jitted_fn, arg ShapeDtypeStructs, config) per FP4 kernel at DiT-XL/2 shapes, for
   the static report (lower with triton_static.capture_ttir(jitted_fn, *args)).
@@ -723,19 +732,21 @@ def lowering_cases(shapes=None, device: str = "hopper"):
       warps = act_quant.default_num_warps(*act_quant.row_shape(k_features, a_order))
       # The model's transform: a Hadamard block (FP4Weight.hadamard_kind 'hadamard').
       quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1, dense_signs=True)
-      fn = jax.jit(lambda x, t: act_quant.quantize_rows(
-          x, t, act_format="e2m1", image="int8", **quant_config))
-      cases.append((f"quantize_rows_int8 M={m_rows} K={k_features} a={a_order}", fn,
-                    (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16), transform),
-                    dict(quant_config)))
-      if k_features == 1152 and m_rows % 256 == 0:  # qkv / fc1 input: LayerNorm fused
-        norm_fn = jax.jit(lambda x, t, mul, add: act_quant.quantize_rows(
-            x, t, act_format="e2m1", image="int8", norm_mul=mul, norm_add=add,
-            tokens_per_sample=256, **quant_config))
-        affine = jax.ShapeDtypeStruct((m_rows // 256, k_features), jnp.float32)
-        cases.append((f"quantize_rows_norm_int8 M={m_rows} K={k_features} a={a_order}",
-                      norm_fn, (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16),
-                                transform, affine, affine), dict(quant_config)))
+      # W4A4's int8 image (E2M1 codes); on Hopper also W4A8's E4M3 image (its fp8 kernel).
+      images = (("int8", "e2m1"), ("fp8", _FP8)) if device == "hopper" else (("int8", "e2m1"),)
+      for image, act_format in images:
+        fn = jax.jit(functools.partial(_quantize_case, act_format=act_format, image=image,
+                                       **quant_config))
+        cases.append((f"quantize_rows_{image} M={m_rows} K={k_features} a={a_order}", fn,
+                      (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16), transform),
+                      dict(quant_config)))
+        if k_features == 1152 and m_rows % 256 == 0:  # qkv / fc1 input: LayerNorm fused
+          norm_fn = jax.jit(functools.partial(_quantize_norm_case, act_format=act_format,
+                                              image=image, **quant_config))
+          affine = jax.ShapeDtypeStruct((m_rows // 256, k_features), jnp.float32)
+          cases.append((f"quantize_rows_norm_{image} M={m_rows} K={k_features} a={a_order}",
+                        norm_fn, (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16),
+                                  transform, affine, affine), dict(quant_config)))
   return cases
 
 
