@@ -344,6 +344,14 @@ def _path_inputs(seed, m_rows, k_features, n_features, name, a_order):
   return x, weight, bias, transform
 
 
+def _path_tolerance(path):
+  """Relative (to the largest output) tolerance of a path against the reference: float32
+  accumulation order off a GPU; compiled fp8 dots on a GPU sum each K tile in the tensor core's
+  reduced-precision accumulator (kernels/fp8_dot.py), so they get 2e-3."""
+  from dit_quant_jax.kernels import common
+  return 2e-3 if common.on_gpu() and path.endswith("fp8") else 1e-5
+
+
 def _runnable(op):
   return sorted(name for name in fmm.PATHS[op]
                 if name != "reference" and (op, name) not in fmm.UNVERIFIED)
@@ -358,7 +366,7 @@ def test_w4a4_paths_match_reference(path, a_order):
   expected = fmm.PATHS["w4a4"]["reference"](x, weight, bias, **kwargs)
   got = fmm.PATHS["w4a4"][path](x, weight, bias, **kwargs)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
-                             atol=1e-5 * np.abs(np.asarray(expected)).max())
+                             atol=_path_tolerance(path) * np.abs(np.asarray(expected)).max())
 
 
 @pytest.mark.parametrize("path", _runnable("w4a8"))
@@ -368,7 +376,7 @@ def test_w4a8_paths_match_reference_with_clip(path):
   expected = fmm.PATHS["w4a8"]["reference"](x, weight, bias, **kwargs)
   got = fmm.PATHS["w4a8"][path](x, weight, bias, **kwargs)
   np.testing.assert_allclose(np.asarray(got), np.asarray(expected),
-                             atol=1e-5 * np.abs(np.asarray(expected)).max())
+                             atol=_path_tolerance(path) * np.abs(np.asarray(expected)).max())
   # The clip ratio matters: without it the result differs.
   unclipped = fmm.PATHS["w4a8"][path](x, weight, bias, clip_ratio=1.0, transform=transform,
                                       config=dict(quant_transform_dtype="float32"))
