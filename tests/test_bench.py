@@ -209,6 +209,8 @@ SASS_LOOP = """
 .L_x_0:
         /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
         /*0020*/                   LOP3.LUT R6, R7, 0xf, RZ, 0xc0, !PT ;
+        /*0028*/                   IMAD.MOV.U32 R11, RZ, RZ, R6 ;
+        /*002c*/                   HMUL2.BF16_V2 R12, R11, R11 ;
         /*0030*/                   SHF.R.U32.HI R8, RZ, 0x4, R7 ;
         /*0040*/                   I2F.S16 R9, R6 ;
         /*0050*/                   FADD R10, R9, R9 ;
@@ -222,14 +224,22 @@ SASS_LOOP = """
 def test_sass_loop_classes_and_issue_floor():
   from dit_quant_jax.bench import triton_ptx
   loop = triton_ptx.sass_loop_classes(SASS_LOOP)
-  # the loop: LDGSTS, LOP3, SHF, I2F, FADD, HGMMA, UIADD3, BRA (MOV / EXIT outside it)
-  assert loop == dict(issue=8, int=2, fp32=1, convert=1, memory=1, tensor=1, uniform=2)
+  # the loop: LDGSTS, LOP3, IMAD.MOV, HMUL2, SHF, I2F, FADD, HGMMA, UIADD3, BRA (MOV / EXIT
+  # outside it): IMAD on the FMA pipe, not the ALU's "int"; HMUL2 the packed-half class
+  assert loop == dict(issue=10, int=2, imad=1, fp32=1, fp16x2=1, convert=1, memory=1, tensor=1,
+                      uniform=2)
   floor = triton_ptx.issue_floor_seconds(loop, num_warps=8, programs=264, trips=9, cc=90)
   warp_iterations = 264 * 9 * 8
-  # the issue slots bound it: 8 instructions at 4 per clock per SM, vs 1 conversion at 0.5
+  # the issue slots bound it: 10 instructions at 4 per clock per SM, vs 1 conversion at 0.5
   assert floor["issue_bound"] == "issue"
-  assert floor["issue_floor_s"] == pytest.approx(warp_iterations * 8 / (132 * 4 * 1.83e9))
+  assert floor["issue_floor_s"] == pytest.approx(warp_iterations * 10 / (132 * 4 * 1.83e9))
   assert floor["convert_s"] == pytest.approx(warp_iterations * 1 / (132 * 0.5 * 1.83e9))
+  # sm_90's FMA pipes: IMAD + FP32 + 2 x FP16x2 = 4 warp-instructions at 4 per clock
+  assert floor["fma_s"] == pytest.approx(warp_iterations * 4 / (132 * 4 * 1.83e9))
+  assert floor["int_s"] == pytest.approx(warp_iterations * 2 / (132 * 2 * 1.83e9))
+  sm80 = triton_ptx.issue_floor_seconds(loop, num_warps=8, programs=264, trips=9, cc=80)
+  assert sm80["fma_s"] == pytest.approx(warp_iterations * 2 / (108 * 2 * 1.41e9))  # IMAD + FP32
+  assert sm80["fp16x2_s"] == pytest.approx(warp_iterations * 1 / (108 * 2 * 1.41e9))
   assert triton_ptx.sass_loop_classes("        /*0000*/                   EXIT ;") == {}  # no loop
 
 

@@ -127,11 +127,13 @@ def _tensor_core_text(stats: dict) -> str:
 
 
 def _sass_text(stats: dict) -> str:
-  """'instr (int / fp32 / convert / memory) | issue floor (pipe)' cells, or empty ones."""
+  """'instr (alu / imad / fp32 / fp16x2 / convert / memory) | issue floor (pipe)' cells, or
+  empty ones."""
   if "sass_issue" not in stats:
     return " | "
-  loop = (f"{stats['sass_issue']} ({stats['sass_int']} / {stats['sass_fp32']} / "
-          f"{stats['sass_convert']} / {stats['sass_memory']})")
+  loop = (f"{stats['sass_issue']} ({stats['sass_int']} / {stats.get('sass_imad', 0)} / "
+          f"{stats['sass_fp32']} / {stats.get('sass_fp16x2', 0)} / {stats['sass_convert']} / "
+          f"{stats['sass_memory']})")
   if "issue_floor_s" not in stats:
     return loop + " | "
   return f"{loop} | {stats['issue_floor_s'] * 1e6:.2f} ({stats['issue_bound']})"
@@ -477,8 +479,9 @@ def markdown(result: dict, header_lines) -> str:
               "",
               "| case | path | config | tensor cores | regs | spills (B) | smem (KB) | per K step: "
               "cp.async / ld.global / MMA instr | whole kernel: cp.async, ld.global (v4 / v2 / "
-              "8-bit) | atom | SASS main loop per warp: instr (int / fp32 / convert / memory) "
-              "| issue floor us (pipe) | floor us | bf16 floor us | floor speedup |",
+              "8-bit) | atom | SASS main loop per warp: instr (alu / imad / fp32 / fp16x2 / "
+              "convert / memory) | issue floor us (pipe) | floor us | bf16 floor us | floor "
+              "speedup |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
       config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "path")

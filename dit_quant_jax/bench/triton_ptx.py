@@ -293,20 +293,41 @@ def ptxas_resources(ptx: str, cc: int) -> dict:
 # Per-SM throughput of each instruction class in warp-instructions per clock (sm_80 / sm_90,
 # CUDA programming guide's arithmetic-instruction throughput table): every instruction takes
 # an issue slot (4 schedulers); the "int" class is the ALU pipe at 64 lanes per clock: 32-bit
-# integer / logic / shift / permute ops and also FP32 compare, select, min / max and the bf16
-# pack (F2FP); FP32 add / multiply / FMA at 128 (sm_80: 64); conversions (I2F, F2F, F2I, ...)
-# and MUFU at 16; warp shuffles at 32 and shared / global memory instructions through the MIO
-# queue at about 1 (the "memory" class).  Tensor-core instructions are timed by the roofline
-# (FLOPs / peak), not here.  IMAD is counted as "int"; on sm_90 it may issue on the FMA pipe,
-# so integer-bound floors may be up to ~2x high there.
-SASS_RATES = {"issue": 4.0, "int": 2.0, "fp32": 4.0, "convert": 0.5, "memory": 1.0}
-SASS_RATES_SM80 = dict(SASS_RATES, fp32=2.0)
+# integer / logic / shift / permute ops (LOP3, SHF, PRMT, IADD3, ...) and also FP32 compare,
+# select, min / max and the bf16 pack (F2FP).  IMAD (also IMAD.MOV / IMAD.SHL, which ptxas
+# uses as moves and shifts to offload the ALU pipe) and IDP run on the FMA pipe instead, its
+# "heavy" half on sm_90 (NVIDIA: GH100's FMAheavy pipe takes IMAD, IDP and FP32, FMAlite FP32
+# only, and FP16x2 ops issue to both halves; GA100 has one FMA pipe for IMAD, IDP and FP32,
+# its FP16x2 ops go to the pipe it shares with the tensor cores and FP64).  So: "imad" at 64
+# lanes per clock; FP32 add / multiply / FMA at 128 on sm_90 (64 on sm_80); on sm_90 the two
+# FMA halves bound IMAD + FP32 + 2 x FP16x2 together at 128 lanes ("fma"); FP16x2 at 64 on
+# sm_80.  Conversions (I2F, F2F, F2I, ...) and MUFU at 16; warp shuffles at 32 and shared /
+# global memory instructions through the MIO queue at about 1 (the "memory" class).
+# Tensor-core instructions are timed from their FLOPs (loop_mma_work), not here.
+SASS_RATES = {"issue": 4.0, "int": 2.0, "imad": 2.0, "fp32": 4.0, "convert": 0.5, "memory": 1.0,
+              "fma": 4.0}
+SASS_RATES_SM80 = {"issue": 4.0, "int": 2.0, "imad": 2.0, "fp32": 2.0, "convert": 0.5,
+                   "memory": 1.0, "fma": 2.0, "fp16x2": 2.0}
 CLOCK_HZ = {90: 1.83e9, 80: 1.41e9}  # the clocks at which the datasheet tensor peaks hold
 _TENSOR_OPS = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "WARPGROUP", "WARPSYNC")
 _CONVERT_OPS = ("I2F", "F2I", "F2F", "I2I", "I2FP", "MUFU", "FRND", "POPC", "FLO", "BREV")
 _FP32_OPS = ("FADD", "FMUL", "FFMA", "FCHK", "FSWZADD")
+_IMAD_OPS = ("IMAD", "IMUL", "IDP", "IMADSP")
+_FP16X2_OPS = ("HADD2", "HMUL2", "HFMA2", "HMNMX2", "HSET2", "HSETP2")
 _MEMORY_OPS = ("LDS", "STS", "LDG", "STG", "LDGSTS", "LDSM", "STSM", "ATOM", "ATOMS", "RED",
                "LDL", "STL", "UTMALDG", "UBLKCP", "LD", "ST", "SHFL")
+
+
+def _class_counts(loop: dict, cc: int) -> dict:
+  """Warp-instructions per iteration charged to each rate of SASS_RATES(_SM80): the classes
+  themselves plus the combined FMA-pipe count ("fma": IMAD + FP32, and on sm_90 FP16x2 twice)."""
+  counts = {name: loop.get(name, 0) for name in ("issue", "int", "imad", "fp32", "convert",
+                                                 "memory", "fp16x2")}
+  if cc >= 90:
+    counts["fma"] = counts["imad"] + counts["fp32"] + 2 * counts["fp16x2"]
+  else:
+    counts["fma"] = counts["imad"] + counts["fp32"]
+  return counts
 
 
 def sass_text(kernel, cc: int) -> str:
@@ -345,7 +366,8 @@ def sass_loop_classes(sass: str) -> dict:
       start = labels[branch.group(1)]
       if number - start > best[1] - best[0]:
         best = (start, number)
-  counts = dict(issue=0, int=0, fp32=0, convert=0, memory=0, tensor=0, uniform=0)
+  counts = dict(issue=0, int=0, imad=0, fp32=0, fp16x2=0, convert=0, memory=0, tensor=0,
+                uniform=0)
   if best == (0, 0):  # no loop (e.g. a single iteration, unrolled): no per-iteration count
     return {}
   for line in lines[best[0]:best[1] + 1]:
@@ -359,6 +381,10 @@ def sass_loop_classes(sass: str) -> dict:
       counts["convert"] += 1
     elif opcode in _FP32_OPS:
       counts["fp32"] += 1
+    elif opcode in _IMAD_OPS:
+      counts["imad"] += 1
+    elif opcode in _FP16X2_OPS:
+      counts["fp16x2"] += 1
     elif opcode in _MEMORY_OPS:
       counts["memory"] += 1
     elif opcode.startswith("U") or opcode in ("BAR", "BRA", "DEPBAR", "MEMBAR", "FENCE",
@@ -382,7 +408,8 @@ def issue_floor_seconds(loop: dict, *, num_warps: int, programs: int, trips: int
   sms = sm_count or SM_COUNT.get(cc, 108)
   clock = CLOCK_HZ.get(cc, 1.4e9)
   warp_iterations = programs * trips * num_warps
-  times = {name: warp_iterations * loop.get(name, 0) / (sms * rate * clock)
+  counts = _class_counts(loop, cc)
+  times = {name: warp_iterations * counts[name] / (sms * rate * clock)
            for name, rate in rates.items()}
   bound = max(times, key=times.get)
   floor = times[bound]
