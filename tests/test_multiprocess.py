@@ -1,9 +1,11 @@
-"""Multi-process jax for real: 2 local processes (127.0.0.1, gloo CPU collectives) against one.
+"""Multi-process jax for real: 2 local processes (127.0.0.1, gloo CPU collectives) of 2 CPU
+devices each, against one process on one device.
 
 tests/multiprocess_worker.py runs the tiny DiT's jobs (sampling with padding and the ADM npz
 shards, a few training steps with a resume and an EMA export, a short VQ4DiT calibration, an
-HQ-DiT W4A4 quantization) once in a single process and once in 2 processes that build their
-global batches from process-local rows.  The results must agree (the batch is split
+HQ-DiT W4A4 quantization) once in a single process on a single device and once in 2 processes
+that build their global batches from process-local rows, over 4 devices (2 per process: the
+batch is split both within and across processes).  The results must agree (the batch is split
 differently over devices, so float sums may differ in the last bits: ``ATOL``), and only
 process 0 may write.  Also: the configuration checks of ``utils/distributed.py``.
 """
@@ -24,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO_ROOT, "tests", "multiprocess_worker.py")
 JOBS = ("sample", "train", "vq4dit", "hqdit")
 NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
 # Whole-run bound (the machine is shared: generous, but a hung collective must not hang CI).
 RUN_TIMEOUT_S = float(os.environ.get("MULTIPROCESS_TEST_TIMEOUT_S", "2400"))
 # Differences from splitting a batch over 2 devices instead of 1 (float32 reduction order);
@@ -96,7 +99,9 @@ def _launch(out_dir, jobs, log_path, process_id=None, port=None):
   for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
               distributed.ENV_AUTO, "XLA_FLAGS"):
     env.pop(key, None)
+  env["JAX_PLATFORMS"] = "cpu"
   if process_id is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     env.update({distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
                 distributed.ENV_NUM_PROCESSES: str(NUM_PROCESSES), distributed.ENV_PROCESS_ID: str(process_id)})
   log = open(log_path, "a")
@@ -172,9 +177,11 @@ def test_topology_reports_two_processes(runs):
     with open(os.path.join(runs["multi"], f"process_{i}.json")) as f:
       info = json.load(f)
     assert info["process_index"] == i and info["process_count"] == NUM_PROCESSES
-    assert info["global_devices"] == NUM_PROCESSES * info["local_devices"]
+    assert info["local_devices"] == DEVICES_PER_PROCESS
+    assert info["global_devices"] == NUM_PROCESSES * DEVICES_PER_PROCESS
   with open(os.path.join(runs["single"], "process_0.json")) as f:
-    assert json.load(f)["process_count"] == 1
+    info = json.load(f)
+  assert info["process_count"] == 1 and info["global_devices"] == 1
 
 
 @pytest.mark.parametrize("key", [

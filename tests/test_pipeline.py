@@ -1,4 +1,5 @@
-"""End to end: quantize.py / sample.py, the reproduce pipeline, sweeps, multi-device equivalence.
+"""End to end: quantize.py / sample.py, the reproduce pipeline, sweeps, ADM shards (multi-device
+and multi-process equivalence: tests/test_multiprocess.py).
 
 Runs on a tiny random DiT (tests/tiny_model.py) and a few samples, with the shipped classifier.
 """
@@ -15,7 +16,6 @@ from dit_quant_jax import config_spec, reproduce, sweep
 from tiny_model import save_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(REPO, "tests")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
   config.model = tiny_ckpt
   config.results_dir = str(tmp_path / "results")
   config.quant_dir = str(tmp_path / "quant")
-  keep = {"fp", "kmeans_w2", "vq4dit_w2", "hqdit_w4a4", "vq_w2a4"}  # RTN: tests/test_rtn.py
+  # RTN: tests/test_rtn.py; the k-means-only row: test_shared_overrides_leave_kmeans_rows_uncalibrated
+  keep = {"fp", "vq4dit_w2", "hqdit_w4a4", "vq_w2a4"}
   config.rows = [r for r in config.rows if r.key in keep]
   messages = []
   rows = reproduce.run(config, progress=messages.append)
@@ -50,15 +51,25 @@ def test_reproduce_tiny_end_to_end(tiny_ckpt, tmp_path):
   table = open(os.path.join(config.results_dir, "results.md")).read()
   assert "VQ4DiT W2" in table and "HQ-DiT W4A4" in table
   assert any("ETA" in m or "elapsed" in m for m in messages)  # progress is reported
-  # The shared calibration overrides leave the k-means-only row uncalibrated.
-  reports = {key: json.load(open(os.path.join(config.quant_dir, key, "report.json")))
-             for key in ("kmeans_w2", "vq4dit_w2")}
-  assert reports["kmeans_w2"]["calibration"] is None and reports["vq4dit_w2"]["calibration"]
+  report = json.load(open(os.path.join(config.quant_dir, "vq4dit_w2", "report.json")))
+  assert report["calibration"]["steps"] == 2  # the shared override reached the row
   # A second run reuses the quantized checkpoints on disk (no re-quantization).
   mtime = os.path.getmtime(os.path.join(config.quant_dir, "vq4dit_w2", "report.json"))
   config.rows = [r for r in config.rows if r.key == "vq4dit_w2"]
   reproduce.run(config, progress=lambda m: None)
   assert os.path.getmtime(os.path.join(config.quant_dir, "vq4dit_w2", "report.json")) == mtime
+
+
+def test_shared_overrides_leave_kmeans_rows_uncalibrated():
+  config = config_spec.load("configs/reproduce.py:tiny")
+  rows = {r.key: r for r in config.rows}
+  kmeans = reproduce.row_quantization_config(config, rows["kmeans_w2"])
+  calibrated = reproduce.row_quantization_config(config, rows["vq4dit_w2"])
+  assert int(kmeans.calibration.steps) == 0  # k-means only stays k-means only
+  assert int(calibrated.calibration.steps) == 2 and int(calibrated.calib.num_samples) == 2
+  assert int(kmeans.kmeans.num_iters) == int(calibrated.kmeans.num_iters) == 3
+  hq = reproduce.row_quantization_config(config, rows["hqdit_w4a4"])
+  assert not hq.gptq.enabled  # the tiny job turns GPTQ off for every row that has it
 
 
 def test_sweep_launcher_and_aggregator(tiny_ckpt, tmp_path):
@@ -99,27 +110,6 @@ def test_quantize_and_sample_scripts(tiny_ckpt, tmp_path):
   npz = np.load(samples / "samples.npz")
   assert npz["arr_0"].shape == (10, 32, 32, 3) and npz["arr_0"].dtype == np.uint8
   assert os.path.getsize(samples / "grid.png") > 0
-
-
-def test_multi_device_equals_single_device(tmp_path):
-  procs = {}
-  for devices in (1, 4):  # both runs at once (each is mostly single-threaded compilation)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu")
-    procs[devices] = subprocess.Popen(
-        [sys.executable, os.path.join(TESTS, "multidevice_pipeline_check.py"),
-         str(tmp_path / f"d{devices}.npz")], cwd=REPO, env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
-  results = {}
-  for devices, proc in procs.items():
-    output, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, output[-5000:]
-    results[devices] = np.load(tmp_path / f"d{devices}.npz")
-  assert int(results[4]["devices"]) == 4 and int(results[1]["devices"]) == 1
-  np.testing.assert_allclose(results[4]["images"], results[1]["images"], atol=2e-5)
-  np.testing.assert_allclose(results[4]["traj_x"], results[1]["traj_x"], atol=2e-5)
-  np.testing.assert_allclose(results[4]["vq_losses"], results[1]["vq_losses"], rtol=1e-4)
-  np.testing.assert_allclose(results[4]["vq_kernel"], results[1]["vq_kernel"], atol=1e-5)
 
 
 def test_adm_shards_resume_and_config(tmp_path):
