@@ -98,6 +98,34 @@ def test_fp4_roofline_closed_forms():
   assert with_norm["gemm_s"] == pytest.approx(unpacked["gemm_s"])
 
 
+def test_two_pass_bound_closed_forms_and_classification():
+  from dit_quant_jax.bench import static_report
+  m, k, n = 4096, 1152, 1152
+  # W4A4 proj: the act-quant pass at its floor, then the int8 GEMM reading 4-bit weights
+  bound = roofline.two_pass_bound("w4a4", m, k, n, H100, 36)
+  act = roofline.act_quant_floor(m, k, 36, H100)["floor_s"]
+  gemm = max(2 * m * k * n / (2 * 989e12), (m * k + k * n / 2 + 4 * n + 2 * m * n) / 3.35e12)
+  assert bound["act_quant_s"] == pytest.approx(act)
+  assert bound["floor_s"] == pytest.approx(act + gemm)
+  # W4A16 and VQ: the GEMM alone, the weights at their stored width
+  assert roofline.two_pass_bound("w4a16", 16, k, n, H100)["floor_s"] == pytest.approx(
+      (16 * k * 2 + k * n / 2 + 4 * n + 2 * 16 * n) / 3.35e12)
+  vq_bytes = roofline.vq_weight_bytes(k, n, 256, 4)
+  assert vq_bytes == k // 4 * n + 256 * 4 * 2
+  assert roofline.two_pass_bound("vq", 16, k, n, H100)["floor_s"] == pytest.approx(
+      (16 * k * 2 + vq_bytes + 4 * n + 2 * 16 * n) / 3.35e12)
+  with pytest.raises(ValueError, match="unknown op"):
+    roofline.two_pass_bound("w3a3", m, k, n, H100)
+  # Never above a path's floor (the bound has no decode pass and no issue floors) ...
+  rows = static_report.target_rows(90, shapes=((1152, 1152), (1152, 3456)))
+  assert all(r["bound_s"] <= r["floor_s"] * (1 + 1e-9) for r in rows)
+  # ... and the proj miss at M = 4096 is the structure's: even the bound is below 1.6x
+  proj = {(r["op"], r["k"], r["n"], r["m"]): r for r in rows}[("w4a4", 1152, 1152, 4096)]
+  assert proj["bound_speedup"] < 1.6
+  text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 1152),)))
+  assert "| no: structure |" in text and "below the target even at the design bound" in text
+
+
 def test_static_report_target_rows():
   from dit_quant_jax.bench import static_report
   rows = static_report.target_rows(90, shapes=((1152, 3456),))

@@ -179,3 +179,31 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
   gemm_s = decode_s + dot["floor_s"] + epilogue_s
   return dict(floor_s=act_s + gemm_s, act_quant_s=act_s, gemm_s=gemm_s, decode_s=decode_s,
               epilogue_s=epilogue_s, bound=dot["bound"])
+
+
+def two_pass_bound(op: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
+                   a_order=None, norm_fused: bool = False) -> dict:
+  """The floor of the best kernels this design admits, whatever their code: the weights read
+  once at their stored width inside the GEMM (no decode pass: 4 bits for FP4, VQ_W2's
+  indices + codebook), the GEMM at its tensor-core or memory floor (8-bit
+  tensor cores for W4A4 / W4A8, bf16 for W4A16 / VQ), and for W4A4 / W4A8 the act-quant as a
+  pass of its own at :func:`act_quant_floor` (the transform at the kernel's precision; fused
+  with the LayerNorm where ``norm_fused``), run before the GEMM that reads its image.  A
+  target above ``bf16 floor / this`` needs a different structure (a producer that emits the
+  quantized image), not better kernels.  -> dict(floor_s, act_quant_s, gemm_s)."""
+  flops = 2 * m_rows * k_features * n_features
+  if op == "vq":
+    weight = vq_weight_bytes(k_features, n_features, **VQ_W2)
+    gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+    return dict(floor_s=gemm["floor_s"], act_quant_s=0.0, gemm_s=gemm["floor_s"])
+  if op not in ("w4a4", "w4a8", "w4a16"):
+    raise ValueError(f"unknown op {op!r}; expected vq, w4a4, w4a8 or w4a16")
+  weight = k_features * n_features // 2  # as fp4_path_floor's in-loop paths count it
+  if op == "w4a16":
+    gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+    return dict(floor_s=gemm["floor_s"], act_quant_s=0.0, gemm_s=gemm["floor_s"])
+  act_s = act_quant_floor(m_rows, k_features, a_order, peaks, norm_fused=norm_fused)["floor_s"]
+  gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight, 1), peaks,
+                      2.0)
+  return dict(floor_s=act_s + gemm["floor_s"], act_quant_s=act_s, gemm_s=gemm["floor_s"])
+
