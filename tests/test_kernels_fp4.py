@@ -461,6 +461,30 @@ def test_mosaic_kernel_lowers_to_wgmma(dot_kind, instruction):
   assert f"wgmma.mma_async.sync.aligned.{instruction}" in text
 
 
+@pytest.mark.parametrize("seed,dot_kind,name,out_dtype", [(1, "int8", "e2m1", jnp.float32),
+                                                          (2, "int8", "e3m0", jnp.bfloat16),
+                                                          (3, "fp8", "e1m2", jnp.float32)])
+def test_mosaic_kernel_matches_reference_in_the_gpu_interpreter(seed, dot_kind, name, out_dtype):
+  """Mosaic GPU (jax >= 0.11) run in Pallas's GPU interpreter on CPU at the DiT tile (128 x
+  128): 2 x 2 output tiles walked by one program, 3 K steps through the TMA pipeline."""
+  from dit_quant_jax.kernels import fp4_mosaic
+  if not fp4_mosaic.interpreter_available():
+    pytest.skip(f"no Pallas Mosaic GPU interpreter in jax {jax.__version__}")
+  rng = _rng(seed)
+  m_rows, k_features, n_features = 256, 384, 256
+  weight, dense = _weight(rng, k_features, n_features, name)
+  x, x64 = _operand(rng, dot_kind, (m_rows, k_features))
+  row_scale = rng.uniform(0.5, 2.0, m_rows).astype(np.float32)
+  bias = rng.normal(size=n_features).astype(np.float32)
+  got = fp4_mosaic.fp4_mosaic_matmul(x, jnp.asarray(row_scale), weight, jnp.asarray(bias),
+                                     dot_kind=dot_kind, num_programs=1, interpret=True,
+                                     out_dtype=out_dtype)
+  expected = (x64 * row_scale[:, None]) @ dense + bias
+  rtol = 2e-6 if out_dtype == jnp.float32 else 2 ** -8
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), expected,
+                             rtol=rtol, atol=rtol * np.abs(expected).max())
+
+
 def _hqdit_weight(rng, k_features, n_features, act_format, granularity, a_order=None,
                   weight_format="e2m1", **fields):
   from dit_quant_jax.quant import hqdit

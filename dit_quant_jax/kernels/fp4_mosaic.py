@@ -66,6 +66,13 @@ def available() -> bool:
   return True
 
 
+def interpreter_available() -> bool:
+  """Pallas's GPU interpreter (plgpu.InterpretGPUParams) is in this jax, with the kernel API."""
+  if not available():
+    return False
+  return hasattr(_mosaic()[1], "InterpretGPUParams")
+
+
 def _swizzled(plgpu, minor_bytes: int):
   swizzle = plgpu.find_swizzle(minor_bytes * 8)
   return (plgpu.TilingTransform((8, swizzle)), plgpu.SwizzleTransform(swizzle))
@@ -74,11 +81,15 @@ def _swizzled(plgpu, minor_bytes: int):
 def fp4_mosaic_matmul(x, row_scale, weight: fp4_mma.PackedFp4Weight, bias=None, *,
                       dot_kind: str = "int8", block_m: int = 128, block_n: int = 128,
                       max_concurrent_steps: int = 3, num_programs: int = HOPPER_SMS,
-                      out_dtype=jnp.bfloat16):
+                      out_dtype=jnp.bfloat16, interpret: bool = False):
   """Same function as ``fp4_mma.fp4_mma(x, row_scale, weight, bias, dot_kind=...)``.
 
   x: (M, K) int8 (dot_kind 'int8') or float8_e4m3fn ('fp8'); row_scale: (M,) float32;
   weight: PackedFp4Weight with K a multiple of 128; M % block_m == N % block_n == 0.
+  interpret: run in Pallas's GPU interpreter (CPU; jax >= 0.11, one program: pass
+  num_programs=1), with its race detector on.  It checks the tiling, the pipeline's block
+  indexing, the decode, the wgmma operand layouts and the epilogue; it does not model the
+  async proxy (a missing ``commit_smem`` fence goes unnoticed: tried).
   """
   pl, plgpu = _mosaic()
   if dot_kind not in DOT_KINDS:
@@ -142,7 +153,13 @@ def fp4_mosaic_matmul(x, row_scale, weight: fp4_mma.PackedFp4Weight, bias=None, 
         )(x_gmem, x_gmem, w_gmem)
         return acc_ref[...]
 
-      acc = pl.run_scoped(acc_scope, plgpu.ACC((block_m, block_n), acc_dtype),
+      # The decoded-image scratch (SMEM) and the accumulator (registers) in separate scopes:
+      # the GPU interpreter takes no scope that mixes register and memory allocations.
+      def image_scope(w_image_smem):
+        return pl.run_scoped(lambda acc_ref: acc_scope(acc_ref, w_image_smem),
+                             plgpu.ACC((block_m, block_n), acc_dtype))
+
+      acc = pl.run_scoped(image_scope,
                           plgpu.SMEM((2, block_n, half), image_dtype, transforms=half_transforms))
       @functools.partial(pl.run_scoped,
                          out_smem=plgpu.SMEM((block_m, block_n), out_dtype),
@@ -172,6 +189,7 @@ def fp4_mosaic_matmul(x, row_scale, weight: fp4_mma.PackedFp4Weight, bias=None, 
       grid_names=("sm",),
       compiler_params=plgpu.CompilerParams(
           lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+      **({"interpret": plgpu.InterpretGPUParams(detect_races=True)} if interpret else {}),
   )
   return kernel(x, row_scale, weight.tiles, col_scale, bias)
 
