@@ -225,11 +225,31 @@ def test_dit_step_estimate_sums_the_block_floors():
 
 
 def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():
-  assert kernels._times_at("bf16_ln", 1152, 3456) and kernels._times_at("fp4_w4a4_ln", 1152, 4608)
-  assert not kernels._times_at("fp4_w4a4_ln", 1152, 1152)  # proj: its input is attention's
-  assert not kernels._times_at("bf16_ln", 4608, 1152)  # fc2: GELU's
-  assert kernels._times_at("fp4_w4a4_ln", 64, 96)  # any non-DiT shape (smoke runs)
-  assert kernels._times_at("vq_w2", 1152, 1152)
+  assert (kernels._times_at("bf16_ln", 4096, 1152, 3456)
+          and kernels._times_at("fp4_w4a4_ln", 4096, 1152, 4608))
+  assert not kernels._times_at("fp4_w4a4_ln", 4096, 1152, 1152)  # proj: its input is attention's
+  assert not kernels._times_at("bf16_ln", 4096, 4608, 1152)  # fc2: GELU's
+  assert kernels._times_at("fp4_w4a4_ln", 8, 64, 96)  # any non-DiT shape (smoke runs)
+  assert kernels._times_at("vq_w2", 16, 1152, 1152)
+  # the GEMM-only variants: token-row M only, Mosaic where it lowers and the tiles fit
+  assert not kernels._times_at("gemm_triton_int8", 16, 1152, 1152)
+  assert kernels._times_at("gemm_triton_int8", 4096, 1152, 1152)
+  from dit_quant_jax.kernels import fp4_mosaic
+  assert kernels._times_at("gemm_mosaic_int8", 4096, 1152, 1152) == fp4_mosaic.available()
+  assert not kernels._times_at("gemm_mosaic_fp8", 1032, 1152, 1152)  # M not a tile multiple
+
+
+def test_gemm_variants_pass_the_correctness_check():
+  """The GEMM-only variants (interpret mode here: Triton's, and Mosaic GPU's interpreter where
+  this jax has one) against the XLA dot on the same pre-quantized x."""
+  import jax
+  from dit_quant_jax.kernels import fp4_mosaic
+  rows = kernels.correctness_pass((128, 256, 128), True, jax.random.PRNGKey(3),
+                                  names=kernels.GEMM_VARIANTS)
+  checked = {row["kernel"] for row in rows}
+  assert "gemm_triton_int8" in checked
+  assert ("gemm_mosaic_int8" in checked) == fp4_mosaic.available()
+  assert all(row["ok"] for row in rows), rows
 
 
 SASS_LOOP = """

@@ -82,7 +82,17 @@ VARIANTS = {
     "fp4_w4a4_ln": "fp4_w4a4_had on un-normalized rows, LayerNorm + modulate fused into the "
                    "act-quant (act_quant.RowNorm), at fc1's shape with the GELU fused into the "
                    "matmul epilogue; speedup vs bf16_ln",
+    # The GEMM alone on a pre-quantized 8-bit x (the act-quant's image), M >= MOSAIC_MIN_M:
+    # the dispatched Triton kernel against the Mosaic GPU one the dispatcher does not take yet.
+    "gemm_triton_int8": "int8 x (pre-quantized) x 4-bit weights: XLA decode pass + Triton int8 "
+                        "GEMM, scales in its epilogue (W4A4's large-M GEMM, dispatch config)",
+    "gemm_mosaic_int8": "the same GEMM in Pallas Mosaic GPU (kernels/fp4_mosaic.py: TMA "
+                        "pipeline, in-loop decode, wgmma s8; Hopper, jax >= 0.11)",
+    "gemm_mosaic_fp8": "kernels/fp4_mosaic.py on an E4M3 x (wgmma e4m3)",
 }
+MOSAIC_VARIANTS = ("gemm_mosaic_int8", "gemm_mosaic_fp8")
+GEMM_VARIANTS = ("gemm_triton_int8",) + MOSAIC_VARIANTS
+MOSAIC_MIN_M = 1024  # the GEMM variants are timed at token-row M only (Mosaic: 128-row tiles)
 LN_BASELINE = "bf16_ln"  # variants ending in _ln are timed against this one
 FC1_SHAPE = (1152, 4608)  # DiT-XL/2's fc1 (K, N): the _ln variants add the GELU there
 LN_EPS = 1e-6
@@ -190,7 +200,9 @@ def make_operands(key, m_rows: int, k_features: int, n_features: int) -> dict:
         jax.random.normal(next(keys), (n_codewords, sub_dim), jnp.float32) * 0.02,
         packing.pack_bits(indices, packing.index_bits(n_codewords), axis=0))
   x_fp8, x_fp8_scale = fm.quantize_fp8_per_token_reference(x)
-  operands.update(x_fp8=x_fp8, x_fp8_scale=x_fp8_scale)
+  operands.update(x_fp8=x_fp8, x_fp8_scale=x_fp8_scale,
+                  x_int8=jnp.clip(jnp.round(x.astype(jnp.float32) * 16), -127, 127).astype(
+                      jnp.int8))
   b_size = transform_block(k_features)
   a_size = k_features // b_size
   signs = jnp.where(jax.random.bernoulli(next(keys), 0.5, (k_features,)), 1.0, -1.0)
@@ -217,6 +229,12 @@ def _config_text(config: dict) -> str:
   short = dict(block_m="bm", block_n="bn", block_k="bk", split_k="sk", num_warps="w",
                num_stages="s")
   return " ".join(f"{short.get(k, k)}{v}" for k, v in config.items())
+
+
+def _mosaic_gemm(x, row_scale, weight, bias, *, dot_kind: str, interpret: bool):
+  from dit_quant_jax.kernels import fp4_mosaic
+  options = dict(num_programs=1, interpret=True) if interpret else {}
+  return fp4_mosaic.fp4_mosaic_matmul(x, row_scale, weight, bias, dot_kind=dot_kind, **options)
 
 
 def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[str, dict]):
@@ -339,6 +357,22 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
   model_choice = fm.choose_path("w4a4", m_rows, k_features, n_features, transform=had,
                                 act_format="e2m1", weight_format="e2m1")
   paths["fp4_w4a4_had"] = paths["fp4_w4a4_ln"] = model_choice.path
+  gemm_bytes = m_rows * k_features + 4 * m_rows + fp4_bytes + out_bytes
+  triton_int8 = fm.default_mma_config(m_rows, n_features, k_features, dot_kind="int8")
+  calls["gemm_triton_int8"] = (
+      functools.partial(fp4_mma.fp4_mma, dot_kind="int8", predecode=True, interpret=interpret,
+                        out_dtype=jnp.bfloat16, **triton_int8),
+      functools.partial(fp4_mma.xla_dot, dot_kind="int8", out_dtype=jnp.bfloat16),
+      (ops["x_int8"], ops["x_fp8_scale"], ops["fp4_weight"], ops["bias"]), flops, gemm_bytes)
+  paths["gemm_triton_int8"] = f"unpacked_triton_int8 {_config_text(triton_int8)}"
+  for name in MOSAIC_VARIANTS:
+    kind = name.rsplit("_", 1)[1]
+    calls[name] = (
+        functools.partial(_mosaic_gemm, dot_kind=kind, interpret=interpret),
+        functools.partial(fp4_mma.xla_dot, dot_kind=kind, out_dtype=jnp.bfloat16),
+        (ops["x_int8" if kind == "int8" else "x_fp8"], ops["x_fp8_scale"], ops["fp4_weight"],
+         ops["bias"]), flops, gemm_bytes)
+    paths[name] = "fp4_mosaic bm128 bn128"
   calls["w4a4_e2e"] = (
       jax.jit(w4a4_e2e), None,
       (ops["x"], ops["transform"], ops["int_lut"], ops["packed_weight"], scale_w, ops["bias"]),
@@ -362,7 +396,8 @@ def _max_rel_error(y, reference):
 CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_tiled": 2e-2,
                    "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2,
                    "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2,
-                   "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2}
+                   "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2, "gemm_triton_int8": 1e-2,
+                   "gemm_mosaic_int8": 1e-2, "gemm_mosaic_fp8": 1e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 
 
@@ -375,8 +410,19 @@ def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
   for name in names:
     if name not in CHECK_TOLERANCE:
       continue
+    if name in GEMM_VARIANTS and not gemm_variant_runs(name, max(m_rows, MOSAIC_MIN_M),
+                                                       k_features, n_features):
+      continue
     kernel, reference, args, _, _ = calls[name]
-    error = _max_rel_error(kernel(*args), reference(*args))
+    try:
+      error = _max_rel_error(kernel(*args), reference(*args))
+    except Exception as failure:  # the unverified Mosaic kernels must not stop the others
+      if name not in MOSAIC_VARIANTS:
+        raise
+      logging.error("%s at %s failed: %s", name, shape, failure)
+      rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=math.nan,
+                       ok=False, error=str(failure)[:500]))
+      continue
     rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=error,
                      ok=error < CHECK_TOLERANCE[name]))
   if "act_quant" in names:
@@ -412,14 +458,28 @@ def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: floa
     path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
     return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
                                   sub_dim)["floor_s"]
-  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") else 1.0
+  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") + GEMM_VARIANTS else 1.0
   return roofline.floor_seconds(flops, moved, peaks, integer_dot)["floor_s"]
 
 
-def _times_at(name: str, k_features: int, n_features: int) -> bool:
+def gemm_variant_runs(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
+  """The GEMM-only variants at token-row M (>= MOSAIC_MIN_M); the Mosaic ones where this jax
+  has Pallas Mosaic GPU and the shape fits its tiles (M, N multiples of 128, K of 128)."""
+  if m_rows < MOSAIC_MIN_M:
+    return False
+  if name not in MOSAIC_VARIANTS:
+    return True
+  from dit_quant_jax.kernels import fp4_mosaic
+  return (fp4_mosaic.available() and m_rows % 128 == 0 and n_features % 128 == 0
+          and k_features % fp4_mma.TILE_K == 0)
+
+
+def _times_at(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
   """The LayerNorm variants (bf16_ln, *_ln) are timed at the DiT-XL/2 shapes whose input is a
   LayerNorm (qkv, fc1) only, to keep the GPU stage within its time box; any other shape
   (smoke runs, --shapes) times every variant."""
+  if name in GEMM_VARIANTS:
+    return gemm_variant_runs(name, m_rows, k_features, n_features)
   if name != LN_BASELINE and not name.endswith("_ln"):
     return True
   shape = (k_features, n_features)
@@ -442,7 +502,7 @@ def bench_kernels(shapes, tokens, names, interpret, reps, trials, peaks: rooflin
       baselines = {}
       order = ["bf16_xla"] + ([LN_BASELINE] if any(n.endswith("_ln") for n in names) else [])
       for name in order + [n for n in names if n not in order]:
-        if not _times_at(name, k_features, n_features):
+        if not _times_at(name, m_rows, k_features, n_features):
           continue
         kernel, _, args, flops, moved = calls[name]
         try:
