@@ -106,3 +106,16 @@ def test_fp4_paths_exist_and_are_verified():
   hopper_loop = fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16", predecode=False)
   assert hopper_loop["num_stages"] == 2 and hopper_loop["block_m"] == 128  # 2 CTAs per SM
   assert fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16")["num_stages"] == 3
+
+
+def test_target_gpu_traces_as_that_device_and_restores():
+  import jax
+  local = dispatch.device_class()
+  with common.target_gpu("NVIDIA A100-SXM4-80GB"):
+    assert common.on_gpu() and common.resolve_impl("auto") == (True, False)
+    assert dispatch.device_class() == "ampere"
+    with common.target_gpu():  # the default: an H100
+      assert dispatch.device_class() == "hopper"
+    assert dispatch.device_class() == "ampere"
+  assert dispatch.device_class() == local
+  assert common.local_device_kind()[0] == jax.devices()[0].platform

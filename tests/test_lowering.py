@@ -216,3 +216,40 @@ def test_small_m_bf16_kernel_uses_the_packed_decode(cc):
   per_thread = config["block_n"] * 64 // (32 * config["num_warps"])
   assert ptx.count("fma.rn.bf16x2") == 2 * 2 * per_thread // 4, ptx.count("fma.rn.bf16x2")
   assert stats["sass_issue"] < 672 / 2, stats["sass_issue"]
+
+
+# One DiT-XL/2 block in the real shapes (batch 8 with CFG: M = 4096 token rows, 16 adaLN rows),
+# traced as on an H100 (kernels.common.target_gpu): the Pallas calls of one sampling step, in
+# order adaLN, qkv, proj, fc1, fc2.  qkv and fc1 take their modulated LayerNorm into the
+# act-quant (the "_norm" kernels); every quantized linear has its act-quant kernel.
+DIT_BLOCK_CALLS = {
+    "vq_w2": ["vq_matmul"] * 5,
+    "hqdit_w4a4": ["quantize_rows_int8", "fp4_mma_int8", "quantize_rows_int8_norm", "fp4_mma_int8",
+                   "quantize_rows_int8", "fp4_mma_int8", "quantize_rows_int8_norm", "fp4_mma_int8",
+                   "quantize_rows_int8", "fp4_mma_int8"],
+    # W4A8's adaLN (M = 16): its fp8 image converted to bf16 for the in-loop bf16 kernel
+    "hqdit_w4a8": ["quantize_rows_fp8", "fp4_mma_bf16", "quantize_rows_fp8_norm", "fp4_mma_fp8",
+                   "quantize_rows_fp8", "fp4_mma_fp8", "quantize_rows_fp8_norm", "fp4_mma_fp8",
+                   "quantize_rows_fp8", "fp4_mma_fp8"],
+    "fp_bf16": [],
+}
+
+
+@pytest.fixture(scope="module")
+def dit_block_step():
+  from dit_quant_jax.bench import kernels as bench_kernels
+  return bench_kernels.dit_step_variants(False, depth=1)
+
+
+@pytest.mark.parametrize("variant", sorted(DIT_BLOCK_CALLS))
+def test_dit_xl2_step_lowers_for_h100_with_the_dispatched_kernels(dit_block_step, variant):
+  """The sampling step a GPU run times (bench/kernels.dit_step_variants) exports for an abstract
+  H100 with every dispatched kernel compiled (no interpret mode): integration errors show here,
+  not in a GPU session's minutes."""
+  from dit_quant_jax.kernels import common
+  step, args = dit_block_step[variant]
+  with common.target_gpu():
+    assert triton_ptx.pallas_call_names(step, *args) == DIT_BLOCK_CALLS[variant]
+    text = triton_ptx.export_for_gpu(step, *args).mlir_module()
+  has_triton = any(target in text for target in triton_ptx.TRITON_CALL_TARGETS)
+  assert has_triton == bool(DIT_BLOCK_CALLS[variant])

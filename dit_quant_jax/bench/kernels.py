@@ -29,7 +29,7 @@ import math
 import os
 import statistics
 import time
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -604,28 +604,32 @@ def _random_quantized_params(params, kind: str, seed: int = 0):
   return out
 
 
-def random_dit(smoke: bool):
+def random_dit(smoke: bool, depth: Optional[int] = None):
   """(model, float32 params): DiT-XL/2 for 256 px latents (32 x 32 x 4, 1000 classes, bf16
   compute) with random weights, non-zero adaLN / final layer as after training; smoke: a
-  one-block 128-wide DiT (CPU)."""
+  one-block 128-wide DiT (CPU).  depth: fewer blocks of the same model (lowering tests)."""
   from dit_quant_jax.models import dit
   if smoke:
     model = dit.create_model("DiT-S/8", input_size=16, depth=1, hidden_size=128, num_heads=2,
                              num_classes=10, dtype=jnp.bfloat16)
   else:
-    model = dit.create_model("DiT-XL/2", input_size=32, num_classes=1000, dtype=jnp.bfloat16)
+    overrides = {} if depth is None else dict(depth=depth)
+    model = dit.create_model("DiT-XL/2", input_size=32, num_classes=1000, dtype=jnp.bfloat16,
+                             **overrides)
   params = jax.jit(lambda key: dit.init_params(model, key))(jax.random.PRNGKey(0))
   params = jax.tree_util.tree_map(
       lambda p: p + 0.02 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
   return model, params
 
 
-def dit_step_variants(smoke: bool) -> Mapping[str, tuple[Callable, tuple]]:
+def dit_step_variants(smoke: bool, depth: Optional[int] = None,
+                      ) -> Mapping[str, tuple[Callable, tuple]]:
   """One DiT-XL/2 (256x256: 32x32x4 latents) DDPM sampling step, batch 8 with CFG (the model
   sees 16), for FP bf16, VQ W2, HQ-DiT W4A4 and W4A8 with random weights in the real shapes.
-  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2."""
+  Ordered by increasing memory (see bench_dit_step).  smoke: a tiny DiT instead of XL/2;
+  depth: XL/2 with fewer blocks."""
   from dit_quant_jax.diffusion import create_diffusion, sampling
-  model, params = random_dit(smoke)
+  model, params = random_dit(smoke, depth)
   diffusion = create_diffusion("250")
   model_fn = sampling.cfg_model_fn(model, 1.5)
   batch = 8

@@ -74,6 +74,27 @@ def lower_for_gpu(jitted, *avals, cc: int = 90) -> list[dict]:
   return captured
 
 
+def pallas_call_names(jitted, *args) -> list[str]:
+  """Names of the Pallas calls ``jitted(*args)`` makes, one per call site in execution order,
+  through nested jits, loops and conditionals (a kernel called twice is listed twice; the
+  StableHLO text outlines a jitted wrapper once, so counting custom calls there undercounts)."""
+  names = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "pallas_call":
+        info = eqn.params.get("name_and_src_info") or eqn.params.get("name")
+        names.append(getattr(info, "name", None) or str(info).split(" ")[0])
+      for value in eqn.params.values():
+        for sub in value if isinstance(value, (tuple, list)) else (value,):
+          inner = getattr(sub, "jaxpr", sub)
+          if hasattr(inner, "eqns"):
+            walk(inner)
+
+  walk(jax.make_jaxpr(jitted)(*args).jaxpr)
+  return names
+
+
 def lowering_available() -> tuple[bool, str]:
   """(ok, why not): triton importable and jax new enough to lower for an abstract GPU."""
   try:

@@ -55,8 +55,35 @@ def _check_impl(impl: str) -> None:
     raise ValueError(f"unknown kernel impl {impl!r}; expected one of {IMPLS}")
 
 
+# A GPU the kernels are traced for instead of the local backend (target_gpu); None: local.
+_target_device_kind = [None]
+
+
+@contextlib.contextmanager
+def target_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
+  """Within the block, trace as on a GPU of this ``device_kind`` whatever the local backend:
+  ``impl="auto"`` is the compiled Pallas kernels (no interpret mode) and the dispatch table
+  reads that device's rows.  For exporting a model for an abstract GPU on a CPU machine
+  (bench/triton_ptx.export_for_gpu): lowering only; a function traced inside cannot run here."""
+  previous = _target_device_kind[0]
+  _target_device_kind[0] = device_kind
+  try:
+    yield
+  finally:
+    _target_device_kind[0] = previous
+
+
 def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
+  return _target_device_kind[0] is not None or jax.default_backend() == "gpu"
+
+
+def local_device_kind() -> tuple[str, str]:
+  """(platform, device_kind) the kernels are traced for: target_gpu's, else the first local
+  device's."""
+  if _target_device_kind[0] is not None:
+    return "gpu", _target_device_kind[0]
+  device = jax.devices()[0]
+  return device.platform, device.device_kind
 
 
 def resolve_impl(impl: str) -> tuple[bool, bool]:

@@ -28,6 +28,8 @@ from typing import NamedTuple, Optional
 
 import jax
 
+from dit_quant_jax.kernels import common
+
 # Device classes.  "hopper": sm_90 (H100 / H200 / H800 / GH200); "ampere": sm_80 (A100 / A800);
 # "gpu": any other CUDA device (treated like ampere: Triton paths only); "cpu": no GPU, the
 # Pallas paths run in interpret mode (tests) and the reference runs under impl="auto".
@@ -113,10 +115,9 @@ class Choice(NamedTuple):
 def device_class(device_kind: Optional[str] = None) -> str:
   """Device class of a jax ``device_kind`` string (default: the first local device)."""
   if device_kind is None:
-    device = jax.devices()[0]
-    if device.platform != "gpu":
+    platform, device_kind = common.local_device_kind()
+    if platform != "gpu":
       return "cpu"
-    device_kind = device.device_kind
   kind = device_kind.upper()
   if kind == "CPU":
     return "cpu"

@@ -504,7 +504,7 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
 
 
 def _local_is_hopper() -> bool:
-  kind = jax.devices()[0].device_kind.upper()
+  kind = common.local_device_kind()[1].upper()
   return any(name in kind for name in ("H100", "H200", "H800", "GH200", "H20"))
 
 
