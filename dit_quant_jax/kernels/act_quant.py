@@ -827,8 +827,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       dense_scale = jnp.abs(dense[:1, 0])
       dense = jnp.sign(dense)
     dense_t = jnp.kron(jnp.eye(group, dtype=jnp.float32), dense.T)
-    operands.append(jnp.zeros((rows_pad, rows_pad), jnp.float32)
-                    .at[:rows * group, :rows * group].set(dense_t))
+    pad = rows_pad - rows * group  # a pad, not a scatter into zeros: XLA fuses it with the kron
+    operands.append(jnp.pad(dense_t, ((0, pad), (0, pad))))
     operands.append(jnp.asarray(sylvester_unnormalized(c_size)))
     if dense_signs:
       operands.append(dense_scale)
