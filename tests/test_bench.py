@@ -2,6 +2,7 @@
 roofline closed forms."""
 
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +30,35 @@ def test_device_time_runs_every_set():
   sets = [(jnp.ones((4,)) * i,) for i in range(3)]
   seconds = kernels.device_time(fn, sets, reps=2, trials=1)
   assert seconds > 0 and len(calls) == 3
+
+
+def _computations(hlo_text):
+  """name -> body text of every computation in an HLO module's text."""
+  blocks = {}
+  for match in re.finditer(r"^(?:ENTRY )?%?([\w.\-]+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo_text,
+                           re.M | re.S):
+    blocks[match.group(1)] = match.group(2)
+  return blocks
+
+
+def _reaches_dot(blocks, name, seen=()):
+  text = blocks.get(name, "")
+  if " dot(" in text:
+    return True
+  return any(_reaches_dot(blocks, callee, seen + (name,))
+             for callee in re.findall(r"(?:calls|to_apply|body)=%?([\w.\-]+)", text)
+             if callee not in seen)
+
+
+def test_repetition_program_keeps_the_call_inside_its_loop():
+  """XLA's loop-invariant code motion must not hoist the timed call out of the repetition loop
+  (it did before the carry barrier: the loop then re-added one precomputed scalar)."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(64, 64)), jnp.float32)
+  fn = lambda x, y: jnp.dot(x, y)  # noqa: E731
+  hlo = kernels.repetition_program(fn, 4).lower([(a, a)]).compile().as_text()
+  blocks = _computations(hlo)
+  bodies = re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo)
+  assert bodies and all(_reaches_dot(blocks, body) for body in bodies), hlo[-3000:]
 
 
 def test_roofline_closed_forms():
