@@ -17,7 +17,8 @@ the operands whose total size exceeds the L2 cache (so the weight is read from H
 model where each layer's weight is touched once per step); the host synchronises once per
 program, so launch and dispatch overhead from Python is amortised over reps x sets calls.  The
 median over ``trials`` programs, divided by reps x sets, is the time per call.  Outputs pass an
-``optimization_barrier`` so XLA cannot shrink the work.  This is device-stream time (kernel
+``optimization_barrier`` so XLA cannot shrink the work, and each call's operands pass one with
+the loop carry so XLA cannot hoist the call out of the loop (``repetition_program``).  This is device-stream time (kernel
 time plus the in-stream gaps between kernels), not a per-kernel CUPTI trace.
 """
 
