@@ -494,6 +494,9 @@ def test_mosaic_kernel_matches_reference_in_the_gpu_interpreter(seed, dot_kind, 
                                      dot_kind=dot_kind, num_programs=1, interpret=True,
                                      out_dtype=out_dtype)
   expected = (x64 * row_scale[:, None]) @ dense + bias
+  with pytest.raises(ValueError, match="num_programs=1"):
+    fp4_mosaic.fp4_mosaic_matmul(x, jnp.asarray(row_scale), weight, dot_kind=dot_kind,
+                                 interpret=True)
   rtol = 2e-6 if out_dtype == jnp.float32 else 2 ** -8
   np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), expected,
                              rtol=rtol, atol=rtol * np.abs(expected).max())

@@ -17,8 +17,11 @@ column scales, adds the bias, casts and stores through shared memory with TMA.
 Requires jax >= 0.11 (the Mosaic GPU Pallas API used here; imported lazily, so this module
 imports under jax 0.10.2 too) and M, N multiples of the tiles, K_pad = K (a multiple of 128).
 What was verified off-GPU: it traces and lowers to a ``mosaic_gpu`` custom call under an
-abstract H100 (``lower_for_abstract_h100``; tests/test_kernels_fp4.py runs it where jax >= 0.11);
-it has not been compiled to SASS nor run, so the dispatcher must not pick it before a GPU test.
+abstract H100 (``lower_for_abstract_h100``; tests/test_kernels_fp4.py runs it where jax >= 0.11),
+and in Pallas's GPU interpreter (``interpret=True``, CPU) it matches float64 at the DiT tile.
+It has not been compiled to SASS nor run on a GPU (the interpreter does not model the async
+proxy, so the fences are unchecked), so the dispatcher must not pick it before a GPU test; the
+benchmark times it (``gemm_mosaic_*``) beside the dispatched Triton GEMM.
 """
 
 from __future__ import annotations
@@ -92,6 +95,9 @@ def fp4_mosaic_matmul(x, row_scale, weight: fp4_mma.PackedFp4Weight, bias=None, 
   async proxy (a missing ``commit_smem`` fence goes unnoticed: tried).
   """
   pl, plgpu = _mosaic()
+  if interpret and num_programs != 1:
+    raise ValueError(f"the GPU interpreter runs one program: pass num_programs=1 with "
+                     f"interpret=True (got {num_programs})")
   if dot_kind not in DOT_KINDS:
     raise ValueError(f"fp4_mosaic dot kind must be one of {DOT_KINDS}, got {dot_kind!r}")
   fp4_mma._check_operands(x, row_scale, weight, bias, dot_kind)
