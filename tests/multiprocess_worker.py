@@ -134,7 +134,10 @@ def job_train_resume(model, params, out_dir):
 def job_vq4dit(model, params, out_dir):
   qconfig = config_spec.load("configs/vq4dit.py:tiny", {
       "calibration.steps": 2, "calibration.checkpoint_every": 2, "calibration.log_every": 2,
-      "calib.num_samples": 2, "calib.timestep_respacing": "2", "kmeans.num_iters": 2})
+      "calib.num_samples": 2, "calib.timestep_respacing": "2", "kmeans.num_iters": 2,
+      # the MLP's two layers only: the cross-process code (sharded trajectory, block-wise
+      # calibration, orbax state) is the same for every layer type, the compiles are not
+      "layer_patterns": [r"blocks_\d+/mlp/fc\d"]})
   qparams, report = api.quantize(model, params, qconfig, workdir=os.path.join(out_dir, "vq_state"))
   kernel = qparams["blocks_0"]["mlp"]["fc1"]["kernel"].dequantize()
   return dict(vq_kernel=distributed.to_host(kernel),
@@ -147,7 +150,8 @@ def job_hqdit(model, params, out_dir):
   # calibration off to keep the test short (they add no cross-process code path).
   qconfig = config_spec.load("configs/hqdit.py:w4a4", {
       "calib.num_samples": 2, "calib.timestep_respacing": "ddim2", "gptq.enabled": False,
-      "calib.inputs": "fp", "weight.clip_count": 3, "act.clip_count": 3})
+      "calib.inputs": "fp", "weight.clip_count": 3, "act.clip_count": 3,
+      "layer_patterns": [r"blocks_\d+/attn/(qkv|proj)"]})  # as for VQ4DiT: two layer types
   qparams, _ = api.quantize(model, params, qconfig)
   noise, labels = pipeline.noise_and_labels(model, 1, seed=9)
   images = pipeline.generate(model, qparams, noise, labels, respacing="ddim2", sampler="ddim", seed=0,
