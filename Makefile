@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: test test312 test0112 demo venv venv312 venv0112 dataset clean
+.PHONY: test test312 test0112 demo venv venv312 dataset clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,19 +31,6 @@ $(VENV312)/.installed: pyproject.toml
 
 venv312: $(VENV312)/.installed
 
-# Third leg, by hand (not in CI, for time): the GPU image's jax (0.11.2) on Python 3.12, CPU.
-VENV0112 ?= .venv0112
-PY0112 := $(VENV0112)/bin/python
-JAX0112 ?= 0.11.2
-
-$(VENV0112)/.installed: pyproject.toml
-	$(PYTHON312) -m venv $(VENV0112)
-	$(PY0112) -m pip install -q --upgrade pip
-	$(PY0112) -m pip install -q "jax==$(JAX0112)" "jaxlib==$(JAX0112)" "triton==$(TRITON312)" -e ".[test,lowering]"
-	touch $@
-
-venv0112: $(VENV0112)/.installed
-
 dataset:
 	@if [ ! -f "$(FMNIST_DIR)/train-images-idx3-ubyte.gz" ] && [ ! -f "$(FMNIST_DIR)/train-images-idx3-ubyte" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
@@ -59,11 +46,13 @@ test: venv dataset
 test312: venv312 dataset
 	$(PY312) -m pytest -n 2 --dist loadfile --durations=20 tests
 
-test0112: venv0112 dataset
-	$(PY0112) -m pytest -n 2 --dist loadfile --durations=20 tests
+# Third leg, by hand (not in CI, for time): the GPU image's jax (0.11.2) on Python 3.12, CPU:
+# the 3.12 leg with its own venv and jax.
+test0112:
+	$(MAKE) test312 VENV312=.venv0112 JAX312=0.11.2
 
 demo: venv dataset
 	$(PY) experiments/reproduce.py
 
 clean:
-	rm -rf $(VENV) $(VENV312) $(VENV0112)
+	rm -rf $(VENV) $(VENV312) .venv0112

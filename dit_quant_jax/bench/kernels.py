@@ -426,8 +426,7 @@ def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
   for name in names:
     if name not in CHECK_TOLERANCE:
       continue
-    if name in GEMM_VARIANTS and not gemm_variant_runs(name, max(m_rows, MOSAIC_MIN_M),
-                                                       k_features, n_features):
+    if name in MOSAIC_VARIANTS and not mosaic_fits(m_rows, k_features, n_features):
       continue
     kernel, reference, args, _, _ = calls[name]
     try:
@@ -474,20 +473,25 @@ def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: floa
     path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
     return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
                                   sub_dim)["floor_s"]
-  integer_dot = 2.0 if name in ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") + GEMM_VARIANTS else 1.0
+  eight_bit = ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") + GEMM_VARIANTS
+  integer_dot = 2.0 if name in eight_bit else 1.0
   return roofline.floor_seconds(flops, moved, peaks, integer_dot)["floor_s"]
 
 
-def gemm_variant_runs(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
-  """The GEMM-only variants at token-row M (>= MOSAIC_MIN_M); the Mosaic ones where this jax
-  has Pallas Mosaic GPU and the shape fits its tiles (M, N multiples of 128, K of 128)."""
-  if m_rows < MOSAIC_MIN_M:
-    return False
-  if name not in MOSAIC_VARIANTS:
-    return True
+def mosaic_fits(m_rows: int, k_features: int, n_features: int) -> bool:
+  """This jax has Pallas Mosaic GPU and the shape fits fp4_mosaic's tiles (M, N multiples of
+  128, K of 128)."""
   from dit_quant_jax.kernels import fp4_mosaic
   return (fp4_mosaic.available() and m_rows % 128 == 0 and n_features % 128 == 0
           and k_features % fp4_mma.TILE_K == 0)
+
+
+def gemm_variant_runs(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
+  """The GEMM-only variants are timed at token-row M (>= MOSAIC_MIN_M), the Mosaic ones where
+  they fit (mosaic_fits)."""
+  if m_rows < MOSAIC_MIN_M:
+    return False
+  return name not in MOSAIC_VARIANTS or mosaic_fits(m_rows, k_features, n_features)
 
 
 def _times_at(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
