@@ -695,6 +695,54 @@ def test_quantize_rows_dense_signs_matches_reference(k_features, a_order, sample
       assert np.all(np.abs(g - r) <= 0.5 * np.abs(r) + step_at_zero)  # one grid step at most
 
 
+def test_split_bf16_f16_is_exact_to_2_pow_18():
+  """act_quant._split_bf16_f16: hi is v's bf16 truncation (exact), lo its float16 residual, and
+  hi + lo equals v to 2^-18 relative wherever lo is a float16 normal (|v| >= 2^-7), to 2^-25
+  absolute below; float16's range holds every lo of |v| < 2^22 (the kernel's prescaled rows)."""
+  rng = _rng(44)
+  v = (rng.normal(size=50000) * np.exp(rng.uniform(-12, 14.5, size=50000))).astype(np.float32)
+  v = np.concatenate([v, [0.0, -0.0, 1.0, -(2.0**22) * 0.999]]).astype(np.float32)
+  hi, lo = aq._split_bf16_f16(jnp.asarray(v))
+  assert hi.dtype == jnp.bfloat16 and lo.dtype == jnp.float16
+  hi64 = np.asarray(hi.astype(jnp.float32), np.float64)
+  lo64 = np.asarray(lo.astype(jnp.float32), np.float64)
+  assert np.all(np.isfinite(lo64))
+  truncated = (v.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+  np.testing.assert_array_equal(hi64, truncated.astype(np.float64))
+  error = np.abs(hi64 + lo64 - v)
+  normal = np.abs(v) >= 2.0**-7
+  np.testing.assert_array_less(error[normal], 2.0**-18 * np.abs(v[normal]) + 1e-45)
+  assert np.all(error[~normal] <= 2.0**-25)
+
+
+@pytest.mark.parametrize("magnitude", [1e-4, 1.0, 3e4])
+def test_quantize_rows_norm_prescale_keeps_codes_at_any_modulation_scale(magnitude):
+  """The LayerNorm-fused kernel's float16 lo parts (f16_lo): scaled by a power of two chosen
+  from mul / add, its rows neither overflow float16 (mul ~ 3e4: unscaled, the lo parts of the
+  transformed rows would pass 65504 and give inf) nor lose precision in its subnormals
+  (mul ~ 1e-4); the codes stay the float64 reference's but for near-ties, the scales within
+  float32 rounding."""
+  from dit_quant_jax.quant import hadamard
+  rng = _rng(45)
+  k_features, tokens = 1152, 4
+  model = hadamard.make_transform(k_features, seed=5)
+  transform = (jnp.asarray(model.signs), jnp.asarray(model.block))
+  x, mul, add = _row_norm_inputs(rng, 2, tokens, k_features, jnp.bfloat16)
+  mul, add = mul * magnitude, add * magnitude
+  y64 = _row_norm_float64(x, mul, add, tokens) @ _dense_q(transform, k_features)
+  norm = aq.RowNorm(mul, add, tokens, 1e-6)
+  got, scale = aq.quantize_rows(x, transform, act_format="e2m1", image="int8", interpret=True,
+                                dense_signs=True, tokens_per_program=3, **norm.kwargs())
+  scale64 = np.abs(y64).max(axis=1) / 6.0 / 2.0  # absmax -> E2M1's 6, int8 image units x2
+  np.testing.assert_allclose(np.asarray(scale), scale64, rtol=2e-5)
+  ref = np.asarray(aq.quantize_rows_xla(x, transform, act_format="e2m1", image="int8",
+                                        **norm.kwargs())[0])
+  _assert_near_ties(got, jnp.asarray(ref), y64, scale64 * 2.0)
+  assert float(aq.rows_prescale(mul, add, k_features, 32)) == 2.0 ** (
+      aq.F16_LO_TOP - np.frexp(np.float32(32 * (np.sqrt(k_features) * np.abs(mul).max()
+                                                 + np.abs(add).max())))[1])
+
+
 def test_bf16_signs_fit_the_registers():
   # K = 1152 (3 tokens in a 128 x 32 tile: 32 elements per thread at 4 warps): bf16 signs
   assert aq.bf16_signs_fit(128, 32, 4, dense_signs=False)

@@ -411,6 +411,21 @@ def _split_bf16(v):
   return hi.astype(jnp.bfloat16), (v - hi).astype(jnp.bfloat16)
 
 
+def _split_bf16_f16(v):
+  """float32 v -> (hi bfloat16, lo float16), hi + lo == v to 2^-18 relative where |lo| is a
+  float16 normal (|v| >= 2^-7, i.e. values of a normalized row; below, to 2^-25 absolute):
+  hi is v truncated to bf16 on its bits (bits & 0xFFFF0000, exact; its bf16 is the upper half
+  of v's bits, a shift that merges into the byte permute packing two per register, not a
+  conversion), lo = v - hi (|lo| < 2^-7 |v|) rounded to float16, whose 11-bit significand
+  makes up for the truncation.  One instruction per element fewer than :func:`_split_bf16`,
+  for rows whose scale is known (the LayerNorm prologue's output); float16 overflows past
+  |lo| = 65504 (|v| > 8e6)."""
+  bits = lax.bitcast_convert_type(v, jnp.uint32)
+  hi = lax.bitcast_convert_type(lax.bitwise_and(bits, np.uint32(0xFFFF0000)), jnp.float32)
+  upper = lax.shift_right_logical(bits, np.uint32(16)).astype(jnp.uint16)
+  return lax.bitcast_convert_type(upper, jnp.bfloat16), (v - hi).astype(jnp.float16)
+
+
 def _dot_f32(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
@@ -419,7 +434,8 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                      rows_per_token: int, rows_pad: int, tokens_per_program: int,
                      transform_dtype: str, row_norm: float, has_transform: bool = True,
                      k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0,
-                     group: int = 1, dense_signs: bool = False, bf16_signs: bool = True):
+                     group: int = 1, dense_signs: bool = False, bf16_signs: bool = True,
+                     f16_lo: bool = False):
   """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref[, dense_scale_ref]][, mul_ref, add_ref],
   out_ref, scale_ref.
 
@@ -440,7 +456,13 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   in 128 rows 16 %.
 
   bf16_signs: bf16 x stays bf16 and takes its signs by a bf16 multiply (exact; two elements
-  per instruction, no conversions); off where the wrapper's register budget says it spills."""
+  per instruction, no conversions); off where the wrapper's register budget says it spills.
+
+  f16_lo (bf16x3 with the row-norm prologue and dense_signs): the two splits put their lo
+  parts in float16 (:func:`_split_bf16_f16`, one instruction per element fewer, 2^-18); the
+  wrapper scales mul / add by a power of two that keeps every lo part a float16 normal well
+  below its overflow (rows_prescale) and divides dense_scale_ref by it, which changes no
+  code and no scale."""
   refs = list(refs)
   x_ref, signs_ref = refs[:2]
   rest = refs[2:]
@@ -498,6 +520,13 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
             + jnp.arange(c_size, dtype=jnp.int32)[None, :])
     element_valid = (flat < k_features) & row_valid[:, None]
     inv_k = np.float32(1.0 / k_features)
+    # Elements outside a token's K values: zero-padded columns (ragged K without a transform)
+    # and, with one token per tile, the tile's padding rows.  Grouped tiles reduce per token
+    # segment, which leaves the padding rows (segment >= group) out already, and the transform
+    # meets those rows with zero columns of its block-diagonal dense factor: there only padded
+    # columns need the select (one instruction per element, ~1 % of the kernel's main loop).
+    padded_columns = rows_per_token * c_size != k_features
+    mask_token_tile = padded_columns or rows_pad != rows_per_token
 
     def affine_tiles(token, live):
       start = (token // tokens_per_sample) * rows_per_token
@@ -515,7 +544,9 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   def row_norm_prologue(x_tile, token, live):
     """LayerNorm of the token row (float32, biased variance), then x * mul + add."""
     mean = jnp.sum(x_tile) * inv_k
-    centred = jnp.where(element_valid, x_tile - mean, np.float32(0.0))
+    centred = x_tile - mean
+    if mask_token_tile:
+      centred = jnp.where(element_valid, centred, np.float32(0.0))
     var = jnp.sum(centred * centred) * inv_k
     normed = centred * lax.rsqrt(var + np.float32(norm_eps))
     mul, add = hoisted_tiles if hoisted else affine_tiles(token, live)
@@ -525,13 +556,21 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     if hadamard is not None and split:
       # bf16x3: operands split into bf16 hi + lo parts, products summed in float32 (H is
       # +-1, exact in bf16); ~2^-16 relative error, on bf16 tensor cores.
+      # f16_lo: lo parts in float16 (the +-1 factors are exact in it too).
       if x_is_bf16:  # x * (+-1) is exact in bf16: no lo part
         y = _dot_f32(y * signs_bf16, hadamard)
+      elif f16_lo:
+        hi, lo = _split_bf16_f16(y)
+        y = _dot_f32(hi, hadamard) + _dot_f32(lo, hadamard.astype(jnp.float16))
       else:
         hi, lo = _split_bf16(y if has_norm else y * signs)
         y = _dot_f32(hi, hadamard) + _dot_f32(lo, hadamard)
-      hi, lo = _split_bf16(y)
-      y = _dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi, lo)
+      if f16_lo:
+        hi, lo = _split_bf16_f16(y)
+        y = _dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi.astype(jnp.float16), lo)
+      else:
+        hi, lo = _split_bf16(y)
+        y = _dot_f32(dense_t_hi, hi) + _dot_f32(dense_t_hi, lo)
       if dense_t_lo is not None:
         y = y + _dot_f32(dense_t_lo, hi)
     elif hadamard is not None:
@@ -577,7 +616,9 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   def group_norm(x_tile, row_token):
     sums = segment_reduce(jnp.sum(x_tile, axis=1), jnp.sum, np.float32(0.0))
     mean = per_row([v * inv_k for v in sums])
-    centred = jnp.where(element_valid, x_tile - mean[:, None], np.float32(0.0))
+    centred = x_tile - mean[:, None]
+    if padded_columns:
+      centred = jnp.where(element_valid, centred, np.float32(0.0))
     sq = segment_reduce(jnp.sum(centred * centred, axis=1), jnp.sum, np.float32(0.0))
     inv_std = per_row([lax.rsqrt(v * inv_k + np.float32(norm_eps)) for v in sq])
     mul, add = sample_tiles(row_token // tokens_per_sample)
@@ -750,6 +791,24 @@ def apply_row_norm(x, norm_mul, norm_add, tokens_per_sample: int, norm_eps: floa
   return y.reshape(m_tokens, k_features)
 
 
+# The float16 lo parts of f16_lo: the first stage's input v has |v| <= sqrt(K) max|mul| +
+# max|add| (a LayerNorm output is at most sqrt(K - 1) in magnitude), its output at most c times
+# that.  Scaled so that this bound lies just below 2^F16_LO_TOP, every lo part (< 2^-7 of its
+# value) stays below 2^(F16_LO_TOP - 7) = 32768 < 65504, and those of the row's large values
+# are float16 normals by many binades.
+F16_LO_TOP = 22
+
+
+def rows_prescale(norm_mul, norm_add, k_features: int, c_size: int):
+  """The power of two (a float32 scalar, computed on device from mul / add) by which the
+  f16_lo kernel scales its rows (module comment above)."""
+  bound = (np.float32(np.sqrt(k_features)) * jnp.max(jnp.abs(norm_mul.astype(jnp.float32)))
+           + jnp.max(jnp.abs(norm_add.astype(jnp.float32)))) * np.float32(c_size)
+  _, exponent = jnp.frexp(bound)  # bound < 2^exponent (0 for a zero bound)
+  shift = jnp.clip(F16_LO_TOP - exponent, -100, 100)
+  return jnp.ldexp(np.float32(1.0), shift.astype(jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
                                              "tokens_per_program", "num_warps", "num_stages",
                                              "interpret", "transform_dtype",
@@ -821,10 +880,15 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   # error in jax >= 0.12's interpret mode).
   signs = jnp.tile(signs, (group, 1))
   operands.append(jnp.pad(signs, ((0, rows_pad - rows * group), (0, 0))))
+  dense_signs = bool(dense_signs) and factors is not None
+  f16_lo = has_norm and dense_signs and transform_dtype == "bf16x3"
+  prescale = rows_prescale(norm_mul, norm_add, k_features, c_size) if f16_lo else None
   if factors is not None:  # block-diagonal over the group's tokens
     dense = factors[1]
     if dense_signs:  # entries of one magnitude (a Hadamard block): signs and that magnitude
       dense_scale = jnp.abs(dense[:1, 0])
+      if prescale is not None:  # the rows come out prescale times too large
+        dense_scale = dense_scale / prescale
       dense = jnp.sign(dense)
     dense_t = jnp.kron(jnp.eye(group, dtype=jnp.float32), dense.T)
     pad = rows_pad - rows * group  # a pad, not a scatter into zeros: XLA fuses it with the kron
@@ -837,6 +901,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       affine = affine.astype(jnp.float32)
       if factors is not None:  # the transform's signs folded in: (LN(x) mul + add) * signs
         affine = affine * factors[0][None, :]
+      if prescale is not None:
+        affine = affine * prescale
       affine = jnp.pad(affine, ((0, 0), (0, k_view - k_features)))
       operands.append(jnp.pad(affine.reshape(-1, c_size), ((0, rows_pad - rows), (0, 0))))
   stored_dtype = jnp.int8 if image == "int8" else jnp.uint8
@@ -846,9 +912,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       transform_dtype=transform_dtype, row_norm=float(row_norm),
       has_transform=factors is not None, k_features=k_features,
       tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps),
-      group=group, dense_signs=bool(dense_signs) and factors is not None,
-      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps,
-                                bool(dense_signs) and factors is not None))
+      group=group, dense_signs=dense_signs, f16_lo=f16_lo,
+      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps, dense_signs))
   out, scale = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),
