@@ -161,7 +161,7 @@ def test_static_report_target_rows():
   rows = static_report.target_rows(90, shapes=((1152, 3456),))
   by_key = {(r["op"], r["m"]): r for r in rows}
   assert by_key[("vq", 16)]["path"] == "vq_splitk" and by_key[("vq", 16)]["speedup"] > 3
-  assert by_key[("w4a4", 4096)]["path"] == "unpacked_triton_int8"
+  assert by_key[("w4a4", 4096)]["path"] == "triton_int8"
   assert 0 < by_key[("w4a4", 4096)]["act_quant_s"] < by_key[("w4a4", 4096)]["floor_s"]
   # qkv's input is the modulated LayerNorm: fused into the act-quant, and the bf16 side pays
   # the LayerNorm pass
@@ -172,7 +172,7 @@ def test_static_report_target_rows():
       roofline.bf16_dot_floor(4096, 1152, 3456, H100)["floor_s"] + norm_s)
   assert row["speedup"] == pytest.approx(row["bf16_s"] / row["floor_s"])
   text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 3456),)))
-  assert ("| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | unpacked_triton_int8 | LN fused |"
+  assert ("| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | triton_int8 | LN fused |"
           in text)
   # proj (attention output) keeps a separate act-quant pass
   proj = {(r["op"], r["m"]): r for r in static_report.target_rows(90, shapes=((1152, 1152),))}
@@ -229,7 +229,7 @@ def test_dit_step_estimate_sums_the_block_floors():
   # W4A4 linears: the same blocks through the dispatched paths' floors, qkv / fc1 with the
   # LayerNorm fused into their act-quant
   w4a4 = 28 * sum(roofline.fp4_path_floor(
-      "w4a4", "triton_int8" if m <= 64 else "unpacked_triton_int8", m, k, n, H100,
+      "w4a4", "triton_int8", m, k, n, H100,
       static_report.HADAMARD_ORDER.get(k),
       norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES)["floor_s"]
       for m, k, n in shapes)

@@ -536,7 +536,10 @@ def test_fp4_weight_linear_kernel_paths_match_reference(act_format, a_order, op,
   choice = fmm.choose_path(op, m_rows, 384, 48, act_format=weight.kernel_op()[1],
                            weight_format=weight_format, transform=transform)
   assert choice.path in fmm.PATHS[op]
-  assert (m_rows <= 64) == (not choice.path.startswith(("xla", "unpacked")))
+  if op == "w4a4":  # the in-loop kernel at every M (dispatch.py)
+    assert choice.path == "triton_int8"
+  else:
+    assert (m_rows <= 64) == (not choice.path.startswith(("xla", "unpacked")))
   if weight_format == "int4":
     assert not choice.path.endswith("fp8")
   x = jnp.asarray(rng.normal(size=(2, m_rows // 2, 384)), x_dtype)
@@ -875,6 +878,58 @@ def test_packed_bf16_decode_bit_model_gives_the_values(name):
   # the factor is exact in bf16 and the column scale takes the int image's multiplier back
   assert fp4_mma._bf16_bits(2.0 ** (127 - code.bias)) << 16 == \
       int(np.array(2.0 ** (127 - code.bias), np.float32).view(np.uint32))
+
+
+def test_prmt_model_follows_the_ptx_definition():
+  """fp4_mma._prmt (the numpy PRMT of the packed decodes' models) on hand cases of the PTX
+  ISA's default mode: selector nibble i picks byte (nibble & 7) of {b, a} for byte i of the
+  result, and with its bit 3 set replicates that byte's sign bit."""
+  a, b = np.array([0x44332211], np.uint32), np.array([0x88776655], np.uint32)
+  assert fp4_mma._prmt(a, b, np.array([0x3210], np.uint32))[0] == 0x44332211
+  assert fp4_mma._prmt(a, b, np.array([0x7654], np.uint32))[0] == 0x88776655
+  assert fp4_mma._prmt(a, b, np.array([0x0167], np.uint32))[0] == 0x11227788
+  # bit 3: byte 7 (0x88, sign set) -> 0xFF, byte 0 (0x11) -> 0x00; bits above 15 are ignored
+  assert fp4_mma._prmt(a, b, np.array([0xABCD0F08], np.uint32))[0] == 0x11FF1100
+  assert fp4_mma._prmt(a, np.zeros(1, np.uint32), np.array([0x4140], np.uint32))[0] == 0x00220011
+  assert fp4_mma._lop3(np.array([0xF0], np.uint32), np.array([0xCC], np.uint32),
+                       np.array([0xAA], np.uint32), 0xBE)[0] == 0xBE
+
+
+@pytest.mark.parametrize("name", ["e1m2", "e2m1", "e3m0", "int4"])
+def test_packed_8bit_decode_model_gives_the_images(name):
+  """The compiled kernels' packed int8 / E4M3 decode (fp4_mma.packed_8bit_decode_asm: byte
+  permutes through the magnitude table, the sign by the permute's sign-replicate mode): its
+  model, instruction by instruction, gives decode_image's bytes for both nibble planes of every
+  byte value at every position of the word (E4M3: -0 as +0), and the asm is that program."""
+  code = fp4.fp4_code(name)
+  rng = _rng(46)
+  words = [rng.integers(0, 2**32, size=2048, dtype=np.uint64).astype(np.uint32)]
+  for position in range(4):  # each byte position takes all 256 values
+    base = rng.integers(0, 2**32, size=256, dtype=np.uint64).astype(np.uint32)
+    base &= ~np.uint32(0xFF << (8 * position))
+    words.append(base | (np.arange(256, dtype=np.uint32) << np.uint32(8 * position)))
+  words = np.concatenate(words)
+  tile_bytes = words.view(np.uint8).reshape(-1, 4)
+  kinds = [k for k in ("int8", "fp8") if fp4_mma.packed_8bit_decode_applies(code, k)]
+  assert kinds == (["int8", "fp8"] if code.has_e4m3_image else ["int8"])
+  assert not fp4_mma.packed_8bit_decode_applies(code, "bf16")
+  for kind in kinds:
+    for plane in (0, 1):
+      got = fp4_mma.packed_8bit_decode_model(words, code, kind, plane).view(np.uint8)
+      codes = (tile_bytes >> 4) if plane else (tile_bytes & 15)
+      want = np.asarray(fp4_mma.decode_image(jnp.asarray(codes.astype(np.int32)), code, kind))
+      want = want.view(np.uint8).reshape(-1)
+      if kind == "fp8":
+        want = np.where(want == 0x80, 0, want)  # -0 (code 8)
+      np.testing.assert_array_equal(got, want)
+      asm = fp4_mma.packed_8bit_decode_asm(code, kind, plane)
+      program = fp4_mma.packed_8bit_decode_program(code, kind, plane)
+      assert asm.count("prmt.b32") == sum(op[0] == "prmt" for op in program) == 5
+      assert "$1" in asm and "$2" not in asm  # one input, one result register
+      assert f"{program[0][2]:#010x}" in asm and f"{program[1][2]:#010x}" in asm  # the table
+  # the two planes' programs differ in their last (unmixing) permute only
+  first, second = (fp4_mma.packed_8bit_decode_program(code, "int8", p) for p in (0, 1))
+  assert first[:-1] == second[:-1] and first[-1] != second[-1]
 
 
 def test_quantize_rows_zero_and_subnormal_rows_get_scale_one():

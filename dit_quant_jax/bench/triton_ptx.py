@@ -172,6 +172,7 @@ def ptx_counts(ptx: str) -> dict:
       ldmatrix=_count(r"\bldmatrix", ptx),
       st_shared=_count(r"\bst\.shared", ptx),
       atom=_count(r"\batom\.", ptx),
+      prmt=_count(r"\bprmt\.b32", ptx),
       local=_count(r"\b(?:ld|st)\.local", ptx),
       ptx_lines=ptx.count("\n"))
 

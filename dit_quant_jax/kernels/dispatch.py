@@ -93,16 +93,19 @@ TABLE = {
         "gpu": ((64, "triton_bf16"), (INF, "unpacked_triton_bf16")),
         "cpu": ((64, "triton_bf16"), (INF, "xla_fp8")),
     },
-    # W4A4 large M: the layer's int8 image decoded once per call (XLA), then the Triton int8
-    # kernel with the row x column scales and bias in its epilogue.  The XLA int8 dot
-    # ("triton_quant_xla_int8") writes an int32 (M, N) accumulator that a second fusion scales
-    # (8 B per output element: at M = 4096 on an H100 its floor is 0.5-0.8x the bf16 dot's vs
-    # 0.95-1.5x here, bench/roofline.fp4_path_floor); a GPU run decides.
+    # W4A4 at every M: the Triton int8 kernel reading the 4-bit weight in its K loop, with
+    # the row x column scales and bias in its epilogue.  Compiled, it decodes by byte permutes
+    # (fp4_mma.packed_8bit_decode_asm, session 24): its SASS main loop stays under its
+    # tensor-core time at 128 x 128 tiles on sm_90a (2 CTAs per SM) and 64 x 128 on sm_80, so
+    # the layer's int8 image decoded once per call ("unpacked_triton_int8", sessions 18-23:
+    # 1.5 B per weight more traffic and a transient (K, N) buffer) is no longer needed.  The
+    # XLA int8 dot ("triton_quant_xla_int8") writes an int32 (M, N) accumulator that a second
+    # fusion scales (8 B per output element).  Both stay timed alternatives; a GPU run decides.
     "w4a4": {
-        "hopper": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
-        "ampere": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
-        "gpu": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
-        "cpu": ((64, "triton_int8"), (INF, "unpacked_triton_int8")),
+        "hopper": ((INF, "triton_int8"),),
+        "ampere": ((INF, "triton_int8"),),
+        "gpu": ((INF, "triton_int8"),),
+        "cpu": ((INF, "triton_int8"),),
     },
 }
 

@@ -225,6 +225,145 @@ def decode_bf16_packed(byte_tile, code: fp4.Fp4Code, plane: int):
       result_shape_dtypes=[jax.ShapeDtypeStruct(byte_tile.shape, jnp.bfloat16)])[0]
 
 
+# ----------------------------------------------------------------------------------------
+# Packed 8-bit decode (compiled kernels): 4 bytes -> the int8 / E4M3 images of both nibble
+# planes, by byte permutes (PRMT) through an 8-entry magnitude table, ~1.6 instructions per
+# weight against ~10 for the jnp decode in Triton (SASS).
+# ----------------------------------------------------------------------------------------
+#
+# prmt.b32 d, a, b, c picks each byte of d from the 8 bytes {b, a} by a selector nibble of
+# c's low 16 bits: its low 3 bits index the byte; with its bit 3 set, d's byte is instead that
+# byte's sign bit replicated (0x00 or 0xFF).  A sign-magnitude code used as the selector over
+# a table of the 8 non-negative images (sign bits clear) therefore yields the magnitude image
+# for positive codes and 0x00 for negative ones; the same code with bit 3 flipped yields the
+# magnitude for negative codes and 0x00 for positive ones.  The two have disjoint non-zero
+# bytes, so each byte is formed without carries: int8 -m is (0x80 - m) ^ 0x80 for m <= 0x80
+# (one subtract on the word, as an integer multiply-add: no byte borrows), E4M3's sign bit is set where the negative
+# magnitude byte is non-zero ((m + 0x7F) & 0x80: no carries for m < 0x80); -0 decodes to +0.
+# The tile byte i holds (plane 0, plane 1) codes i in its (low, high) nibble, so the word's
+# low half is itself a selector for codes (0: plane 0, 0: plane 1, 1: p0, 1: p1) and its high
+# half for codes 2 and 3; two final byte permutes separate the planes.  The program below is
+# both the PTX (packed_8bit_decode_asm) and, instruction by instruction, its numpy model
+# (packed_8bit_decode_model, the tests' reference): interpret mode cannot run inline PTX and
+# keeps the jnp decode.
+
+PACKED_8BIT_KINDS = ("int8", "fp8")
+
+
+def packed_8bit_decode_applies(code: fp4.Fp4Code, dot_kind: str) -> bool:
+  return dot_kind in PACKED_8BIT_KINDS and (dot_kind != "fp8" or code.has_e4m3_image)
+
+
+def _magnitude_images(code: fp4.Fp4Code, dot_kind: str) -> list:
+  """The 8 non-negative images (codes 0..7) as bytes: int8 multiplier * value, or E4M3 bits."""
+  if dot_kind == "int8":  # fp4.int8_values of codes 0..7
+    images = [int(v) for v in code.int_magnitudes]
+  else:  # fp4.e4m3_bits of codes 0..7
+    images = [m << (code.e4m3_shift or 0) for m in range(8)]
+  assert all(0 <= v < 0x80 for v in images), images
+  return images
+
+
+def packed_8bit_decode_program(code: fp4.Fp4Code, dot_kind: str, plane: int) -> list:
+  """(op, dst, *operands) of the decode of one plane; '$1' is the input word (4 tile bytes),
+  '$0' the plane's output word; integer operands are immediates.  The two planes' programs
+  differ in their last instruction only: in one kernel, ptxas computes the rest once."""
+  images = _magnitude_images(code, dot_kind)
+  program = [("mov", "tl", sum(v << (8 * i) for i, v in enumerate(images[:4]))),
+             ("mov", "th", sum(v << (8 * i) for i, v in enumerate(images[4:]))),
+             ("mulhi", "wh", "$1", 0x10000),  # >> 16 (mul.hi: an IMAD, off the ALU)
+             ("xor", "x", "$1", 0x88888888),
+             ("mulhi", "xh", "x", 0x10000)]
+  for half, (word, flipped) in enumerate((("$1", "x"), ("wh", "xh"))):
+    a, b, v = f"a{half}", f"b{half}", f"v{half}"
+    program += [("prmt", a, "tl", "th", word),  # positive codes' images, 0 elsewhere
+                ("prmt", b, "tl", "th", flipped)]  # negative codes' magnitudes, 0 elsewhere
+    if dot_kind == "int8":
+      # 0x80808080 - b as b * -1 + 0x80808080: an integer multiply-add (the FMA pipe, not
+      # the integer ALU that the permutes and logic ops load)
+      program += [("mad", f"t{half}", b, 0xFFFFFFFF, 0x80808080),
+                  ("lop3", v, f"t{half}", 0x80808080, a, 0xBE)]  # (t ^ 0x80808080) | a
+    else:
+      program += [("add", f"t{half}", b, 0x7F7F7F7F),
+                  ("or", f"u{half}", a, b),
+                  ("lop3", v, f"t{half}", 0x80808080, f"u{half}", 0xEA)]  # (t & 0x80808080) | u
+  # v0 bytes: codes (0, 0, 1, 1) of planes (0, 1, 0, 1); v1: codes 2, 3 likewise
+  program.append(("prmt", "$0", "v0", "v1", 0x7531 if plane else 0x6420))
+  return program
+
+
+def _ptx_operand(value) -> str:
+  return f"{value:#010x}" if isinstance(value, int) else value
+
+
+def packed_8bit_decode_asm(code: fp4.Fp4Code, dot_kind: str, plane: int) -> str:
+  """PTX for elementwise_inline_asm (pack 4 uint8 -> 4 bytes of one plane, '=r,r'; Pallas
+  lowers one result per asm block)."""
+  program = packed_8bit_decode_program(code, dot_kind, plane)
+  registers = sorted({op[1] for op in program if not op[1].startswith("$")})
+  lines = ["{", f".reg .b32 {', '.join(registers)};"]
+  for op, dst, *args in program:
+    name = {"mulhi": "mul.hi.u32", "add": "add.u32", "mad": "mad.lo.u32"}.get(op, f"{op}.b32")
+    lines.append(f"{name} {dst}, {', '.join(_ptx_operand(a) for a in args)};")
+  return "\n".join(lines + ["}"])
+
+
+def _prmt(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+  source = (b.astype(np.uint64) << np.uint64(32)) | a.astype(np.uint64)
+  out = np.zeros(a.shape, np.uint32)
+  for byte in range(4):
+    nibble = (c >> np.uint32(4 * byte)) & np.uint32(15)
+    picked = ((source >> (np.uint64(8) * (nibble & np.uint32(7)).astype(np.uint64)))
+              & np.uint64(255)).astype(np.uint32)
+    replicated = np.where(picked & np.uint32(0x80), np.uint32(255), np.uint32(0))
+    chosen = np.where(nibble & np.uint32(8), replicated, picked)
+    out |= chosen << np.uint32(8 * byte)
+  return out
+
+
+def _lop3(a, b, c, lut: int) -> np.ndarray:
+  out = np.zeros(a.shape, np.uint32)
+  for index in range(8):  # LUT bit (a << 2 | b << 1 | c): PTX's immLut = F(0xF0, 0xCC, 0xAA)
+    if lut >> index & 1:
+      out |= ((a if index & 4 else ~a) & (b if index & 2 else ~b) & (c if index & 1 else ~c))
+  return out
+
+
+def packed_8bit_decode_model(words: np.ndarray, code: fp4.Fp4Code, dot_kind: str,
+                             plane: int) -> np.ndarray:
+  """numpy model of the asm: uint32 words (4 tile bytes, little-endian) -> the plane's output
+  words."""
+  env = {"$1": words.astype(np.uint32)}
+
+  def value(operand):
+    return np.full(words.shape, operand, np.uint32) if isinstance(operand, int) else env[operand]
+
+  for op, dst, *args in packed_8bit_decode_program(code, dot_kind, plane):
+    v = [value(a) for a in args]
+    if op == "mov":
+      env[dst] = v[0]
+    elif op == "prmt":
+      env[dst] = _prmt(*v)
+    elif op == "lop3":
+      env[dst] = _lop3(v[0], v[1], v[2], args[3])
+    elif op == "mad":  # low 32 bits of a * b + c
+      env[dst] = (v[0].astype(np.uint64) * v[1] + v[2]).astype(np.uint32)
+    elif op == "mulhi":  # high 32 bits of a * b
+      env[dst] = ((v[0].astype(np.uint64) * v[1]) >> np.uint64(32)).astype(np.uint32)
+    else:
+      env[dst] = {"or": np.bitwise_or, "xor": np.bitwise_xor, "add": np.add}[op](v[0], v[1])
+  return env["$0"]
+
+
+def decode_8bit_packed(byte_tile, code: fp4.Fp4Code, dot_kind: str):
+  """(rows, 64) uint8 tile -> both planes' (rows, 64) int8 images / E4M3 bits as int8 (the
+  asm's results are signless integers; compiled kernels only)."""
+  shape = jax.ShapeDtypeStruct(byte_tile.shape, jnp.int8)
+  return tuple(plgpu.elementwise_inline_asm(
+      packed_8bit_decode_asm(code, dot_kind, plane), args=[byte_tile], constraints="=r,r",
+      pack=4, result_shape_dtypes=[shape])[0] for plane in (0, 1))
+
+
 def check_dot_kind(dot_kind: str, code: fp4.Fp4Code) -> None:
   if dot_kind not in DOT_KINDS:
     raise ValueError(f"unknown dot kind {dot_kind!r}; expected one of {DOT_KINDS}")
@@ -281,10 +420,16 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
 
   def k_step(k_tile, acc):
     k_start = k_tile * TILE_K
-    if packed_decode:  # bf16 values (not the int8 image): the wrapper's column scale matches
+    if packed_decode and dot_kind == "bf16":  # values, not the int8 image (column scale)
       byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
                                    HALF_TILE_K, col_mask, all_half)
       planes = tuple(decode_bf16_packed(byte_tile, code, plane) for plane in (0, 1))
+    elif packed_decode:  # the int8 image / E4M3 bits, as decode_image
+      byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
+                                   HALF_TILE_K, col_mask, all_half)
+      planes = decode_8bit_packed(byte_tile, code, dot_kind)
+      if dot_kind == "fp8":
+        planes = tuple(lax.bitcast_convert_type(p, jnp.float8_e4m3fn) for p in planes)
     else:
       byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
                                    HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
@@ -374,9 +519,10 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   row_scale = row_scale.astype(jnp.float32)
   activation_fn.check(activation)
   # compiled: the packed bf16 decode yields values, not the multiplier's integer image
-  packed_decode = (not interpret and not predecode
-                   and packed_bf16_decode_applies(weight.code, dot_kind))
-  if packed_decode:
+  packed_decode = not interpret and not predecode and (
+      packed_bf16_decode_applies(weight.code, dot_kind)
+      or packed_8bit_decode_applies(weight.code, dot_kind))
+  if packed_decode and dot_kind == "bf16":
     col_scale = col_scale * np.float32(weight.code.multiplier)
   kernel = functools.partial(fp4_mma_kernel, code=weight.code, dot_kind=dot_kind,
                              predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
