@@ -86,13 +86,16 @@ VARIANTS = {
     # The GEMM alone on a pre-quantized 8-bit x (the act-quant's image), M >= MOSAIC_MIN_M:
     # the dispatched Triton kernel against the Mosaic GPU one the dispatcher does not take yet.
     "gemm_triton_int8": "int8 x (pre-quantized) x 4-bit weights: XLA decode pass + Triton int8 "
-                        "GEMM, scales in its epilogue (W4A4's large-M GEMM, dispatch config)",
+                        "GEMM on the image, scales in its epilogue (W4A4's large-M GEMM up to "
+                        "session 23)",
+    "gemm_triton_int8_inloop": "the same GEMM reading the 4-bit tiles, decoded in the K loop "
+                               "(compiled: byte permutes; W4A4's dispatched GEMM at every M)",
     "gemm_mosaic_int8": "the same GEMM in Pallas Mosaic GPU (kernels/fp4_mosaic.py: TMA "
                         "pipeline, in-loop decode, wgmma s8; Hopper, jax >= 0.11)",
     "gemm_mosaic_fp8": "kernels/fp4_mosaic.py on an E4M3 x (wgmma e4m3)",
 }
 MOSAIC_VARIANTS = ("gemm_mosaic_int8", "gemm_mosaic_fp8")
-GEMM_VARIANTS = ("gemm_triton_int8",) + MOSAIC_VARIANTS
+GEMM_VARIANTS = ("gemm_triton_int8", "gemm_triton_int8_inloop") + MOSAIC_VARIANTS
 MOSAIC_MIN_M = 1024  # the GEMM variants are timed at token-row M only (Mosaic: 128-row tiles)
 LN_BASELINE = "bf16_ln"  # variants ending in _ln are timed against this one
 FC1_SHAPE = (1152, 4608)  # DiT-XL/2's fc1 (K, N): the _ln variants add the GELU there
@@ -381,6 +384,12 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
       functools.partial(fp4_mma.xla_dot, dot_kind="int8", out_dtype=jnp.bfloat16),
       (ops["x_int8"], ops["x_fp8_scale"], ops["fp4_weight"], ops["bias"]), flops, gemm_bytes)
   paths["gemm_triton_int8"] = f"unpacked_triton_int8 {_config_text(triton_int8)}"
+  inloop = fm.default_mma_config(m_rows, n_features, k_features, dot_kind="int8",
+                                 predecode=False)
+  calls["gemm_triton_int8_inloop"] = (
+      functools.partial(fp4_mma.fp4_mma, dot_kind="int8", predecode=False, interpret=interpret,
+                        out_dtype=jnp.bfloat16, **inloop),) + calls["gemm_triton_int8"][1:]
+  paths["gemm_triton_int8_inloop"] = f"triton_int8 {_config_text(inloop)}"
   for name in MOSAIC_VARIANTS:
     kind = name.rsplit("_", 1)[1]
     calls[name] = (
@@ -413,6 +422,7 @@ CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_ti
                    "vq_w2_dequant_dot": 2e-2, "w4a16": 2e-2, "w4a8": 1e-2, "w4a4": 1e-2,
                    "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2,
                    "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2, "gemm_triton_int8": 1e-2,
+                   "gemm_triton_int8_inloop": 1e-2,
                    "gemm_mosaic_int8": 1e-2, "gemm_mosaic_fp8": 1e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 
