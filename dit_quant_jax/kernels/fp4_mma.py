@@ -279,8 +279,8 @@ def packed_8bit_decode_program(code: fp4.Fp4Code, dot_kind: str, plane: int) -> 
     program += [("prmt", a, "tl", "th", word),  # positive codes' images, 0 elsewhere
                 ("prmt", b, "tl", "th", flipped)]  # negative codes' magnitudes, 0 elsewhere
     if dot_kind == "int8":
-      # 0x80808080 - b as b * -1 + 0x80808080: an integer multiply-add (the FMA pipe, not
-      # the integer ALU that the permutes and logic ops load)
+      # 0x80808080 - b, written b * -1 + 0x80808080 (ptxas emits one IADD3 either way; the
+      # shifts above are what mul.hi moves off the ALU)
       program += [("mad", f"t{half}", b, 0xFFFFFFFF, 0x80808080),
                   ("lop3", v, f"t{half}", 0x80808080, a, 0xBE)]  # (t ^ 0x80808080) | a
     else:
