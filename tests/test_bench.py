@@ -76,6 +76,36 @@ def test_roofline_closed_forms():
   assert big["floor_s"] > roofline.bf16_dot_floor(16384, k, n, H100)["floor_s"]
 
 
+def test_launch_tail_counts_the_busiest_sm():
+  # qkv at M = 4096: 128x128 and 64x128 tiles both leave 7 (14) on the busiest SM where the
+  # even share is 6.55 (13.1); the wide tiles 4 of 3.4: the best is 7 / 6.55
+  assert roofline.launch_tail(4096, 3456, 132) == pytest.approx(7 * 132 / 864)
+  plain = roofline.bf16_dot_floor(4096, 1152, 3456, H100)
+  with_tail = roofline.bf16_dot_floor(4096, 1152, 3456, H100, sms=132)
+  assert with_tail["compute_s"] == pytest.approx(plain["compute_s"] * 7 * 132 / 864)
+  assert with_tail["bound"] == "compute"
+  # a whole number of waves: no tail (2 x 132 tiles of 128 x 128)
+  assert roofline.launch_tail(128 * 12, 128 * 22, 132) == 1
+  # few tiles: a K split spreads them (9 tiles x 4 parts of K = 1152, at least 256 each)
+  assert roofline.launch_tail(16, 1152, 132) == pytest.approx(132 / 9)
+  assert roofline.launch_tail(16, 1152, 132, 1152) == pytest.approx(132 / 36)
+  # token rows: no split (enough tiles); proj at M = 4096: 576 tiles of 64 x 128, 5 / 4.36
+  assert roofline.launch_tail(4096, 1152, 132, 1152) == pytest.approx(5 * 132 / 576)
+  assert roofline.launch_tail(4096, 3456, 132, 1152) == pytest.approx(7 * 132 / 864)
+  # memory-bound shapes keep their byte floor
+  small = roofline.bf16_dot_floor(16, 1152, 4608, H100, sms=132)
+  assert small["bound"] == "memory" and small["floor_s"] == roofline.bf16_dot_floor(
+      16, 1152, 4608, H100)["floor_s"]
+  # the design bound's GEMM and the paths' dots pay the same tail: W4A16 qkv's bound is the
+  # bf16 dot's floor; the XLA int8 dot's is its FLOP floor at the int8 rate x the same tail
+  bound = roofline.two_pass_bound("w4a16", 4096, 1152, 3456, H100, sms=132)
+  assert bound["floor_s"] == pytest.approx(with_tail["floor_s"])
+  xla = roofline.fp4_path_floor("w4a16", "xla_bf16", 4096, 1152, 3456, H100, sms=132)
+  no_tail = roofline.fp4_path_floor("w4a16", "xla_bf16", 4096, 1152, 3456, H100)
+  assert xla["floor_s"] - no_tail["floor_s"] == pytest.approx(
+      with_tail["floor_s"] - plain["floor_s"])
+
+
 def test_fp4_roofline_closed_forms():
   # act-quant at K = 1152 with the 36-block: token row as (36, 32), three tokens per 128-row
   # tile; bf16x3 on a bf16 x: one (128, 32) @ (32, 32) dot and, with the Hadamard block's
@@ -169,7 +199,7 @@ def test_static_report_target_rows():
   norm_s = roofline.layer_norm_pass_floor(4096, 1152, H100)["floor_s"]
   assert row["producer_s"] == pytest.approx(norm_s)
   assert row["bf16_s"] == pytest.approx(
-      roofline.bf16_dot_floor(4096, 1152, 3456, H100)["floor_s"] + norm_s)
+      roofline.bf16_dot_floor(4096, 1152, 3456, H100, sms=132)["floor_s"] + norm_s)
   assert row["speedup"] == pytest.approx(row["bf16_s"] / row["floor_s"])
   text = "\n".join(static_report.targets_markdown(90, shapes=((1152, 3456),)))
   assert ("| w4a4 | >= 1.6x at M >= 4096 | 1152x3456 | 4096 | triton_int8 | LN fused |"
@@ -223,7 +253,8 @@ def test_dit_step_estimate_sums_the_block_floors():
   # bf16 linears: 28 blocks x (4 token linears at M = 4096 + adaLN at M = 16)
   shapes = [(4096, 1152, 3456), (4096, 1152, 1152), (4096, 1152, 4608), (4096, 4608, 1152),
             (16, 1152, 6912)]
-  linears = 28 * sum(roofline.bf16_dot_floor(m, k, n, H100)["floor_s"] for m, k, n in shapes)
+  linears = 28 * sum(roofline.bf16_dot_floor(m, k, n, H100, sms=132)["floor_s"]
+                     for m, k, n in shapes)
   assert rows["bf16"]["linears_s"] == pytest.approx(linears)
   assert rows["HQ-DiT W4A4"]["linears_s"] < rows["bf16"]["linears_s"]
   # W4A4 linears: the same blocks through the dispatched paths' floors, qkv / fc1 with the
@@ -231,7 +262,7 @@ def test_dit_step_estimate_sums_the_block_floors():
   w4a4 = 28 * sum(roofline.fp4_path_floor(
       "w4a4", "triton_int8", m, k, n, H100,
       static_report.HADAMARD_ORDER.get(k),
-      norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES)["floor_s"]
+      norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES, sms=132)["floor_s"]
       for m, k, n in shapes)
   assert rows["HQ-DiT W4A4"]["linears_s"] == pytest.approx(w4a4)
   assert all(r["attention_s"] == rows["bf16"]["attention_s"] for r in rows.values())
@@ -313,9 +344,25 @@ def test_sass_loop_classes_and_issue_floor():
   assert floor["fma_s"] == pytest.approx(warp_iterations * 4 / (132 * 4 * 1.83e9))
   assert floor["int_s"] == pytest.approx(warp_iterations * 2 / (132 * 2 * 1.83e9))
   sm80 = triton_ptx.issue_floor_seconds(loop, num_warps=8, programs=264, trips=9, cc=80)
+  warp_iterations = 3 * 108 * 9 * 8  # 264 programs on 108 SMs: the busiest runs 3
   assert sm80["fma_s"] == pytest.approx(warp_iterations * 2 / (108 * 2 * 1.41e9))  # IMAD + FP32
   assert sm80["fp16x2_s"] == pytest.approx(warp_iterations * 1 / (108 * 2 * 1.41e9))
   assert triton_ptx.sass_loop_classes("        /*0000*/                   EXIT ;") == {}  # no loop
+
+
+def test_issue_floor_counts_the_busiest_sm():
+  from dit_quant_jax.bench import triton_ptx
+  loop = dict(issue=100, int=10, fp32=10, convert=0, memory=10)
+  kwargs = dict(num_warps=4, trips=3, cc=90)
+  full = triton_ptx.issue_floor_seconds(loop, programs=132, **kwargs)
+  one_more = triton_ptx.issue_floor_seconds(loop, programs=133, **kwargs)
+  few = triton_ptx.issue_floor_seconds(loop, programs=33, **kwargs)
+  # one program per SM, 4 warps x 3 trips x 100 instructions at 4 per clock
+  assert full["issue_floor_s"] == pytest.approx(4 * 3 * 100 / (4 * 1.83e9)) and full["tail"] == 1
+  # one program over a full wave: one SM runs two, the launch takes twice as long
+  assert one_more["issue_floor_s"] == pytest.approx(2 * full["issue_floor_s"])
+  # a quarter of the SMs busy: no faster than one program alone
+  assert few["issue_floor_s"] == pytest.approx(full["issue_floor_s"]) and few["tail"] == 4
 
 
 PTX_LOOP = """
@@ -356,7 +403,9 @@ def test_issue_floor_adds_the_tensor_time_only_when_nothing_overlaps_it():
              loop_wgmma_waits_all=True, ctas_per_sm=1)
   kwargs = dict(num_warps=8, programs=864, trips=9, cc=90)
   plain = triton_ptx.issue_floor_seconds(loop, **kwargs)
-  tensor_s = 864 * 9 * (2.0 * 128 ** 3) / (989e12 / 1.83e9 / 132) / (132 * 1.83e9)
+  # 864 programs on 132 SMs: the busiest runs 7 (the even share is 6.5)
+  tensor_s = 7 * 9 * (2.0 * 128 ** 3) / (989e12 / 1.83e9 / 132) / 1.83e9
+  assert plain["tail"] == pytest.approx(7 * 132 / 864)
   serial = triton_ptx.issue_floor_seconds(loop, mma=mma, **kwargs)
   assert serial["tensor_s"] == pytest.approx(tensor_s) and serial["mma_serial"]
   assert serial["issue_floor_s"] == pytest.approx(tensor_s + plain["issue_floor_s"])

@@ -46,23 +46,29 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
       assert 1 <= config["split_k"] <= min(k_tiles, dispatch.MAX_SPLIT_K)
       if choice.path == "vq_splitk":
         assert config["block_m"] >= min(m_rows, 64) or m_rows > 64
-        programs = (math.ceil(m_rows / config["block_m"]) * math.ceil(n_features / 64)
-                    * config["split_k"])
-        # enough programs for the memory system, unless K has no more tiles to split
-        assert (programs >= dispatch.SM_COUNT["hopper"]
-                or config["split_k"] * 2 > k_tiles or config["split_k"] == dispatch.MAX_SPLIT_K)
+        tiles = math.ceil(m_rows / config["block_m"]) * math.ceil(n_features / config["block_n"])
+        # no other power-of-two split gives the busiest SM less work
+        def busiest(split):
+          return math.ceil(tiles * split / dispatch.SM_COUNT["hopper"]) * math.ceil(k_tiles / split)
+        splits = [2 ** i for i in range(5) if 2 ** i <= min(k_tiles, dispatch.MAX_SPLIT_K)]
+        assert busiest(config["split_k"]) == min(busiest(s) for s in splits)
   tiled = dispatch.choose("vq", 256, 1152, 4608, device_kind=H100).config
   assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"]) == (128, 128, 8)
   assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config == tiled
   assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=A100).config == {}
 
 
-def test_split_k_rule():
-  assert dispatch.split_k_for(programs=18, k_tiles=18, cls="hopper") == 16
-  assert dispatch.split_k_for(programs=18, k_tiles=3, cls="hopper") == 2
-  assert dispatch.split_k_for(programs=18, k_tiles=1, cls="hopper") == 1
-  assert dispatch.split_k_for(programs=300, k_tiles=72, cls="hopper") == 1
-  assert dispatch.split_k_for(programs=72, k_tiles=18, cls="hopper") == 4
+def test_split_k_rule_minimises_the_busiest_sm():
+  # busiest SM's K tiles: ceil(tiles x split / 132) x ceil(k_tiles / split)
+  assert dispatch.tail_split_k(27, 18, "hopper") == 4  # 1 x 5; split 8: 2 x 3 = 6
+  assert dispatch.tail_split_k(9, 18, "hopper") == 8  # 1 x 3; split 16: 2 x 2 = 4
+  assert dispatch.tail_split_k(36, 18, "hopper") == 2  # 1 x 9 = 9; split 4: 2 x 5 = 10
+  assert dispatch.tail_split_k(9, 72, "hopper") == 8  # 1 x 9; split 16: 2 x 5 = 10
+  assert dispatch.tail_split_k(264, 72, "hopper") == 1  # 2 per SM already: a split only ties
+  assert dispatch.tail_split_k(300, 72, "hopper") == 8  # 19 x 9 = 171 beats 3 x 72 = 216 (the tail)
+  assert dispatch.tail_split_k(9, 1, "hopper") == 1  # nothing to split
+  assert dispatch.tail_split_k(9, 18, "hopper", max_split=4) == 4
+  assert dispatch.tail_split_k(27, 18, "ampere") == 4  # 108 SMs: split 8 -> 2 x 3 = 6 vs 5
 
 
 def test_register_and_errors():

@@ -55,23 +55,64 @@ def floor_seconds(flops: float, moved_bytes: float, peaks: Peaks,
               bound="compute" if compute >= memory else "memory")
 
 
-def bf16_dot_floor(m_rows: int, k_features: int, n_features: int, peaks: Peaks) -> dict:
-  flops = 2 * m_rows * k_features * n_features
+# Output tiles and K splits a library GEMM (cuBLAS) picks among (launch_tail).  It splits K
+# only when the tiles alone leave SMs idle (a split's partial sums cost M x N x 4 B per part,
+# more than a tail at token-row M), keeping at least LIBRARY_MIN_SPLIT_K K elements per part.
+LIBRARY_TILES = ((64, 128), (128, 128), (128, 256), (256, 128))
+LIBRARY_SPLITS = (1, 2, 4, 8, 16)
+LIBRARY_MIN_SPLIT_K = 256
+
+
+def launch_tail(m_rows: int, n_features: int, sms: int, k_features: int | None = None,
+                tiles=LIBRARY_TILES) -> float:
+  """How much longer than its even share a GEMM's tensor-core time is when its work units
+  (output tiles, or tiles x K parts) run whole, one per SM at a time: the busiest SM computes
+  ceil(units / SMs) where the even share is units / SMs, at the best of ``tiles`` and (with
+  k_features) of the K splits where the tiles are fewer than the SMs (864 tiles of 128 x 128, qkv at M = 4096, on 132 SMs: 7 / 6.55
+  = 1.07; a whole number of waves: 1; 9 tiles at M = 16 split 8 ways: 132 / 72)."""
+  best = None
+  for block_m, block_n in tiles:
+    count = -(-m_rows // block_m) * -(-n_features // block_n)
+    splits = [s for s in LIBRARY_SPLITS if s == 1 or (
+        count < sms and k_features is not None and k_features // s >= LIBRARY_MIN_SPLIT_K)]
+    for split in splits:
+      units = count * split
+      tail = -(-units // sms) * sms / units
+      best = tail if best is None else min(best, tail)
+  return best
+
+
+def gemm_floor(m_rows: int, k_features: int, n_features: int, moved_bytes: float, peaks: Peaks,
+               flop_rate_multiplier: float = 1.0, sms: int | None = None) -> dict:
+  """floor_seconds of an (M, K) x (K, N) GEMM; sms: its compute time pays launch_tail."""
+  floor = floor_seconds(2 * m_rows * k_features * n_features, moved_bytes, peaks,
+                        flop_rate_multiplier)
+  if not sms:
+    return floor
+  compute = floor["compute_s"] * launch_tail(m_rows, n_features, sms, k_features)
+  return dict(floor, compute_s=compute, floor_s=max(compute, floor["memory_s"]),
+              bound="compute" if compute >= floor["memory_s"] else "memory")
+
+
+def bf16_dot_floor(m_rows: int, k_features: int, n_features: int, peaks: Peaks,
+                   sms: int | None = None) -> dict:
+  """sms: count the launch's tail (launch_tail over LIBRARY_TILES) in the compute time."""
   moved = linear_bytes(m_rows, k_features, n_features, k_features * n_features * BF16_BYTES)
-  return floor_seconds(flops, moved, peaks)
+  return gemm_floor(m_rows, k_features, n_features, moved, peaks, sms=sms)
 
 
 def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
-                  codewords: int = 256, sub_dim: int = 4) -> dict:
+                  codewords: int = 256, sub_dim: int = 4, sms: int | None = None) -> dict:
   """Floor of one VQ path.  vq_dequant_dot adds its decode pass (indices read, bf16 weight
-  written) to the bf16 dot's floor (the dot then reads the bf16 weight: already counted)."""
-  flops = 2 * m_rows * k_features * n_features
+  written) to the bf16 dot's floor (the dot then reads the bf16 weight: already counted).
+  sms: the GEMM pays its launch tail (gemm_floor)."""
   weight = vq_weight_bytes(k_features, n_features, codewords, sub_dim)
   if path == "vq_dequant_dot":
     decode = (weight + k_features * n_features * BF16_BYTES) / peaks.bandwidth
-    dot = bf16_dot_floor(m_rows, k_features, n_features, peaks)
+    dot = bf16_dot_floor(m_rows, k_features, n_features, peaks, sms=sms)
     return dict(dot, decode_s=decode, floor_s=decode + dot["floor_s"])
-  return floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+  return gemm_floor(m_rows, k_features, n_features,
+                    linear_bytes(m_rows, k_features, n_features, weight), peaks, sms=sms)
 
 
 # ----------------------------------------------------------------------------------------
@@ -137,9 +178,10 @@ def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Pe
 
 
 def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
-                   peaks: Peaks, a_order=None, norm_fused: bool = False) -> dict:
+                   peaks: Peaks, a_order=None, norm_fused: bool = False,
+                   sms: int | None = None) -> dict:
   """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
-  each at its own floor, run one after the other.  -> dict(floor_s, act_quant_s, gemm_s (the
+  each at its own floor, run one after the other (sms: the dot pays its launch tail).  -> dict(floor_s, act_quant_s, gemm_s (the
   rest), decode_s, epilogue_s, bound of the dot).
 
   * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order
@@ -154,7 +196,6 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
     into its bf16 image (dot + bias, as the bf16 baseline); the Triton kernels scale in their
     epilogue.
   """
-  flops = 2 * m_rows * k_features * n_features
   act_s = 0.0
   if op in ("w4a4", "w4a8"):
     act_s = act_quant_floor(m_rows, k_features, a_order, peaks,
@@ -171,8 +212,9 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
   else:  # a Triton kernel decoding the 4-bit tiles in its K loop
     decode_s = 0.0
     weight_bytes = k_features * n_features // 2
-  dot = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes),
-                      peaks, rate)
+  dot = gemm_floor(m_rows, k_features, n_features,
+                   linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes), peaks,
+                   rate, sms)
   epilogue_s = 0.0
   if xla and not (op == "w4a16"):
     epilogue_s = 2 * m_rows * n_features * FP32_BYTES / peaks.bandwidth
@@ -182,7 +224,7 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
 
 
 def two_pass_bound(op: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
-                   a_order=None, norm_fused: bool = False) -> dict:
+                   a_order=None, norm_fused: bool = False, sms: int | None = None) -> dict:
   """The floor of the best kernels this design admits, whatever their code: the weights read
   once at their stored width inside the GEMM (no decode pass: 4 bits for FP4, VQ_W2's
   indices + codebook), the GEMM at its tensor-core or memory floor (8-bit
@@ -190,20 +232,24 @@ def two_pass_bound(op: str, m_rows: int, k_features: int, n_features: int, peaks
   pass of its own at :func:`act_quant_floor` (the transform at the kernel's precision; fused
   with the LayerNorm where ``norm_fused``), run before the GEMM that reads its image.  A
   target above ``bf16 floor / this`` needs a different structure (a producer that emits the
-  quantized image), not better kernels.  -> dict(floor_s, act_quant_s, gemm_s)."""
-  flops = 2 * m_rows * k_features * n_features
+  quantized image), not better kernels.  sms: the GEMM pays its launch tail (gemm_floor).
+  -> dict(floor_s, act_quant_s, gemm_s)."""
+
+  def stored_gemm(weight, x_bytes=BF16_BYTES, rate=1.0):
+    return gemm_floor(m_rows, k_features, n_features,
+                      linear_bytes(m_rows, k_features, n_features, weight, x_bytes), peaks, rate,
+                      sms)
+
   if op == "vq":
-    weight = vq_weight_bytes(k_features, n_features, **VQ_W2)
-    gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+    gemm = stored_gemm(vq_weight_bytes(k_features, n_features, **VQ_W2))
     return dict(floor_s=gemm["floor_s"], act_quant_s=0.0, gemm_s=gemm["floor_s"])
   if op not in ("w4a4", "w4a8", "w4a16"):
     raise ValueError(f"unknown op {op!r}; expected vq, w4a4, w4a8 or w4a16")
   weight = k_features * n_features // 2  # as fp4_path_floor's in-loop paths count it
   if op == "w4a16":
-    gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight), peaks)
+    gemm = stored_gemm(weight)
     return dict(floor_s=gemm["floor_s"], act_quant_s=0.0, gemm_s=gemm["floor_s"])
   act_s = act_quant_floor(m_rows, k_features, a_order, peaks, norm_fused=norm_fused)["floor_s"]
-  gemm = floor_seconds(flops, linear_bytes(m_rows, k_features, n_features, weight, 1), peaks,
-                      2.0)
+  gemm = stored_gemm(weight, 1, 2.0)
   return dict(floor_s=act_s + gemm["floor_s"], act_quant_s=act_s, gemm_s=gemm["floor_s"])
 

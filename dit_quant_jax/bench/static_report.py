@@ -283,23 +283,26 @@ def target_rows(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = None) ->
     for k_features, n_features in shapes:
       for m_rows in tokens:
         choice = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind)
-        bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)["floor_s"]
+        bf16 = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks,
+                                       sms=triton_ptx.SM_COUNT[cc])["floor_s"]
         fused = ((k_features, n_features) in LN_FED_SHAPES
                  and fp4_matmul.fuses_row_norm(op, choice.path))
         producer_s = 0.0
         if op == "vq":
-          floor = roofline.vq_path_floor(choice.path, m_rows, k_features, n_features, peaks)
+          floor = roofline.vq_path_floor(choice.path, m_rows, k_features, n_features, peaks,
+                                         sms=triton_ptx.SM_COUNT[cc])
           floor.setdefault("act_quant_s", 0.0)
         else:
           floor = roofline.fp4_path_floor(op, choice.path, m_rows, k_features, n_features,
                                           peaks, HADAMARD_ORDER.get(k_features),
-                                          norm_fused=fused)
+                                          norm_fused=fused, sms=triton_ptx.SM_COUNT[cc])
         floor = with_issue_floors(floor, op, choice.path, m_rows, k_features, n_features,
                                   fused, issue)
         if fused:
           producer_s = roofline.layer_norm_pass_floor(m_rows, k_features, peaks)["floor_s"]
         bound = roofline.two_pass_bound(op, m_rows, k_features, n_features, peaks,
-                                        HADAMARD_ORDER.get(k_features), norm_fused=fused)
+                                        HADAMARD_ORDER.get(k_features), norm_fused=fused,
+                                        sms=triton_ptx.SM_COUNT[cc])
         rows.append(dict(op=op, where=where, k=k_features, n=n_features, m=m_rows,
                          path=choice.path, floor_s=floor["floor_s"], bf16_s=bf16 + producer_s,
                          act_quant_s=floor["act_quant_s"], producer_s=producer_s,
@@ -328,7 +331,13 @@ def targets_markdown(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = Non
            "marked * are raised to a Triton kernel's SASS issue floor (its main loop's "
            "instructions over the SMs' issue and pipe rates, bench/triton_ptx."
            "issue_floor_seconds): there the kernel's instructions, not its bytes or FLOPs, "
-           "bound it.  Where a kernel's K loop waits for all its wgmma every step (Triton "
+           "bound it.  The issue floor counts the launch's tail: each program runs whole on "
+           "one SM, so the busiest SM runs ceil(programs / SMs) of them (864 tiles of qkv at "
+           "M = 4096 on 132 SMs: 7 where the even share is 6.5, +7%); the bf16 dot's floor "
+           "in the target tables and the step pays the same kind of tail at the best of "
+           "64x128, 128x128, 128x256 and 256x128 tiles (roofline.launch_tail: cuBLAS "
+           "picks its tiles), as do the paths' XLA dots and the design bound's GEMM.  "
+           "Where a kernel's K loop waits for all its wgmma every step (Triton "
            "makes no dot with an int32 accumulator asynchronous) and one CTA fills an SM, its "
            "issue floor is the tensor-core time plus the rest of the loop's issue time "
            "(nothing overlaps them), not the larger of the two.  Kernels are compiled "
@@ -440,11 +449,13 @@ def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
     for m_rows, k_features, n_features in (
         [(b["tokens"], k, n) for _, k, n in DIT_XL2_BLOCK_LINEARS] + [(b["images"], 1152, 6912)]):
       if op is None:
-        floor = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks)
+        floor = roofline.bf16_dot_floor(m_rows, k_features, n_features, peaks,
+                                        sms=triton_ptx.SM_COUNT[cc])
       else:
         path = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind).path
         if op == "vq":
-          floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks)
+          floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks,
+                                         sms=triton_ptx.SM_COUNT[cc])
           floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, False,
                                     issue)
         else:
@@ -452,7 +463,8 @@ def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
                    and fp4_matmul.fuses_row_norm(op, path))
           norms_s -= norm_pass_s if fused else 0.0
           floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
-                                          HADAMARD_ORDER.get(k_features), norm_fused=fused)
+                                          HADAMARD_ORDER.get(k_features), norm_fused=fused,
+                                          sms=triton_ptx.SM_COUNT[cc])
           floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused,
                                     issue)
       linears_s += floor["floor_s"]
