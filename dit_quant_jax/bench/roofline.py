@@ -68,8 +68,9 @@ def launch_tail(m_rows: int, n_features: int, sms: int, k_features: int | None =
   """How much longer than its even share a GEMM's tensor-core time is when its work units
   (output tiles, or tiles x K parts) run whole, one per SM at a time: the busiest SM computes
   ceil(units / SMs) where the even share is units / SMs, at the best of ``tiles`` and (with
-  k_features) of the K splits where the tiles are fewer than the SMs (864 tiles of 128 x 128, qkv at M = 4096, on 132 SMs: 7 / 6.55
-  = 1.07; a whole number of waves: 1; 9 tiles at M = 16 split 8 ways: 132 / 72)."""
+  k_features) of the K splits where the tiles are fewer than the SMs (864 tiles of 128 x 128,
+  qkv at M = 4096, on 132 SMs: 7 / 6.55 = 1.07; a whole number of waves: 1; 9 tiles at
+  M = 16, K = 1152 split 4 ways: 132 / 36)."""
   best = None
   for block_m, block_n in tiles:
     count = -(-m_rows // block_m) * -(-n_features // block_n)
@@ -181,8 +182,8 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
                    peaks: Peaks, a_order=None, norm_fused: bool = False,
                    sms: int | None = None) -> dict:
   """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
-  each at its own floor, run one after the other (sms: the dot pays its launch tail).  -> dict(floor_s, act_quant_s, gemm_s (the
-  rest), decode_s, epilogue_s, bound of the dot).
+  each at its own floor, run one after the other (sms: the dot pays its launch tail).
+  -> dict(floor_s, act_quant_s, gemm_s (the rest), decode_s, epilogue_s, bound of the dot).
 
   * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order
     (norm_fused: with the LayerNorm + modulate prologue, :func:`act_quant_floor`);
