@@ -491,25 +491,23 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   SASS per warp-step, 128 registers, 56 KB; 245 and 80 KB with 3 stages).
   device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
   exercise the Hopper configs)."""
+  if device is None:
+    device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
   if m_rows > 64:
-    if device is None:
-      device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
     if device == "hopper" and dot_kind in ("bf16", "int8") and not predecode:
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=2)
     if device == "hopper" and dot_kind != "fp8":
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
     return dict(block_m=64, block_n=128, split_k=1, num_warps=8, num_stages=3)
-  # Small M: the bf16 dot takes 64 x 128 weight tiles (sm_90a, M = 16: 501 SASS per warp-step
-  # vs 300 at 64 x 64, 0.84x per weight, 95 registers); the 8-bit dots keep 128 x 64 (their
-  # packed decode was tuned there).  K split by the busiest SM's work (dispatch.tail_split_k).
-  if device is None:
-    device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
-  base = common.default_matmul_blocks(m_rows, n_features, k_features, 32)
+  # Small M: a thin M tile; the bf16 dot takes 128 output columns per program (sm_90a,
+  # M = 16: 501 SASS per warp-step vs 300 at 64 columns, 0.84x per weight, 95 registers), the
+  # 8-bit dots keep 64 (their packed decode was tuned there).  K split by the busiest SM's
+  # work (dispatch.tail_split_k).
+  block_m = common.block_size_for(m_rows, 16, 128)
   block_n = 128 if dot_kind in (None, "bf16") else 64
-  tiles = -(-m_rows // base["block_m"]) * -(-n_features // block_n)
+  tiles = -(-m_rows // block_m) * -(-n_features // block_n)
   split_k = dispatch.tail_split_k(tiles, -(-k_features // fp4_mma.TILE_K), device)
-  return dict(block_m=base["block_m"], block_n=block_n, split_k=split_k, num_warps=4,
-              num_stages=3)
+  return dict(block_m=block_m, block_n=block_n, split_k=split_k, num_warps=4, num_stages=3)
 
 
 def _local_is_hopper() -> bool:
