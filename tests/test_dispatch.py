@@ -46,29 +46,86 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
       assert 1 <= config["split_k"] <= min(k_tiles, dispatch.MAX_SPLIT_K)
       if choice.path == "vq_splitk":
         assert config["block_m"] >= min(m_rows, 64) or m_rows > 64
-        tiles = math.ceil(m_rows / config["block_m"]) * math.ceil(n_features / config["block_n"])
-        # no other power-of-two split gives the busiest SM less work
-        def busiest(split):
-          return math.ceil(tiles * split / dispatch.SM_COUNT["hopper"]) * math.ceil(k_tiles / split)
-        splits = [2 ** i for i in range(5) if 2 ** i <= min(k_tiles, dispatch.MAX_SPLIT_K)]
-        assert busiest(config["split_k"]) == min(busiest(s) for s in splits)
-  tiled = dispatch.choose("vq", 256, 1152, 4608, device_kind=H100).config
-  assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"]) == (128, 128, 8)
-  assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config == tiled
+        per_part, parts = dispatch.split_parts(k_tiles, config["split_k"])
+        assert parts == config["split_k"]  # no empty part
+  # Token rows on Hopper: 128 x 128 / 8 warps or 128 x 64 / 4 warps, by the launch tail.
+  for m_rows in (1024, 4096, 16384):
+    for k_features, n_features in DIT_XL2_SHAPES:
+      config = dispatch.choose("vq", m_rows, k_features, n_features, device_kind=H100).config
+      assert ((config["block_m"], config["block_n"], config["num_warps"])
+              in ((128, 128, 8), (128, 64, 4))), config
+  tiled = dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config
+  assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"], tiled["split_k"]) == (
+      128, 128, 8, 1)  # 1152 tiles: 9 waves (8.7), 128 x 64 only ties
+  # 1152x1152 at M = 4096: 288 tiles (3 on the busiest SM, even share 2.2) -> 576 of 128 x 64
+  proj = dispatch.choose("vq", 4096, 1152, 1152, device_kind=H100).config
+  assert (proj["block_n"], proj["num_warps"], proj["split_k"]) == (64, 4, 1)
+  # fc2 at M = 1024: 72 tiles of 128 x 128 leave 60 SMs idle; 144 of 128 x 64 split 6 ways
+  # (864 programs, 7 on the busiest SM, 12 K tiles each: 84 half-tiles where 128 x 128 runs
+  # 72 whole ones), its partials' 28 MB under the tensor time
+  fc2 = dispatch.choose("vq", 1024, 4608, 1152, device_kind=H100).config
+  assert (fc2["block_n"], fc2["split_k"]) == (64, 6)
   assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=A100).config == {}
 
 
 def test_split_k_rule_minimises_the_busiest_sm():
-  # busiest SM's K tiles: ceil(tiles x split / 132) x ceil(k_tiles / split)
-  assert dispatch.tail_split_k(27, 18, "hopper") == 4  # 1 x 5; split 8: 2 x 3 = 6
-  assert dispatch.tail_split_k(9, 18, "hopper") == 8  # 1 x 3; split 16: 2 x 2 = 4
-  assert dispatch.tail_split_k(36, 18, "hopper") == 2  # 1 x 9 = 9; split 4: 2 x 5 = 10
-  assert dispatch.tail_split_k(9, 72, "hopper") == 8  # 1 x 9; split 16: 2 x 5 = 10
+  # busiest SM's K tiles: ceil(tiles x split / 132) x ceil(k_tiles / split), any split
+  assert dispatch.tail_split_k(27, 18, "hopper") == 9  # 2 x 2 = 4; split 4: 1 x 5
+  assert dispatch.tail_split_k(9, 18, "hopper") == 9  # 1 x 2; split 8: 1 x 3
+  assert dispatch.tail_split_k(36, 18, "hopper") == 3  # 1 x 6; split 2: 1 x 9
+  assert dispatch.tail_split_k(9, 72, "hopper") == 12  # 1 x 6; split 8: 1 x 9
   assert dispatch.tail_split_k(264, 72, "hopper") == 1  # 2 per SM already: a split only ties
-  assert dispatch.tail_split_k(300, 72, "hopper") == 8  # 19 x 9 = 171 beats 3 x 72 = 216 (the tail)
+  assert dispatch.tail_split_k(300, 72, "hopper") == 3  # 7 x 24 = 168 < 3 x 72 (split 12 ties)
   assert dispatch.tail_split_k(9, 1, "hopper") == 1  # nothing to split
-  assert dispatch.tail_split_k(9, 18, "hopper", max_split=4) == 4
-  assert dispatch.tail_split_k(27, 18, "ampere") == 4  # 108 SMs: split 8 -> 2 x 3 = 6 vs 5
+  assert dispatch.tail_split_k(9, 18, "hopper", max_split=4) == 4  # 1 x 5
+  assert dispatch.tail_split_k(27, 18, "ampere") == 4  # 108 SMs: 1 x 5; split 9: 3 x 2 = 6
+  # 18 K tiles: splits 7, 8 would leave empty parts (parts of 3: 6 used); never chosen
+  assert dispatch.split_parts(18, 7) == (3, 6) and dispatch.split_parts(18, 6) == (3, 6)
+  for split in range(1, 17):
+    per_part, parts = dispatch.split_parts(18, split)
+    assert per_part * (parts - 1) < 18 <= per_part * parts
+  # With a kernel's K-tile time, the partials' DRAM bytes weigh in: VQ 1152x3456 at M = 16
+  # (27 tiles of 18 K tiles) keeps split 4 (1 x 5 K tiles = 0.73 us) over split 9 (2 x 2 K
+  # tiles = 0.58 us of issue, but 9 x 221 KB of partials + 1.1 MB of weights = 0.94 us).
+  moved = 1152 * 3456 / 4 + 2 * 16 * (1152 + 3456)
+  assert dispatch.tail_split_k(27, 18, "hopper", kernel="vq",
+                               **dispatch.splitk_bytes(16, 3456, moved)) == 4
+  assert dispatch.choose("vq", 16, 1152, 3456, device_kind=H100).config["split_k"] == 4
+
+
+def test_tail_tiles_closed_forms():
+  options = dispatch.VQ_TILED_OPTIONS
+  # 864 tiles of 128 x 128 (qkv at M = 4096): 7 on the busiest SM (6.55); 1728 of 128 x 64:
+  # 14 half-size ones (13.1): a tie, the first option wins
+  option, split = dispatch.tail_tiles(4096, 1152, 3456, "hopper", options, block_k=64)
+  assert (option, split) == (options[0], 1)
+  # the time is the busiest SM's tensor time: 3 tiles x 18 K tiles x 2 x 128 x 128 x 64 FLOP
+  # at 989 / 132 TFLOP/s per SM (1152x1152, M = 4096, 128 x 128) vs 5 half-size tiles
+  option, split = dispatch.tail_tiles(4096, 1152, 1152, "hopper", options[:1], block_k=64)
+  assert (option, split) == (options[0], 1)
+  option, split = dispatch.tail_tiles(4096, 1152, 1152, "hopper", options, block_k=64)
+  assert (option, split) == (options[1], 1)
+  # fc2 at M = 1024 (72 tiles of 72 K tiles), 128 x 128 only, closed form per split: tensor
+  # time of the busiest SM vs DRAM time of 13 MB + the split's (1024, 1152) float32 partials
+  k_tile_s = 2 * 128 * 128 * 64 / (989e12 / 132)
+
+  def cost(split):
+    per_part = math.ceil(72 / split)
+    tensor = math.ceil(72 * split / 132) * per_part * k_tile_s
+    memory = (13e6 + (4 * 1024 * 1152 * split if split > 1 else 0)) / 3.35e12
+    return max(tensor, memory) * (1.05 if split > 1 else 1.0)
+
+  splits = [s for s in range(1, 10) if math.ceil(72 / math.ceil(72 / s)) == s]
+  expected = min(splits, key=lambda s: (round(cost(s), 15), s))
+  option, split = dispatch.tail_tiles(1024, 4608, 1152, "hopper", options[:1], block_k=64,
+                                      moved_bytes=13e6, max_split=9)
+  assert split == expected and 1 < split < 9  # 9 ways: 5 x 8 K tiles, but 42 MB of partials
+  assert cost(expected) < cost(1) / 1.3
+  # the dispatcher's constants are the roofline's datasheet peaks
+  from dit_quant_jax.bench import roofline
+  for cls in ("hopper", "ampere"):
+    assert dispatch.BANDWIDTH[cls] == roofline.DATASHEET[cls].bandwidth
+    assert dispatch.PEAK_BF16_FLOPS[cls] == roofline.DATASHEET[cls].matmul_flops
 
 
 def test_register_and_errors():

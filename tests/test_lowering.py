@@ -22,7 +22,7 @@ SHAPES = ((1152, 4608), (4608, 1152))
 @pytest.mark.parametrize("cc", [90, 80])
 def test_vq_configs_use_tensor_cores_without_spills(cc):
   seen = set()
-  for name, path, fn, avals, config, _ in static_report.vq_lowering_cases(SHAPES, (16, 128), cc):
+  for name, path, fn, avals, config, _ in static_report.vq_lowering_cases(SHAPES, (16, 128, 1024), cc):
     if fn is None:
       continue
     (stats,) = static_report.case_stats(fn, avals, config, cc)
@@ -34,6 +34,10 @@ def test_vq_configs_use_tensor_cores_without_spills(cc):
         assert stats["wgmma"] > 0 and "f32.bf16.bf16" in stats["wgmma_types"], (name, stats)
       else:
         assert stats["mma"] > 0 and stats["wgmma"] == 0, (name, stats)
+      # one atomic where the K split is reduced in the launch (Hopper's tail-aware configs)
+      assert stats["atom"] == (1 if config["split_k"] > 1 else 0), (name, stats)
+      if cc == 90:  # both tile options are tensor-bound (dispatch.VQ_TILED_OPTIONS)
+        assert stats["issue_bound"] == "tensor", (name, stats)
     else:  # split-K GEMV: mma.sync on a 16-row tile, one atomic for the in-launch reduction
       assert stats["mma"] > 0 and stats["atom"] == 1, (name, stats)
     assert stats["ld_global_8bit"] == 0, (name, stats)  # indices and codebook: vector loads
@@ -41,6 +45,41 @@ def test_vq_configs_use_tensor_cores_without_spills(cc):
       assert stats["step_cp_async"] >= 2 and stats["step_ld_global"] <= 2, (name, stats)
     seen.add(path)
   assert seen == {"vq_splitk", "vq_tiled"}
+
+
+@pytest.mark.parametrize("cc", [90, 80])
+def test_split_k_tile_times_match_the_compiled_kernels(cc):
+  """dispatch.SPLITK_K_TILE_S (what tail_split_k weighs against the partials' bytes) against
+  the compiled small-M kernels at M = 16, 1152x3456: issue floor / (programs on the busiest
+  SM x K tiles per program), within 15 %."""
+  import functools
+  import math
+
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import dispatch, fp4_matmul, fp4_mma
+  cls = static_report.CLASS_OF_CC[cc]
+  m, k, n = 16, 1152, 3456
+  measured = {}
+  for name, path, fn, avals, config, _ in static_report.vq_lowering_cases(((k, n),), (m,), cc):
+    (stats,) = static_report.case_stats(fn, avals, config, cc, name)
+    trips = static_report.main_loop_trips(name, config, avals)
+    measured["vq"] = stats["issue_floor_s"] / (stats["tail"] * math.prod(stats["grid"])
+                                              / triton_ptx.SM_COUNT[cc] * trips)
+  weight = fp4_mma.PackedFp4Weight(jax.ShapeDtypeStruct((n, fp4_mma.padded_k(k) // 2), jnp.uint8),
+                                   jax.ShapeDtypeStruct((n,), jnp.float32), "e2m1", k)
+  for key, kind in (("fp4_bf16", "bf16"), ("fp4_8bit", "int8")):
+    config = fp4_matmul.default_mma_config(m, n, k, cls, kind, predecode=False)
+    fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=False,
+                                   out_dtype=jnp.bfloat16, **config))
+    avals = (jax.ShapeDtypeStruct((m, k), fp4_mma.x_dtype_for(kind)),
+             jax.ShapeDtypeStruct((m,), jnp.float32), weight)
+    name = f"fp4_mma_{kind} M={m} K={k} N={n}"
+    (stats,) = static_report.case_stats(fn, avals, config, cc, name)
+    trips = static_report.main_loop_trips(name, config, avals)
+    measured[key] = stats["issue_floor_s"] / (stats["tail"] * math.prod(stats["grid"])
+                                             / triton_ptx.SM_COUNT[cc] * trips)
+  for key, value in measured.items():
+    assert value == pytest.approx(dispatch.SPLITK_K_TILE_S[key][cls], rel=0.15), (key, value)
 
 
 def test_export_for_abstract_gpu_has_the_triton_call():

@@ -57,6 +57,9 @@ CASES = [  # m, k, n, codewords k, d, config
     (19, 64, 40, 4, 1, dict(block_m=16, block_n=32, block_k=32, split_k=2)),
     # DiT-XL/2 tile config of vq_tiled on a small ragged problem: 128 x 128 x 64, 8 warps
     (37, 192, 160, 256, 4, dict(block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8)),
+    # Hopper's tail-aware token-row config: 128 x 64 tiles, 4 warps, K split 3 ways (not a
+    # power of two) reduced in the launch, ragged M, N and last K part
+    (131, 320, 72, 256, 4, dict(block_m=128, block_n=64, block_k=64, split_k=3, num_warps=4)),
 ]
 
 

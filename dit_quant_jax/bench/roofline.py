@@ -102,18 +102,28 @@ def bf16_dot_floor(m_rows: int, k_features: int, n_features: int, peaks: Peaks,
   return gemm_floor(m_rows, k_features, n_features, moved, peaks, sms=sms)
 
 
+def split_partial_bytes(m_rows: int, n_features: int, split_k: int) -> float:
+  """DRAM bytes of a split-K launch's float32 partial sums: each of the split_k parts writes an
+  (M, N) partial once (L2 writes it back); the last program of a tile reads them back from L2,
+  not counted.  0 without a split."""
+  return 0.0 if split_k <= 1 else float(split_k * m_rows * n_features * FP32_BYTES)
+
+
 def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
-                  codewords: int = 256, sub_dim: int = 4, sms: int | None = None) -> dict:
+                  codewords: int = 256, sub_dim: int = 4, sms: int | None = None,
+                  split_k: int = 1) -> dict:
   """Floor of one VQ path.  vq_dequant_dot adds its decode pass (indices read, bf16 weight
   written) to the bf16 dot's floor (the dot then reads the bf16 weight: already counted).
-  sms: the GEMM pays its launch tail (gemm_floor)."""
+  sms: the GEMM pays its launch tail (gemm_floor).  split_k: the Pallas kernel's K split, whose
+  partials' bytes count (split_partial_bytes)."""
   weight = vq_weight_bytes(k_features, n_features, codewords, sub_dim)
   if path == "vq_dequant_dot":
     decode = (weight + k_features * n_features * BF16_BYTES) / peaks.bandwidth
     dot = bf16_dot_floor(m_rows, k_features, n_features, peaks, sms=sms)
     return dict(dot, decode_s=decode, floor_s=decode + dot["floor_s"])
-  return gemm_floor(m_rows, k_features, n_features,
-                    linear_bytes(m_rows, k_features, n_features, weight), peaks, sms=sms)
+  moved = (linear_bytes(m_rows, k_features, n_features, weight)
+           + split_partial_bytes(m_rows, n_features, split_k))
+  return gemm_floor(m_rows, k_features, n_features, moved, peaks, sms=sms)
 
 
 # ----------------------------------------------------------------------------------------
@@ -180,9 +190,10 @@ def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Pe
 
 def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
                    peaks: Peaks, a_order=None, norm_fused: bool = False,
-                   sms: int | None = None) -> dict:
+                   sms: int | None = None, split_k: int = 1) -> dict:
   """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
-  each at its own floor, run one after the other (sms: the dot pays its launch tail).
+  each at its own floor, run one after the other (sms: the dot pays its launch tail; split_k:
+  a Triton kernel's K split, whose partials' bytes count: split_partial_bytes).
   -> dict(floor_s, act_quant_s, gemm_s (the rest), decode_s, epilogue_s, bound of the dot).
 
   * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order
@@ -213,9 +224,10 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
   else:  # a Triton kernel decoding the 4-bit tiles in its K loop
     decode_s = 0.0
     weight_bytes = k_features * n_features // 2
-  dot = gemm_floor(m_rows, k_features, n_features,
-                   linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes), peaks,
-                   rate, sms)
+  moved = linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes)
+  if not xla:
+    moved += split_partial_bytes(m_rows, n_features, split_k)
+  dot = gemm_floor(m_rows, k_features, n_features, moved, peaks, rate, sms)
   epilogue_s = 0.0
   if xla and not (op == "w4a16"):
     epilogue_s = 2 * m_rows * n_features * FP32_BYTES / peaks.bandwidth

@@ -264,6 +264,43 @@ def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: 
   return out
 
 
+_DOT_KIND = {"triton_int8": "int8", "triton_fp8": "fp8", "triton_bf16": "bf16"}
+
+
+def path_split_k(op: str, path: str, m_rows: int, k_features: int, n_features: int,
+                 cc: int) -> int:
+  """The K split the dispatched Pallas kernel of a path runs with at that shape (1 for XLA
+  paths and the decode-once kernels, which never split)."""
+  cls = CLASS_OF_CC[cc]
+  if op == "vq":
+    config = dispatch.default_config(op, path, m_rows, k_features, n_features, cls)
+    return int(config.get("split_k", 1))
+  if path not in _DOT_KIND:
+    return 1
+  config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, cls, _DOT_KIND[path],
+                                         predecode=False)
+  return int(config["split_k"])
+
+
+def path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int, cc: int,
+               fused: bool, issue: Optional[dict]) -> dict:
+  """Floor of one dispatched path at one shape on sm_<cc> (roofline.vq_path_floor /
+  fp4_path_floor with the launch tail and the kernel's K-split partials), each Triton part
+  raised to its issue floor where the report lowered it (with_issue_floors)."""
+  peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
+  sms = triton_ptx.SM_COUNT[cc]
+  split_k = path_split_k(op, path, m_rows, k_features, n_features, cc)
+  if op == "vq":
+    floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, sms=sms,
+                                   split_k=split_k)
+    floor.setdefault("act_quant_s", 0.0)
+  else:
+    floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
+                                    HADAMARD_ORDER.get(k_features), norm_fused=fused, sms=sms,
+                                    split_k=split_k)
+  return with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused, issue)
+
+
 def target_rows(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = None) -> list[dict]:
   """Roofline estimate of every target: the dispatcher's path at each (K, N, M), its floor
   (act-quant + decode + dot) against the bf16 dot's, and the act-quant share of W4A4.
@@ -288,16 +325,7 @@ def target_rows(cc: int, shapes=DIT_XL2_SHAPES, issue: Optional[dict] = None) ->
         fused = ((k_features, n_features) in LN_FED_SHAPES
                  and fp4_matmul.fuses_row_norm(op, choice.path))
         producer_s = 0.0
-        if op == "vq":
-          floor = roofline.vq_path_floor(choice.path, m_rows, k_features, n_features, peaks,
-                                         sms=triton_ptx.SM_COUNT[cc])
-          floor.setdefault("act_quant_s", 0.0)
-        else:
-          floor = roofline.fp4_path_floor(op, choice.path, m_rows, k_features, n_features,
-                                          peaks, HADAMARD_ORDER.get(k_features),
-                                          norm_fused=fused, sms=triton_ptx.SM_COUNT[cc])
-        floor = with_issue_floors(floor, op, choice.path, m_rows, k_features, n_features,
-                                  fused, issue)
+        floor = path_floor(op, choice.path, m_rows, k_features, n_features, cc, fused, issue)
         if fused:
           producer_s = roofline.layer_norm_pass_floor(m_rows, k_features, peaks)["floor_s"]
         bound = roofline.two_pass_bound(op, m_rows, k_features, n_features, peaks,
@@ -453,20 +481,11 @@ def dit_step_estimate(cc: int, issue: Optional[dict] = None) -> list[dict]:
                                         sms=triton_ptx.SM_COUNT[cc])
       else:
         path = dispatch.choose(op, m_rows, k_features, n_features, device_kind=kind).path
-        if op == "vq":
-          floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks,
-                                         sms=triton_ptx.SM_COUNT[cc])
-          floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, False,
-                                    issue)
-        else:
-          fused = (m_rows == b["tokens"] and (k_features, n_features) in LN_FED_SHAPES
-                   and fp4_matmul.fuses_row_norm(op, path))
-          norms_s -= norm_pass_s if fused else 0.0
-          floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
-                                          HADAMARD_ORDER.get(k_features), norm_fused=fused,
-                                          sms=triton_ptx.SM_COUNT[cc])
-          floor = with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused,
-                                    issue)
+        fused = (op != "vq" and m_rows == b["tokens"]
+                 and (k_features, n_features) in LN_FED_SHAPES
+                 and fp4_matmul.fuses_row_norm(op, path))
+        norms_s -= norm_pass_s if fused else 0.0
+        floor = path_floor(op, path, m_rows, k_features, n_features, cc, fused, issue)
       linears_s += floor["floor_s"]
     # FP4 paths: in fc1's epilogue, at its special-function floor (counted as if it did not
     # overlap the GEMM's tensor-core time)

@@ -40,6 +40,23 @@ _AMPERE_NAMES = ("A100", "A800", "A30")
 # Streaming multiprocessors per class (H100 SXM: 132; A100: 108): sizes the K split.
 SM_COUNT = {"hopper": 132, "ampere": 108, "gpu": 108, "cpu": 8}
 MAX_SPLIT_K = 16
+# DRAM bandwidth per class (datasheet: H100 SXM 3.35 TB/s, A100 SXM 2.04 TB/s; the same numbers
+# as bench/roofline.DATASHEET, checked by a test): weighs the split-K partials' bytes.
+BANDWIDTH = {"hopper": 3.35e12, "ampere": 2.04e12, "gpu": 2.04e12, "cpu": 2.04e12}
+# Dense bf16 tensor-core peak per class (H100 SXM 989 TFLOP/s, A100 312): a tensor-bound
+# program's K tile takes 2 block_m block_n block_k / (this / SMs) seconds on its SM.
+PEAK_BF16_FLOPS = {"hopper": 989e12, "ampere": 312e12, "gpu": 312e12, "cpu": 312e12}
+# Seconds one program of a small-M split-K kernel spends on one K tile, on one SM, at its SASS
+# issue floor (benchmarks/static_report.md, M = 16, the configs default_config and
+# fp4_matmul.default_mma_config give: the issue floor over (programs on the busiest SM x K
+# tiles per program)).  Kernels: "vq" (block_k 64 x block_n 128, 263 SASS per warp-step on
+# sm_90a), "fp4_bf16" (fp4_mma's bf16 dot, K tile 128 x 128 columns, 501), "fp4_8bit" (its
+# int8 dot, 128 x 64, 196).  A lowering test recompiles them and checks these within 15 %.
+SPLITK_K_TILE_S = {
+    "vq": {"hopper": 0.146e-6, "ampere": 0.19e-6},
+    "fp4_bf16": {"hopper": 0.273e-6, "ampere": 0.367e-6},
+    "fp4_8bit": {"hopper": 0.108e-6, "ampere": 0.14e-6},
+}
 
 INF = math.inf
 
@@ -158,20 +175,104 @@ def _block(extent: int, lo: int, hi: int) -> int:
   return int(min(hi, max(lo, _next_power_of_2(max(int(extent), 1)))))
 
 
-def tail_split_k(tiles: int, k_tiles: int, cls: str, max_split: int = MAX_SPLIT_K) -> int:
-  """Power-of-two K split of a launch of ``tiles`` output tiles that minimises its busiest SM's
-  work: ceil(tiles x split / SMs) programs there, each ceil(k_tiles / split) K tiles long
-  (programs are whole units on one SM; ties go to the smaller split, fewer partial sums).
-  E.g. 27 tiles of 18 K tiles on 132 SMs: split 4 (busiest SM 1 x 5 K tiles; split 8: 2 x 3)."""
+def split_parts(k_tiles: int, split: int) -> tuple[int, int]:
+  """(K tiles per part, non-empty parts) of ``k_tiles`` split ``split`` ways as
+  common.k_tile_range splits them: parts of ceil(k_tiles / split) tiles, the last one shorter
+  (18 tiles split 7 ways: parts of 3, only 6 of them non-empty)."""
+  per_part = -(-int(k_tiles) // int(split))
+  return per_part, -(-int(k_tiles) // per_part)
+
+
+def tail_split_k(tiles: int, k_tiles: int, cls: str, max_split: int = MAX_SPLIT_K, *,
+                 kernel: Optional[str] = None, weight_bytes: float = 0.0,
+                 partial_bytes: float = 0.0) -> int:
+  """K split (any count up to max_split whose parts are all non-empty) of a launch of ``tiles``
+  output tiles that minimises its time: the busiest SM runs ceil(tiles x split / SMs)
+  programs of ceil(k_tiles / split) K tiles each (programs are whole units on one SM).
+
+  Without ``kernel`` that count of K tiles is the cost (36 tiles of 18 K tiles on 132 SMs:
+  split 3, 108 programs of 6 K tiles, where a power of two does no better than split 2's 9).
+  With ``kernel`` (a SPLITK_K_TILE_S key) the cost is the larger of those K tiles' issue time
+  and the launch's DRAM time: ``weight_bytes`` (what every split reads) plus ``split x
+  partial_bytes`` (each part writes an (M, N) float32 partial; the last program of a tile reads
+  them back, from L2: counted once).  Ties (within 1e-9 relative) go to the smaller split:
+  fewer partials.  A split with empty parts (18 K tiles split 7 ways: parts of 3, 6 used) is
+  never taken: its extra programs would only add zero partials."""
   sms = SM_COUNT[cls]
+  k_tile_s = None
+  if kernel is not None:
+    per_class = SPLITK_K_TILE_S[kernel]
+    k_tile_s = per_class.get(cls, per_class["ampere"])
   best_cost, best = None, 1
-  split = 1
-  while split <= min(max_split, max(int(k_tiles), 1)):
-    cost = -(-int(tiles) * split // sms) * -(-int(k_tiles) // split)
-    if best_cost is None or cost < best_cost:
+  for split in range(1, min(int(max_split), max(int(k_tiles), 1)) + 1):
+    per_part, parts = split_parts(k_tiles, split)
+    if parts != split:
+      continue
+    cost = -(-int(tiles) * split // sms) * per_part
+    if k_tile_s is not None:
+      cost = max(cost * k_tile_s,
+                 (weight_bytes + split * partial_bytes) / BANDWIDTH.get(cls, BANDWIDTH["gpu"]))
+    if best_cost is None or cost < best_cost * (1 - 1e-9):
       best_cost, best = cost, split
-    split *= 2
   return best
+
+
+def splitk_bytes(m_rows: int, n_features: int, weight_bytes: float) -> dict:
+  """tail_split_k's byte arguments for an (M, K) x (K, N) split-K launch: the weight (+ x, the
+  output) read and written once, and one float32 (M, N) partial per part."""
+  return dict(weight_bytes=float(weight_bytes), partial_bytes=4.0 * m_rows * n_features)
+
+
+SPLIT_MARGIN = 0.05
+
+
+class TileOption(NamedTuple):
+  block_m: int
+  block_n: int
+  num_warps: int
+  num_stages: int
+
+
+def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options, *,
+               block_k: int, moved_bytes: float = 0.0, max_split: int = 1):
+  """(option, split) of a tensor-bound tiled kernel that minimises its launch's time: the
+  busiest SM's tensor time (ceil(programs / SMs) programs of ceil(k_tiles / split) K tiles,
+  each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak) or, if larger, its DRAM time
+  (``moved_bytes`` + split x the (M, N) float32 partials when split > 1).  ``options``: the
+  TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM (static report), in
+  order of preference (ties go to the earlier one, then to the smaller split).  A split must
+  save more than SPLIT_MARGIN: the cost leaves out the partials' read-back from L2 and the
+  last program's sum.
+
+  E.g. VQ W2 1152x1152 at M = 4096 on an H100: 288 tiles of 128 x 128 put 3 on the busiest
+  SM where the even share is 2.2; 576 of 128 x 64 put 5 half-size ones there (2.5)."""
+  sms = SM_COUNT[cls]
+  per_sm_flops = PEAK_BF16_FLOPS[cls] / sms
+  k_tiles = -(-int(k_features) // int(block_k))
+  best_cost, best = None, None
+  for option in options:
+    tiles = -(-m_rows // option.block_m) * -(-n_features // option.block_n)
+    k_tile_s = 2.0 * option.block_m * option.block_n * block_k / per_sm_flops
+    for split in range(1, min(int(max_split), k_tiles) + 1):
+      per_part, parts = split_parts(k_tiles, split)
+      if parts != split:
+        continue
+      tensor_s = -(-tiles * split // sms) * per_part * k_tile_s
+      partials = 4.0 * m_rows * n_features * split if split > 1 else 0.0
+      cost = max(tensor_s, (moved_bytes + partials) / BANDWIDTH[cls])
+      if split > 1:  # what the cost leaves out: the partials' read-back and the last sum
+        cost *= 1.0 + SPLIT_MARGIN
+      if best_cost is None or cost < best_cost * (1 - 1e-9):
+        best_cost, best = cost, (option, split)
+  return best
+
+
+# vq_tiled on Hopper, both tensor-bound on sm_90a at M = 1024, K x N = 4608 x 1152 (static
+# probe, 2+ CTAs per SM, no spills): 128 x 128 with 8 warps (170 SASS per warp-step, 112
+# registers, 66 KB) and 128 x 64 with 4 warps (188, 108 registers, 49 KB; with 8 warps it is
+# issue-bound, 64 x 128 memory-pipe-bound).
+VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3), TileOption(128, 64, 4, 3))
+VQ_TILED_MAX_SPLIT = 8
 
 
 def default_config(op: str, path: str, m_rows: int, k_features: int, n_features: int,
@@ -185,12 +286,23 @@ def default_config(op: str, path: str, m_rows: int, k_features: int, n_features:
     # issue floors at the DiT-XL/2 shapes pick the same splits).
     block_m, block_n, block_k = _block(m_rows, 16, 64), 128, 64
     tiles = -(-m_rows // block_m) * -(-n_features // block_n)
-    split_k = tail_split_k(tiles, -(-k_features // block_k), cls)
+    # VQ W2's bytes (8-bit index per 4 weights) + x and the bf16 output.
+    moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
+    split_k = tail_split_k(tiles, -(-k_features // block_k), cls, kernel="vq",
+                           **splitk_bytes(m_rows, n_features, moved))
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                 num_warps=4, num_stages=3)
   if path.endswith("_tiled"):
-    # DiT-XL/2 tile config: 128-wide tiles, 8 warps (one or two warpgroups of wgmma on sm_90).
     block_m = _block(m_rows, 16, 128)
+    if cls == "hopper" and block_m == 128:
+      # Token rows: the tile and K split (reduced in the launch) whose busiest SM finishes
+      # first (tail_tiles), counting the partials' bytes; 128 x 128 where it ties.
+      moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
+      option, split_k = tail_tiles(m_rows, k_features, n_features, cls, VQ_TILED_OPTIONS,
+                                   block_k=64, moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT)
+      return dict(block_m=option.block_m, block_n=option.block_n, block_k=64, split_k=split_k,
+                  num_warps=option.num_warps, num_stages=option.num_stages)
+    # DiT-XL/2 tile config: 128-wide tiles, 8 warps (one or two warpgroups of wgmma on sm_90).
     return dict(block_m=block_m, block_n=128, block_k=64, split_k=1,
                 num_warps=8 if block_m >= 64 else 4, num_stages=3)
   return {}

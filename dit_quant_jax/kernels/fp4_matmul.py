@@ -473,6 +473,13 @@ def _interpret() -> bool:
   return not common.on_gpu()
 
 
+# fp4_mma's bf16 in-loop tiles on Hopper (sm_90a, K x N = 4608 x 1152, M = 1024, 2 stages):
+# 128 x 128, 8 warps: 326 SASS per warp-step, 128 registers, 104 KB; 128 x 64, 4 warps: 360,
+# 123 registers, 84 KB; both tensor-bound at 2 CTAs per SM (128 x 64 with 3 stages: 120 KB,
+# 1 CTA, decode and wgmma take turns).
+W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2), dispatch.TileOption(128, 64, 4, 2))
+
+
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
                        device: str | None = None, dot_kind: str | None = None,
                        predecode: bool = True) -> dict:
@@ -494,7 +501,15 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   if device is None:
     device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
   if m_rows > 64:
-    if device == "hopper" and dot_kind in ("bf16", "int8") and not predecode:
+    if device == "hopper" and dot_kind == "bf16" and not predecode:
+      # W4A16 in-loop: 128 x 128 (8 warps) or 128 x 64 (4 warps, 123 registers, 84 KB), both
+      # tensor-bound at 2 CTAs per SM on sm_90a: the one whose launch tail is smaller
+      # (dispatch.tail_tiles; no K split: fp4_mma's split sums its partials in a second pass).
+      option, _ = dispatch.tail_tiles(m_rows, k_features, n_features, device,
+                                      W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K)
+      return dict(block_m=option.block_m, block_n=option.block_n, split_k=1,
+                  num_warps=option.num_warps, num_stages=option.num_stages)
+    if device == "hopper" and dot_kind == "int8" and not predecode:
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=2)
     if device == "hopper" and dot_kind != "fp8":
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
@@ -506,7 +521,12 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   block_m = common.block_size_for(m_rows, 16, 128)
   block_n = 128 if dot_kind in (None, "bf16") else 64
   tiles = -(-m_rows // block_m) * -(-n_features // block_n)
-  split_k = dispatch.tail_split_k(tiles, -(-k_features // fp4_mma.TILE_K), device)
+  x_bytes = 2 if dot_kind in (None, "bf16") else 1
+  moved = k_features * n_features / 2 + m_rows * (x_bytes * k_features + 2 * n_features)
+  split_k = dispatch.tail_split_k(
+      tiles, -(-k_features // fp4_mma.TILE_K), device,
+      kernel="fp4_bf16" if dot_kind in (None, "bf16") else "fp4_8bit",
+      **dispatch.splitk_bytes(m_rows, n_features, moved))
   return dict(block_m=block_m, block_n=block_n, split_k=split_k, num_warps=4, num_stages=3)
 
 
