@@ -54,6 +54,7 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
       config = dispatch.choose("vq", m_rows, k_features, n_features, device_kind=H100).config
       assert ((config["block_m"], config["block_n"], config["num_warps"])
               in ((128, 128, 8), (128, 64, 4))), config
+      assert config["block_n"] == 64 or config["split_k"] == 1  # 128 x 128 never splits
   tiled = dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config
   assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"], tiled["split_k"]) == (
       128, 128, 8, 1)  # 1152 tiles: 9 waves (8.7), 128 x 64 only ties
@@ -117,7 +118,8 @@ def test_tail_tiles_closed_forms():
 
   splits = [s for s in range(1, 10) if math.ceil(72 / math.ceil(72 / s)) == s]
   expected = min(splits, key=lambda s: (round(cost(s), 15), s))
-  option, split = dispatch.tail_tiles(1024, 4608, 1152, "hopper", options[:1], block_k=64,
+  unsplit = options[0]._replace(can_split=True)
+  option, split = dispatch.tail_tiles(1024, 4608, 1152, "hopper", (unsplit,), block_k=64,
                                       moved_bytes=13e6, max_split=9)
   assert split == expected and 1 < split < 9  # 9 ways: 5 x 8 K tiles, but 42 MB of partials
   assert cost(expected) < cost(1) / 1.3

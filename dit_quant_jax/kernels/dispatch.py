@@ -231,6 +231,9 @@ class TileOption(NamedTuple):
   block_n: int
   num_warps: int
   num_stages: int
+  # whether the option may split K (reduced in the launch): its epilogue's partial store and
+  # atomic must leave the option's CTAs per SM as they are
+  can_split: bool = True
 
 
 def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options, *,
@@ -253,7 +256,7 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
   for option in options:
     tiles = -(-m_rows // option.block_m) * -(-n_features // option.block_n)
     k_tile_s = 2.0 * option.block_m * option.block_n * block_k / per_sm_flops
-    for split in range(1, min(int(max_split), k_tiles) + 1):
+    for split in range(1, min(int(max_split) if option.can_split else 1, k_tiles) + 1):
       per_part, parts = split_parts(k_tiles, split)
       if parts != split:
         continue
@@ -270,8 +273,11 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
 # vq_tiled on Hopper, both tensor-bound on sm_90a at M = 1024, K x N = 4608 x 1152 (static
 # probe, 2+ CTAs per SM, no spills): 128 x 128 with 8 warps (170 SASS per warp-step, 112
 # registers, 66 KB) and 128 x 64 with 4 warps (188, 108 registers, 49 KB; with 8 warps it is
-# issue-bound, 64 x 128 memory-pipe-bound).
-VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3), TileOption(128, 64, 4, 3))
+# issue-bound, 64 x 128 memory-pipe-bound).  With a K split, 128 x 64 takes 176 registers
+# (still 2 CTAs per SM, tensor-bound), 128 x 128 144: one CTA per SM, whose decode and wgmma
+# then take turns (static report, 4608x1152 at M = 4096: 80.8 us vs 60.5 unsplit), so only
+# 128 x 64 splits.
+VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3, can_split=False), TileOption(128, 64, 4, 3))
 VQ_TILED_MAX_SPLIT = 8
 
 
