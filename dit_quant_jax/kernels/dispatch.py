@@ -288,8 +288,8 @@ def default_config(op: str, path: str, m_rows: int, k_features: int, n_features:
   if path.endswith("_splitk"):
     # Memory-bound: one thin M tile (the weight is streamed once), 64 x 128 decoded tiles in
     # registers (sm_90a at M = 16: 263 SASS per warp-step vs 165 for 64 x 64, 0.8x per weight,
-    # 72-80 registers), K split by the busiest SM's work (tail_split_k; the static report's
-    # issue floors at the DiT-XL/2 shapes pick the same splits).
+    # 72-80 registers), K split by tail_split_k: the busiest SM's K tiles at the kernel's
+    # SASS-derived K-tile time vs the weights' + partials' DRAM time.
     block_m, block_n, block_k = _block(m_rows, 16, 64), 128, 64
     tiles = -(-m_rows // block_m) * -(-n_features // block_n)
     # VQ W2's bytes (8-bit index per 4 weights) + x and the bf16 output.
