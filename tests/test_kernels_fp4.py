@@ -698,6 +698,45 @@ def test_quantize_rows_dense_signs_matches_reference(k_features, a_order, sample
       assert np.all(np.abs(g - r) <= 0.5 * np.abs(r) + step_at_zero)  # one grid step at most
 
 
+@pytest.mark.parametrize("k_features,tokens", [(4608, 5), (1152, 7)])
+def test_quantize_rows_signs_per_token_is_the_same_function(k_features, tokens):
+  """signs_per_token (sm_80's K = 4608 kernel reloads a bf16 copy of the signs per token
+  instead of holding them) gives the held kernel's codes and scales exactly, on bf16 rows of a
+  ragged token count (the last program part empty), one and several tokens per tile, and
+  matches the XLA reference up to bf16x3's near-ties."""
+  from dit_quant_jax.quant import hadamard
+  rng = _rng(k_features + 11)
+  model = hadamard.make_transform(k_features, seed=7)
+  transform = (jnp.asarray(model.signs), jnp.asarray(model.block))
+  x = jnp.asarray(rng.normal(size=(tokens, k_features)) * rng.uniform(0.1, 4.0, (tokens, 1)),
+                  jnp.bfloat16)
+  outputs = {}
+  for reload in (False, True):
+    outputs[reload] = aq.quantize_rows(x, transform, act_format="e2m1", image="int8",
+                                       clip_ratio=0.9, interpret=True, dense_signs=True,
+                                       tokens_per_program=4, signs_per_token=reload)
+  for held, reloaded in zip(outputs[False], outputs[True]):
+    np.testing.assert_array_equal(np.asarray(held), np.asarray(reloaded))
+  ref, ref_scale = aq.quantize_rows_xla(x, transform, act_format="e2m1", image="int8",
+                                        clip_ratio=0.9)
+  np.testing.assert_allclose(np.asarray(outputs[True][1]), np.asarray(ref_scale), rtol=2e-5)
+  flips = np.asarray(outputs[True][0]) != np.asarray(ref)
+  assert flips.sum() <= max(4, 3e-4 * flips.size), flips.sum()
+
+
+def test_default_signs_per_token_only_where_the_held_tile_spilled():
+  """Reloaded on sm_80 (and other non-Hopper GPUs) where one token's tile exceeds the register
+  budget (K = 4608: 64 x 128 at 4 warps); held on Hopper, on the CPU and at K = 1152."""
+  wide, narrow = aq.row_shape(4608, 36), aq.row_shape(1152, 36)
+  assert wide == (36, 128) and narrow == (36, 32)
+  assert aq.default_signs_per_token(*wide, 4, "ampere")
+  assert aq.default_signs_per_token(*wide, 4, "gpu")
+  assert not aq.default_signs_per_token(*wide, 4, "hopper")
+  assert not aq.default_signs_per_token(*wide, 4, "cpu")
+  assert not aq.default_signs_per_token(*narrow, 4, "ampere")
+  assert not aq.default_signs_per_token(*wide, 8, "ampere")  # 32 elements per thread: fits
+
+
 def test_split_bf16_f16_is_exact_to_2_pow_18():
   """act_quant._split_bf16_f16: hi is v's bf16 truncation (exact), lo its float16 residual, and
   hi + lo equals v to 2^-18 relative wherever lo is a float16 normal (|v| >= 2^-7), to 2^-25

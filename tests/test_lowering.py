@@ -123,6 +123,24 @@ def test_w4a4_large_m_kernels_use_tensor_cores_without_spills(cc):
   assert seen == set(wanted)
 
 
+@pytest.mark.parametrize("cc", [90, 80])
+def test_act_quant_at_fc2_width_does_not_spill(cc):
+  """The act-quant kernel at K = 4608 (fc2's input, one 36-row token per 64 x 128 tile), with
+  the dispatcher's config for the device: bf16 tensor cores, no spills (sm_80 reloads its sign
+  tile per token: held across the token loop it spilled 244 B), and on sm_90a 3 CTAs per SM."""
+  cases = [case for case in static_report.fp4_lowering_cases(((4608, 1152),), (4096,), cc)
+           if case[1] == "quantize_rows_int8"]
+  assert len(cases) == 1
+  name, _, fn, avals, config, _ = cases[0]
+  assert config["signs_per_token"] == (cc == 80), config
+  (stats,) = static_report.case_stats(fn, avals, config, cc)
+  assert stats["ptxas_ok"], stats.get("ptxas_error")
+  assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, (name, stats)
+  assert (stats["wgmma"] if cc == 90 else stats["mma"]) > 0, (name, stats)
+  if cc == 90:
+    assert stats["ctas_per_sm"] >= 3, stats
+
+
 def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm():
   """The W4A16 kernel the table picks at large M on Hopper (4-bit tiles decoded in the K loop):
   its wgmma waits every step, so the config must leave room for a second CTA per SM (shared

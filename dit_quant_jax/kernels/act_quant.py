@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from dit_quant_jax.kernels import common
+from dit_quant_jax.kernels import dispatch
 from dit_quant_jax.numerics import fp4
 from dit_quant_jax.numerics import packing
 
@@ -435,7 +436,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
                      transform_dtype: str, row_norm: float, has_transform: bool = True,
                      k_features: int = 0, tokens_per_sample: int = 0, norm_eps: float = 0.0,
                      group: int = 1, dense_signs: bool = False, bf16_signs: bool = True,
-                     f16_lo: bool = False):
+                     f16_lo: bool = False, signs_per_token: bool = False):
   """refs: x_ref, signs_ref[, dense_t_ref, hadamard_ref[, dense_scale_ref]][, mul_ref, add_ref],
   out_ref, scale_ref.
 
@@ -457,6 +458,10 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
 
   bf16_signs: bf16 x stays bf16 and takes its signs by a bf16 multiply (exact; two elements
   per instruction, no conversions); off where the wrapper's register budget says it spills.
+
+  signs_per_token (with bf16_signs; the wrapper then passes signs_ref in bfloat16): load the
+  sign tile for each token instead of holding it in registers across the token loop
+  (:func:`default_signs_per_token`).
 
   f16_lo (bf16x3 with the row-norm prologue and dense_signs): the two splits put their lo
   parts in float16 (:func:`_split_bf16_f16`, one instruction per element fewer, 2^-18); the
@@ -509,7 +514,7 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
   # Such x stays bf16 and its signs are applied by a bf16 multiply (two per instruction).
   x_is_bf16 = (x_ref.dtype == jnp.bfloat16 and not has_norm and split and has_transform
                and bf16_signs)
-  signs_bf16 = signs.astype(jnp.bfloat16) if x_is_bf16 else None
+  signs_bf16 = signs.astype(jnp.bfloat16) if x_is_bf16 and not signs_per_token else None
   first_token = pl.program_id(0) * tokens_per_program
   factor = np.float32(_image_scale_factor(code, image))
   # A row scaled by its own absmax without clipping stays within the grid (to a few ulps,
@@ -558,7 +563,11 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
       # +-1, exact in bf16); ~2^-16 relative error, on bf16 tensor cores.
       # f16_lo: lo parts in float16 (the +-1 factors are exact in it too).
       if x_is_bf16:  # x * (+-1) is exact in bf16: no lo part
-        y = _dot_f32(y * signs_bf16, hadamard)
+        if signs_per_token:  # an L1 / L2 hit, 2 B per element beside x's 2 B
+          signs_tile = common.load_tile(signs_ref, 0, rows_pad, 0, c_size, row_valid, cols)
+        else:
+          signs_tile = signs_bf16
+        y = _dot_f32(y * signs_tile.astype(jnp.bfloat16), hadamard)
       elif f16_lo:
         hi, lo = _split_bf16_f16(y)
         y = _dot_f32(hi, hadamard) + _dot_f32(lo, hadamard.astype(jnp.float16))
@@ -693,6 +702,25 @@ def default_num_warps(rows: int, c_size: int) -> int:
   return DEFAULT_NUM_WARPS
 
 
+def default_signs_per_token(rows: int, c_size: int, num_warps: int,
+                            device: Optional[str] = None) -> bool:
+  """Whether quantize_rows reloads its bf16 sign tile per token (row_quant_kernel's
+  signs_per_token) on ``device`` (a kernels/dispatch device class; None: the local device).
+
+  On sm_80 the tile of one K = 4608 token (64 x 128 at 4 warps: 64 elements per thread, over
+  the GROUP_ELEMENTS_PER_THREAD budget) held the signs in registers across the token loop and
+  spilled 244 B (255 registers); loading them per token from a bf16 copy does not spill (255
+  registers) and issues fewer SASS instructions per token (1740 vs 1764: no spill traffic).
+  On sm_90a the held tile fits (168 registers, 3 CTAs per SM) and the reload would cost a CTA
+  per SM (220 registers), so Hopper, the CPU (interpret mode) and tiles within the budget
+  (K = 1152: 2 % more SASS on sm_80) keep them held."""
+  if device is None:
+    device = dispatch.device_class()
+  group = token_group(rows, c_size, num_warps)
+  return (device in ("ampere", "gpu")
+          and tile_rows(rows, group) * c_size > GROUP_ELEMENTS_PER_THREAD * 32 * num_warps)
+
+
 def bf16_signs_fit(rows_pad: int, c_size: int, num_warps: int, dense_signs: bool) -> bool:
   """Whether the kernel keeps bf16 x in bf16 for its sign multiply (row_quant_kernel's
   bf16_signs).  The bf16 copy of x and the signs take registers: with a tile of 64 elements
@@ -812,14 +840,15 @@ def rows_prescale(norm_mul, norm_add, k_features: int, c_size: int):
 @functools.partial(jax.jit, static_argnames=["act_format", "clip_ratio", "image",
                                              "tokens_per_program", "num_warps", "num_stages",
                                              "interpret", "transform_dtype",
-                                             "tokens_per_sample", "norm_eps", "dense_signs"])
+                                             "tokens_per_sample", "norm_eps", "dense_signs",
+                                             "signs_per_token"])
 def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0,
                   image: str = "int8", tokens_per_program: int = 8,
                   num_warps: Optional[int] = None,
                   num_stages: int = 1, interpret: bool = False,
                   transform_dtype: str = "bf16x3", norm_mul=None, norm_add=None,
                   tokens_per_sample: int = 0, norm_eps: float = 1e-6,
-                  dense_signs: bool = False):
+                  dense_signs: bool = False, signs_per_token: Optional[bool] = None):
   """x: (M, K) float -> (image (M, K) int8 or float8_e4m3fn, row_scale (M,) float32) with
   x @ Q ~= image * row_scale[:, None]: transform (optional, (signs (K,), block (a, a)), the
   power-of-two factor implicit), per-token scale clip_ratio * absmax / max_magnitude, codes
@@ -848,6 +877,10 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   kernel then multiplies by its signs (exact in bf16: two dots in the second stage, not three)
   and puts the magnitude into the row scale.  A block that is not of that form gives wrong
   results: pass it only for such blocks (FP4Weight does for its 'hadamard' kind).
+
+  signs_per_token (static; None: default_signs_per_token for the local device): reload the
+  transform's signs per token instead of holding them (the bf16-x kernel only; the same
+  function either way).
   """
   if x.ndim != 2:
     raise ValueError(f"x must be (M, K), got shape {x.shape}")
@@ -879,8 +912,16 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
   # Pad the signs to the kernel's tile (a static out-of-bounds block load, even masked, is an
   # error in jax >= 0.12's interpret mode).
   signs = jnp.tile(signs, (group, 1))
-  operands.append(jnp.pad(signs, ((0, rows_pad - rows * group), (0, 0))))
   dense_signs = bool(dense_signs) and factors is not None
+  bf16_signs = bf16_signs_fit(rows_pad, c_size, num_warps, dense_signs)
+  if signs_per_token is None:
+    signs_per_token = default_signs_per_token(rows, c_size, num_warps)
+  # Only the kernel that keeps bf16 x in bf16 multiplies by the signs in the token loop.
+  signs_per_token = bool(signs_per_token) and (
+      x.dtype == jnp.bfloat16 and not has_norm and transform_dtype == "bf16x3"
+      and factors is not None and bf16_signs)
+  signs = jnp.pad(signs, ((0, rows_pad - rows * group), (0, 0)))
+  operands.append(signs.astype(jnp.bfloat16) if signs_per_token else signs)
   f16_lo = has_norm and dense_signs and transform_dtype == "bf16x3"
   prescale = rows_prescale(norm_mul, norm_add, k_features, c_size) if f16_lo else None
   if factors is not None:  # block-diagonal over the group's tokens
@@ -912,8 +953,8 @@ def quantize_rows(x, transform=None, *, act_format: str, clip_ratio: float = 1.0
       transform_dtype=transform_dtype, row_norm=float(row_norm),
       has_transform=factors is not None, k_features=k_features,
       tokens_per_sample=int(tokens_per_sample) if has_norm else 0, norm_eps=float(norm_eps),
-      group=group, dense_signs=dense_signs, f16_lo=f16_lo,
-      bf16_signs=bf16_signs_fit(rows_pad, c_size, num_warps, dense_signs))
+      group=group, dense_signs=dense_signs, f16_lo=f16_lo, bf16_signs=bf16_signs,
+      signs_per_token=signs_per_token)
   out, scale = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((m_tokens * rows, c_size), stored_dtype),

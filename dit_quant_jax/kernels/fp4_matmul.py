@@ -545,7 +545,7 @@ def _mma_options(x, weight, config, dot_kind=None, predecode=True):
 
 
 def _quant_options(config):
-  keys = ("tokens_per_program", "num_warps", "transform_dtype", "dense_signs")
+  keys = ("tokens_per_program", "num_warps", "transform_dtype", "dense_signs", "signs_per_token")
   return {k[len("quant_"):]: v for k, v in (config or {}).items()
           if k.startswith("quant_") and k[len("quant_"):] in keys}
 
@@ -756,9 +756,12 @@ def lowering_cases(shapes=None, device: str = "hopper"):
       quantized_widths.add((m_rows, k_features))
       transform = (jax.ShapeDtypeStruct((k_features,), jnp.float32),
                    jax.ShapeDtypeStruct((a_order, a_order), jnp.float32))
-      warps = act_quant.default_num_warps(*act_quant.row_shape(k_features, a_order))
+      rows, c_size = act_quant.row_shape(k_features, a_order)
+      warps = act_quant.default_num_warps(rows, c_size)
       # The model's transform: a Hadamard block (FP4Weight.hadamard_kind 'hadamard').
-      quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1, dense_signs=True)
+      quant_config = dict(tokens_per_program=8, num_warps=warps, num_stages=1, dense_signs=True,
+                          signs_per_token=act_quant.default_signs_per_token(
+                              rows, c_size, warps, device))
       # W4A4's int8 image (E2M1 codes); on Hopper also W4A8's E4M3 image (its fp8 kernel).
       images = (("int8", "e2m1"), ("fp8", _FP8)) if device == "hopper" else (("int8", "e2m1"),)
       for image, act_format in images:
