@@ -130,6 +130,34 @@ def test_tail_tiles_closed_forms():
     assert dispatch.PEAK_BF16_FLOPS[cls] == roofline.DATASHEET[cls].matmul_flops
 
 
+def test_w4a16_token_rows_split_only_the_128x64_tile():
+  """W4A16's in-loop kernel on Hopper: fc2 at M = 1024 (36 K tiles of 128, 72 tiles of
+  128 x 128 for 132 SMs) takes 128 x 64 with a K split, by the closed form of tail_tiles (the
+  busiest SM's tensor time vs 4-bit weights + x + output + partials); 128 x 128 never splits
+  (with a split it drops to one CTA per SM); fc1 at M = 4096 (enough tiles) does not split."""
+  import math
+
+  from dit_quant_jax.kernels import fp4_matmul
+  options = fp4_matmul.W4A16_TILED_OPTIONS
+  assert not options[0].can_split and options[1].can_split
+  config = fp4_matmul.default_mma_config(1024, 1152, 4608, "hopper", "bf16", predecode=False)
+  moved = 4608 * 1152 / 2 + 2 * 1024 * (4608 + 1152)
+
+  def cost(block_n, split):
+    k_tile_s = 2 * 128 * block_n * 128 / (989e12 / 132)
+    tiles = 8 * (1152 // block_n)
+    tensor = math.ceil(tiles * split / 132) * math.ceil(36 / split) * k_tile_s
+    memory = (moved + (4 * 1024 * 1152 * split if split > 1 else 0)) / 3.35e12
+    return max(tensor, memory) * (1.05 if split > 1 else 1.0)
+
+  candidates = [(128, 1)] + [(64, s) for s in range(1, 9) if math.ceil(36 / math.ceil(36 / s)) == s]
+  best = min(candidates, key=lambda c: round(cost(*c), 15))
+  assert (config["block_n"], config["split_k"]) == best and best[1] > 1
+  assert cost(*best) < cost(128, 1) / 1.5
+  big = fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16", predecode=False)
+  assert big["split_k"] == 1
+
+
 def test_register_and_errors():
   with pytest.raises(ValueError, match="no dispatch table"):
     dispatch.choose("w9a9", 16, 64, 64, device_kind=H100)

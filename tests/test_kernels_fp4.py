@@ -102,6 +102,8 @@ MMA_CASES = [
     # (M, K, N, config): block multiples, ragged M / K / N, a K split, the DiT-XL/2 Hopper tile.
     (32, 256, 32, dict(block_m=16, block_n=16, num_warps=4)),
     (20, 200, 40, dict(block_m=16, block_n=32, split_k=2, num_warps=4)),
+    # split 3 of 5 K tiles (parts 2, 2, 1) over 3 x 3 ragged tiles: summed in the launch
+    (40, 640, 72, dict(block_m=16, block_n=32, split_k=3, num_warps=4)),
     (8, 384, 136, dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
 ]
 

@@ -141,16 +141,17 @@ def test_act_quant_at_fc2_width_does_not_spill(cc):
     assert stats["ctas_per_sm"] >= 3, stats
 
 
-def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm():
+@pytest.mark.parametrize("m_rows,k_features,n_features", [(512, 512, 256), (1024, 4608, 1152)])
+def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm(m_rows, k_features, n_features):
   """The W4A16 kernel the table picks at large M on Hopper (4-bit tiles decoded in the K loop):
   its wgmma waits every step, so the config must leave room for a second CTA per SM (shared
-  memory and registers), on bf16 wgmma, without spills."""
+  memory and registers), on bf16 wgmma, without spills; fc2 at M = 1024 (72 tiles of 128 x
+  128 for 132 SMs) takes 128 x 64 with a K split summed in the launch (one atomic)."""
   import functools
 
   import jax.numpy as jnp
   from dit_quant_jax.kernels import fp4_matmul
   from dit_quant_jax.kernels import fp4_mma
-  m_rows, k_features, n_features = 512, 512, 256  # any M > 64 takes the token-row config
   config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, "hopper", "bf16",
                                          predecode=False)
   weight = fp4_mma.PackedFp4Weight(
@@ -163,6 +164,10 @@ def test_hopper_w4a16_large_m_kernel_fits_two_ctas_per_sm():
   assert stats["wgmma"] > 0 and any("bf16" in t for t in stats["wgmma_types"]), stats
   assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, stats
   assert stats["ctas_per_sm"] >= 2, stats
+  assert stats["atom"] == (1 if config["split_k"] > 1 else 0), (config, stats)
+  if k_features == 4608:
+    assert (config["block_n"], config["split_k"] > 1) == (64, True), config
+    assert stats["issue_bound"] == "tensor", stats
 
 
 def test_hopper_fp8_kernel_uses_fp8_wgmma():

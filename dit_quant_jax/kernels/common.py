@@ -173,13 +173,15 @@ def launch_matmul(kernel, operands, *, m_rows: int, n_features: int, out_dtype, 
 
 def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features: int,
                                     out_dtype, block_m: int, block_n: int, split_k: int,
-                                    num_warps: int, num_stages: int, interpret: bool, name: str):
+                                    num_warps: int, num_stages: int, interpret: bool, name: str,
+                                    partial_dtype=jnp.float32):
   """pallas_call of a tiled matmul kernel whose K split is reduced inside the same launch.
 
   split_k == 1: grid (M tiles, N tiles), kernel(*operands, out_ref).
   split_k > 1: grid (M tiles, N tiles, split_k); kernel(*operands, counter_in, out_ref,
   partials_ref, counter_ref) where counter (M tiles * N tiles,) int32 starts at zero (aliased in
-  and out) and partials (split_k * M, N) float32 is scratch; the kernel ends with
+  and out) and partials (split_k * M, N) partial_dtype (float32, or int32 for an integer
+  accumulator: summed exactly) is scratch; the kernel ends with
   :func:`reduce_split_k_in_kernel`.  Returns the (M, N) output.
   """
   common_args = dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
@@ -192,7 +194,7 @@ def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features
   out, _, _ = pl.pallas_call(
       kernel, grid=grid + (split_k,),
       out_shape=(out_shape,
-                 jax.ShapeDtypeStruct((split_k * m_rows, n_features), jnp.float32),
+                 jax.ShapeDtypeStruct((split_k * m_rows, n_features), partial_dtype),
                  jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
       input_output_aliases={len(operands): 2}, **common_args)(*operands, counters)
   return out
@@ -201,9 +203,9 @@ def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features
 def reduce_split_k_in_kernel(acc, epilogue, *, out_ref, partials_ref, counter_ref, split_k: int,
                              m_rows: int, row_start, col_start, row_mask, col_mask,
                              interpret: bool) -> None:
-  """End of a split-K program: write the float32 partial, count in, and let the last program
-  of the output tile sum all partials (in split order: deterministic) and store
-  ``epilogue(sum)``.
+  """End of a split-K program: write its partial (the accumulator, in partials_ref's dtype),
+  count in, and let the last program of the output tile sum all partials (in split order:
+  deterministic; int32 partials exactly) and store ``epilogue(sum)``.
 
   Ordering: a CTA barrier puts every thread's partial store before the (acquire-release, GPU
   scope) atomic; the last program's loads come after its atomic, the
@@ -222,11 +224,12 @@ def reduce_split_k_in_kernel(acc, epilogue, *, out_ref, partials_ref, counter_re
   def _last_program_reduces():
     rows, cols = acc.shape
     mask = row_mask[:, None] & col_mask[None, :]
-    total = jnp.zeros(acc.shape, jnp.float32)
+    total = jnp.zeros(acc.shape, partials_ref.dtype)
+    zero = np.zeros((), np.dtype(partials_ref.dtype))
     for split in range(split_k):
       total = total + plgpu.load(
           partials_ref.at[pl.ds(split * m_rows + row_start, rows), pl.ds(col_start, cols)],
-          mask=mask, other=0.0)
+          mask=mask, other=zero)
     store_tile(out_ref, epilogue(total), row_start, col_start, row_mask, col_mask)
 
 

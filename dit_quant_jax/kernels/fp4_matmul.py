@@ -476,8 +476,12 @@ def _interpret() -> bool:
 # fp4_mma's bf16 in-loop tiles on Hopper (sm_90a, K x N = 4608 x 1152, M = 1024, 2 stages):
 # 128 x 128, 8 warps: 326 SASS per warp-step, 128 registers, 104 KB; 128 x 64, 4 warps: 360,
 # 123 registers, 84 KB; both tensor-bound at 2 CTAs per SM (128 x 64 with 3 stages: 120 KB,
-# 1 CTA, decode and wgmma take turns).
-W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2), dispatch.TileOption(128, 64, 4, 2))
+# 1 CTA, decode and wgmma take turns).  With a K split (summed in the launch) 128 x 64 takes
+# 164-181 registers and keeps 2 CTAs per SM (325 SASS per warp-step); 128 x 128 takes 138-147
+# and drops to 1 CTA, so only 128 x 64 splits (as vq_tiled's options).
+W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False),
+                       dispatch.TileOption(128, 64, 4, 2))
+W4A16_TILED_MAX_SPLIT = 8
 
 
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
@@ -503,11 +507,14 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   if m_rows > 64:
     if device == "hopper" and dot_kind == "bf16" and not predecode:
       # W4A16 in-loop: 128 x 128 (8 warps) or 128 x 64 (4 warps, 123 registers, 84 KB), both
-      # tensor-bound at 2 CTAs per SM on sm_90a: the one whose launch tail is smaller
-      # (dispatch.tail_tiles; no K split: fp4_mma's split sums its partials in a second pass).
-      option, _ = dispatch.tail_tiles(m_rows, k_features, n_features, device,
-                                      W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K)
-      return dict(block_m=option.block_m, block_n=option.block_n, split_k=1,
+      # tensor-bound at 2 CTAs per SM on sm_90a, and 128 x 64's K split (summed in the
+      # launch): the choice whose busiest SM finishes first (dispatch.tail_tiles), counting the
+      # weights' 4-bit bytes, x, the bf16 output and the split's float32 partials.
+      moved = k_features * n_features / 2 + 2 * m_rows * (k_features + n_features)
+      option, split_k = dispatch.tail_tiles(m_rows, k_features, n_features, device,
+                                            W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K,
+                                            moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT)
+      return dict(block_m=option.block_m, block_n=option.block_n, split_k=split_k,
                   num_warps=option.num_warps, num_stages=option.num_stages)
     if device == "hopper" and dot_kind == "int8" and not predecode:
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=2)

@@ -384,14 +384,22 @@ def acc_dtype_for(dot_kind: str):
 # ----------------------------------------------------------------------------------------
 
 
-def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out_ref, *,
+def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *refs,
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
                    block_n: int, split_k: int, activation=None, approx_tanh: bool = False,
-                   packed_decode: bool = False, fast_accum: bool = False):
+                   packed_decode: bool = False, fast_accum: bool = False,
+                   interpret: bool = False):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
-  float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32; out_ref:
-  (M, N), or (split_k * M, N) raw accumulator partials.  predecode: tiles_ref is instead the
-  (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from :func:`decode_weight_image`."""
+  float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32.  predecode:
+  tiles_ref is instead the (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from
+  :func:`decode_weight_image`.  refs: split_k == 1: (out_ref (M, N),); split_k > 1: (counter
+  (M tiles * N tiles,) int32 zeros, out_ref, partials_ref (split_k * M, N) in the accumulator's
+  dtype, counter_out_ref): the split is summed in the launch (common.reduce_split_k_in_kernel:
+  the last program of a tile adds the raw partials, int32 exactly, and applies the epilogue)."""
+  if split_k == 1:
+    (out_ref,) = refs
+  else:
+    _, out_ref, partials_ref, counter_ref = refs
   m_rows, k_features = x_ref.shape
   n_features = out_ref.shape[1]
   row_start = pl.program_id(0) * block_m
@@ -461,14 +469,17 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, out
     return _scale_and_bias(acc, row_scale, col_scale, bias, activation,
                            common.tanh_approx if approx_tanh else None)
 
-  common.finish_tile(out_ref, acc, epilogue, split_k=split_k, m_rows=m_rows,
-                     row_start=row_start, col_start=col_start, row_mask=row_mask,
-                     col_mask=col_mask)
+  if split_k == 1:
+    common.store_tile(out_ref, epilogue(acc), row_start, col_start, row_mask, col_mask)
+  else:
+    common.reduce_split_k_in_kernel(
+        acc, epilogue, out_ref=out_ref, partials_ref=partials_ref, counter_ref=counter_ref,
+        split_k=split_k, m_rows=m_rows, row_start=row_start, col_start=col_start,
+        row_mask=row_mask, col_mask=col_mask, interpret=interpret)
 
 
 def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):
-  """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (same order in kernel and
-  split-K; numerics/activation.fused, on the float32 tile before the output cast; tanh: the
+  """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (numerics/activation.fused, on the float32 tile before the output cast; tanh: the
   compiled kernel's hardware tanh, else the float32-accurate form)."""
   y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
   return activation_fn.fused(activation, y, tanh)
@@ -499,8 +510,10 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             out_dtype=jnp.float32, activation=None):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
   then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue
-  (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode and the split-K
-  reduction: the float32-accurate form).
+  (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode: the float32-accurate
+  form).  split_k > 1: the K loop is split over grid axis 2 and summed in the same launch (the
+  last program of each output tile adds the partials, int32 exactly for the int8 dot, and
+  applies the epilogue).
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -528,16 +541,15 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
                              predecode=predecode, block_m=block_m, block_n=block_n, split_k=split_k,
                              activation=activation, approx_tanh=not interpret,
                              packed_decode=packed_decode,
-                             fast_accum=not interpret and fp8_dot.INSTALLED)
+                             fast_accum=not interpret and fp8_dot.INSTALLED, interpret=interpret)
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
-  return common.launch_matmul(
+  return common.launch_matmul_reduced_in_kernel(
       kernel, (x, row_scale, w_operand, col_scale, bias), m_rows=x.shape[0],
-      n_features=weight.n_features, out_dtype=out_dtype, acc_dtype=acc_dtype_for(dot_kind),
-      block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
-      num_stages=num_stages, interpret=interpret, name=f"fp4_mma_{dot_kind}",
-      epilogue=lambda acc: _scale_and_bias(acc, row_scale, col_scale, bias, activation))
+      n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m, block_n=block_n,
+      split_k=split_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+      name=f"fp4_mma_{dot_kind}", partial_dtype=acc_dtype_for(dot_kind))
 
 
 # ----------------------------------------------------------------------------------------
