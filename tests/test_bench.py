@@ -259,11 +259,15 @@ def test_dit_step_estimate_sums_the_block_floors():
   assert rows["HQ-DiT W4A4"]["linears_s"] < rows["bf16"]["linears_s"]
   # W4A4 linears: the same blocks through the dispatched paths' floors, qkv / fc1 with the
   # LayerNorm fused into their act-quant
-  w4a4 = 28 * sum(roofline.fp4_path_floor(
-      "w4a4", "triton_int8", m, k, n, H100,
-      static_report.HADAMARD_ORDER.get(k),
-      norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES, sms=132)["floor_s"]
-      for m, k, n in shapes)
+  # LayerNorm fused into their act-quant, each int8 GEMM at least its L2 time
+  w4a4 = 0.0
+  for m, k, n in shapes:
+    floor = roofline.fp4_path_floor(
+        "w4a4", "triton_int8", m, k, n, H100, static_report.HADAMARD_ORDER.get(k),
+        norm_fused=m == 4096 and (k, n) in static_report.LN_FED_SHAPES, sms=132)
+    dot_s = floor["gemm_s"] - floor["decode_s"] - floor["epilogue_s"]
+    l2_s = static_report.gemm_l2_seconds("w4a4", "triton_int8", m, k, n, 90)
+    w4a4 += 28 * (floor["floor_s"] + max(0.0, l2_s - dot_s))
   assert rows["HQ-DiT W4A4"]["linears_s"] == pytest.approx(w4a4)
   assert all(r["attention_s"] == rows["bf16"]["attention_s"] for r in rows.values())
   # two LayerNorm passes per block, except where the act-quant fuses them
@@ -412,6 +416,30 @@ def test_issue_floor_adds_the_tensor_time_only_when_nothing_overlaps_it():
   overlapped = triton_ptx.issue_floor_seconds(loop, mma=dict(mma, ctas_per_sm=2), **kwargs)
   assert overlapped["issue_floor_s"] == pytest.approx(max(tensor_s, plain["issue_floor_s"]))
   assert not overlapped["mma_serial"]
+
+
+def test_l2_time_of_the_pallas_gemms_closed_form():
+  """gemm_l2_seconds: every program of the dispatched tiles loads its x rows and weight columns
+  over K from L2 (plus the bf16 output and, with a K split, the partials written and read
+  back), at dispatch.L2_BANDWIDTH; XLA GEMMs: None."""
+  from dit_quant_jax.bench import static_report
+  from dit_quant_jax.kernels import dispatch
+  # W4A4 int8 in-loop kernel, proj at M = 4096: 32 x 9 tiles of 128 x 128, 1 B x, 0.5 B weights
+  want = (32 * 9 * 1152 * (128 * 1 + 128 * 0.5) + 2 * 4096 * 1152) / 11.4e12
+  got = static_report.gemm_l2_seconds("w4a4", "triton_int8", 4096, 1152, 1152, 90)
+  assert got == pytest.approx(want)
+  # the decoded-image kernel reads 1 B weights; W4A16's bf16 kernel 2 B x
+  got = static_report.gemm_l2_seconds("w4a4", "unpacked_triton_int8", 4096, 1152, 1152, 90)
+  assert got == pytest.approx((32 * 9 * 1152 * (128 + 128) + 2 * 4096 * 1152) / 11.4e12)
+  # VQ at fc2, M = 1024: 128 x 64 tiles split 2 (their partials: written, read back)
+  config = dispatch.default_config("vq", "vq_tiled", 1024, 4608, 1152, "hopper")
+  assert (config["block_n"], config["split_k"]) == (64, 2)
+  want = (8 * 18 * 4608 * (128 * 2 + 64 * 0.25) + 2 * 4 * 1024 * 1152 * 2
+          + 2 * 1024 * 1152) / 11.4e12
+  assert static_report.gemm_l2_seconds("vq", "vq_tiled", 1024, 4608, 1152, 90) == pytest.approx(want)
+  assert static_report.gemm_l2_seconds("w4a8", "xla_fp8", 4096, 1152, 1152, 90) is None
+  assert static_report.gemm_l2_seconds("vq", "vq_dequant_dot", 4096, 1152, 1152, 80) is None
+  assert dispatch.L2_BANDWIDTH["ampere"] == pytest.approx(5120 * 1.41e9, rel=0.01)
 
 
 def test_issue_floors_raise_the_triton_parts_only():

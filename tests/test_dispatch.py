@@ -58,14 +58,19 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
   tiled = dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config
   assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"], tiled["split_k"]) == (
       128, 128, 8, 1)  # 1152 tiles: 9 waves (8.7), 128 x 64 only ties
-  # 1152x1152 at M = 4096: 288 tiles (3 on the busiest SM, even share 2.2) -> 576 of 128 x 64
+  # 1152x1152 at M = 4096: 288 tiles (3 on the busiest SM, even share 2.2; 15.1 us of tensor
+  # time); 576 of 128 x 64 would even the tail (12.6 us) but re-read x through L2: 180 MB,
+  # 15.8 us at dispatch.L2_BANDWIDTH, vs 96 MB for 128 x 128
   proj = dispatch.choose("vq", 4096, 1152, 1152, device_kind=H100).config
-  assert (proj["block_n"], proj["num_warps"], proj["split_k"]) == (64, 4, 1)
-  # fc2 at M = 1024: 72 tiles of 128 x 128 leave 60 SMs idle; 144 of 128 x 64 split 6 ways
-  # (864 programs, 7 on the busiest SM, 12 K tiles each: 84 half-tiles where 128 x 128 runs
-  # 72 whole ones), its partials' 28 MB under the tensor time
+  assert (proj["block_n"], proj["num_warps"], proj["split_k"]) == (128, 8, 1)
+  l2 = {bn: dispatch.tile_l2_bytes(4096, 1152, 1152, 128, bn, 2.0, 0.25) for bn in (64, 128)}
+  assert l2[64] / dispatch.L2_BANDWIDTH["hopper"] > 15.1e-6 > l2[128] / dispatch.L2_BANDWIDTH["hopper"]
+  # fc2 at M = 1024: 72 tiles of 128 x 128 leave 60 SMs idle; 144 of 128 x 64 split 2 ways
+  # (288 programs, 3 on the busiest SM, 36 K tiles each: 108 half-tiles, 15.1 us, where
+  # 128 x 128 runs 72 whole ones, 20.2 us); more parts would cut the tensor time but not the
+  # L2 time (194 MB: 17 us) nor add less than their partials
   fc2 = dispatch.choose("vq", 1024, 4608, 1152, device_kind=H100).config
-  assert (fc2["block_n"], fc2["split_k"]) == (64, 6)
+  assert (fc2["block_n"], fc2["split_k"]) == (64, 2)
   assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=A100).config == {}
 
 
@@ -133,7 +138,8 @@ def test_tail_tiles_closed_forms():
 def test_w4a16_token_rows_split_only_the_128x64_tile():
   """W4A16's in-loop kernel on Hopper: fc2 at M = 1024 (36 K tiles of 128, 72 tiles of
   128 x 128 for 132 SMs) takes 128 x 64 with a K split, by the closed form of tail_tiles (the
-  busiest SM's tensor time vs 4-bit weights + x + output + partials); 128 x 128 never splits
+  busiest SM's tensor time vs 4-bit weights + x + output + partials in DRAM and the tiles'
+  loads through L2); 128 x 128 never splits
   (with a split it drops to one CTA per SM); fc1 at M = 4096 (enough tiles) does not split."""
   import math
 
@@ -148,12 +154,18 @@ def test_w4a16_token_rows_split_only_the_128x64_tile():
     tiles = 8 * (1152 // block_n)
     tensor = math.ceil(tiles * split / 132) * math.ceil(36 / split) * k_tile_s
     memory = (moved + (4 * 1024 * 1152 * split if split > 1 else 0)) / 3.35e12
-    return max(tensor, memory) * (1.05 if split > 1 else 1.0)
+    # through L2: each tile's 128 x rows (2 B) and block_n 4-bit columns over K, the output,
+    # and the partials written and read back
+    l2 = (tiles * 4608 * (128 * 2 + block_n * 0.5) + 2 * 1024 * 1152
+          + (2 * 4 * 1024 * 1152 * split if split > 1 else 0)) / 11.4e12
+    return max(tensor, memory, l2) * (1.05 if split > 1 else 1.0)
 
   candidates = [(128, 1)] + [(64, s) for s in range(1, 9) if math.ceil(36 / math.ceil(36 / s)) == s]
   best = min(candidates, key=lambda c: round(cost(*c), 15))
   assert (config["block_n"], config["split_k"]) == best and best[1] > 1
-  assert cost(*best) < cost(128, 1) / 1.5
+  # the split cuts the busiest SM's tensor time by a quarter, but not the x re-reads through
+  # L2: a 3 % gain (128 x 64 split 2: 18.6 us of L2 vs 20.2 us of tensor time unsplit)
+  assert cost(*best) < cost(128, 1)
   big = fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16", predecode=False)
   assert big["split_k"] == 1
 

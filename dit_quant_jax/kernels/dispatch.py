@@ -43,6 +43,14 @@ MAX_SPLIT_K = 16
 # DRAM bandwidth per class (datasheet: H100 SXM 3.35 TB/s, A100 SXM 2.04 TB/s; the same numbers
 # as bench/roofline.DATASHEET, checked by a test): weighs the split-K partials' bytes.
 BANDWIDTH = {"hopper": 3.35e12, "ampere": 2.04e12, "gpu": 2.04e12, "cpu": 2.04e12}
+# L2 -> SM bandwidth per class: A100's 5120 B per clock (NVIDIA's A100 whitepaper) at 1.41 GHz;
+# H100's is not in a datasheet: A100's bytes per SM per clock scaled to 132 SMs at 1.83 GHz
+# (an estimate, to be measured on a GPU).  Every program of a tiled kernel loads its x rows and
+# its weight columns over its K range from L2, so thin tiles re-read x: W4A16 fc2 at M = 1024
+# in 128 x 64 tiles moves 193 MB through L2 (17 us) where its DRAM bytes are 14 MB and its
+# busiest SM's tensor time 20 us unsplit (tile_l2_bytes; the static report raises the Pallas
+# GEMMs' floors to it too).
+L2_BANDWIDTH = {"hopper": 11.4e12, "ampere": 7.2e12, "gpu": 7.2e12, "cpu": 7.2e12}
 # Dense bf16 tensor-core peak per class (H100 SXM 989 TFLOP/s, A100 312): a tensor-bound
 # program's K tile takes 2 block_m block_n block_k / (this / SMs) seconds on its SM.
 PEAK_BF16_FLOPS = {"hopper": 989e12, "ampere": 312e12, "gpu": 312e12, "cpu": 312e12}
@@ -236,12 +244,27 @@ class TileOption(NamedTuple):
   can_split: bool = True
 
 
+def tile_l2_bytes(m_rows: int, k_features: int, n_features: int, block_m: int, block_n: int,
+                  x_bytes: float, w_bytes: float, split_k: int = 1) -> float:
+  """Bytes a tiled (M, K) x (K, N) kernel moves between L2 and the SMs: every output tile's
+  program(s) load block_m rows of x (x_bytes per element) and block_n weight columns (w_bytes
+  per weight) over K, write the output (bf16), and with a K split each part writes a float32
+  partial that the last program reads back."""
+  tiles = -(-m_rows // block_m) * -(-n_features // block_n)
+  loads = tiles * k_features * (block_m * x_bytes + block_n * w_bytes)
+  partials = 2.0 * 4 * m_rows * n_features * split_k if split_k > 1 else 0.0
+  return float(loads + partials + 2.0 * m_rows * n_features)
+
+
 def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options, *,
-               block_k: int, moved_bytes: float = 0.0, max_split: int = 1):
+               block_k: int, moved_bytes: float = 0.0, max_split: int = 1,
+               operand_bytes: tuple = (0.0, 0.0)):
   """(option, split) of a tensor-bound tiled kernel that minimises its launch's time: the
   busiest SM's tensor time (ceil(programs / SMs) programs of ceil(k_tiles / split) K tiles,
   each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak) or, if larger, its DRAM time
-  (``moved_bytes`` + split x the (M, N) float32 partials when split > 1).  ``options``: the
+  (``moved_bytes`` + split x the (M, N) float32 partials when split > 1) or its L2 time
+  (tile_l2_bytes with ``operand_bytes`` = (x, weight) bytes per element, over L2_BANDWIDTH;
+  (0, 0): not counted).  ``options``: the
   TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM (static report), in
   order of preference (ties go to the earlier one, then to the smaller split).  A split must
   save more than SPLIT_MARGIN: the cost leaves out the partials' read-back from L2 and the
@@ -262,7 +285,11 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
         continue
       tensor_s = -(-tiles * split // sms) * per_part * k_tile_s
       partials = 4.0 * m_rows * n_features * split if split > 1 else 0.0
-      cost = max(tensor_s, (moved_bytes + partials) / BANDWIDTH[cls])
+      l2_s = 0.0
+      if any(operand_bytes):
+        l2_s = tile_l2_bytes(m_rows, k_features, n_features, option.block_m, option.block_n,
+                             *operand_bytes, split_k=split) / L2_BANDWIDTH[cls]
+      cost = max(tensor_s, (moved_bytes + partials) / BANDWIDTH[cls], l2_s)
       if split > 1:  # what the cost leaves out: the partials' read-back and the last sum
         cost *= 1.0 + SPLIT_MARGIN
       if best_cost is None or cost < best_cost * (1 - 1e-9):
@@ -279,6 +306,7 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
 # 128 x 64 splits.
 VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3, can_split=False), TileOption(128, 64, 4, 3))
 VQ_TILED_MAX_SPLIT = 8
+VQ_W2_INDEX_BYTES = 0.25  # one 8-bit index per 4 weights (the codebook rows stay in L1)
 
 
 def default_config(op: str, path: str, m_rows: int, k_features: int, n_features: int,
@@ -305,7 +333,8 @@ def default_config(op: str, path: str, m_rows: int, k_features: int, n_features:
       # first (tail_tiles), counting the partials' bytes; 128 x 128 where it ties.
       moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
       option, split_k = tail_tiles(m_rows, k_features, n_features, cls, VQ_TILED_OPTIONS,
-                                   block_k=64, moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT)
+                                   block_k=64, moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT,
+                                   operand_bytes=(2.0, VQ_W2_INDEX_BYTES))
       return dict(block_m=option.block_m, block_n=option.block_n, block_k=64, split_k=split_k,
                   num_warps=option.num_warps, num_stages=option.num_stages)
     # DiT-XL/2 tile config: 128-wide tiles, 8 warps (one or two warpgroups of wgmma on sm_90).

@@ -478,7 +478,10 @@ def _interpret() -> bool:
 # 123 registers, 84 KB; both tensor-bound at 2 CTAs per SM (128 x 64 with 3 stages: 120 KB,
 # 1 CTA, decode and wgmma take turns).  With a K split (summed in the launch) 128 x 64 takes
 # 164-181 registers and keeps 2 CTAs per SM (325 SASS per warp-step); 128 x 128 takes 138-147
-# and drops to 1 CTA, so only 128 x 64 splits (as vq_tiled's options).
+# and drops to 1 CTA, so only 128 x 64 splits (as vq_tiled's options).  (128 x 32, 4 warps:
+# 261 SASS per warp-step, 3 CTAs per SM, issue floor 1.02x its tensor time at 1152 x 1152,
+# M = 1024, would even out the launch tail, but its programs re-read x through L2 4x as often
+# as 128 x 128's: 93 MB there, 8.1 us at dispatch.L2_BANDWIDTH against 3.9 us of tensor time.)
 W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False),
                        dispatch.TileOption(128, 64, 4, 2))
 W4A16_TILED_MAX_SPLIT = 8
@@ -509,11 +512,13 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
       # W4A16 in-loop: 128 x 128 (8 warps) or 128 x 64 (4 warps, 123 registers, 84 KB), both
       # tensor-bound at 2 CTAs per SM on sm_90a, and 128 x 64's K split (summed in the
       # launch): the choice whose busiest SM finishes first (dispatch.tail_tiles), counting the
-      # weights' 4-bit bytes, x, the bf16 output and the split's float32 partials.
+      # weights' 4-bit bytes, x, the bf16 output and the split's float32 partials in DRAM, and
+      # each tile's x rows and 4-bit columns through L2.
       moved = k_features * n_features / 2 + 2 * m_rows * (k_features + n_features)
       option, split_k = dispatch.tail_tiles(m_rows, k_features, n_features, device,
                                             W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K,
-                                            moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT)
+                                            moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT,
+                                            operand_bytes=(2.0, 0.5))
       return dict(block_m=option.block_m, block_n=option.block_n, split_k=split_k,
                   num_warps=option.num_warps, num_stages=option.num_stages)
     if device == "hopper" and dot_kind == "int8" and not predecode:
