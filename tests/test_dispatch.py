@@ -170,6 +170,29 @@ def test_w4a16_token_rows_split_only_the_128x64_tile():
   assert big["split_k"] == 1
 
 
+def test_w4a8_fp8_tiles_weigh_the_l2_reads_against_one_cta_per_sm():
+  """W4A8's decoded-image fp8 kernel on Hopper: 64 x 128 (2 CTAs per SM, 1.04x its tensor
+  time) or 128 x 128 (one CTA, 1.64x) by the busiest SM's K-loop time vs the tiles' reads
+  through L2 (1 B x, 1 B image): closed forms at qkv and proj, M = 4096."""
+  import math
+
+  from dit_quant_jax.kernels import fp4_matmul
+
+  def cost(block_m, ratio, k, n, m=4096):
+    tiles = math.ceil(m / block_m) * math.ceil(n / 128)
+    k_tile_s = 2 * block_m * 128 * 128 / (2 * 989e12 / 132) * ratio
+    tensor = math.ceil(tiles / 132) * math.ceil(k / 128) * k_tile_s
+    l2 = (tiles * k * (block_m + 128) + 2 * m * n) / 11.4e12
+    dram = (k * n + m * k + 2 * m * n) / 3.35e12
+    return max(tensor, l2, dram)
+
+  for (k, n), want in (((1152, 3456), 128), ((1152, 1152), 64)):
+    config = fp4_matmul.default_mma_config(4096, n, k, "hopper", "fp8", predecode=True)
+    costs = {64: cost(64, 1.04, k, n), 128: cost(128, 1.64, k, n)}
+    assert min(costs, key=costs.get) == want == config["block_m"], (k, n, costs, config)
+  assert cost(128, 1.64, 1152, 3456) < cost(64, 1.04, 1152, 3456) / 1.2  # L2-bound 64 x 128
+
+
 def test_register_and_errors():
   with pytest.raises(ValueError, match="no dispatch table"):
     dispatch.choose("w9a9", 16, 64, 64, device_kind=H100)

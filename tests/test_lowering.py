@@ -199,6 +199,36 @@ def test_hopper_fp8_kernel_uses_fp8_wgmma():
   assert stats["ctas_per_sm"] >= 2, stats
 
 
+def test_fp8_tile_options_issue_ratios_match_the_compiled_kernels():
+  """fp4_matmul.FP8_PREDECODED_OPTIONS' issue_ratio (what tail_tiles charges per K tile over
+  the fp8 tensor time) against the compiled decoded-image fp8 kernel at 1152x3456, M = 4096:
+  its issue floor / tensor time within 10 %; 64 x 128 keeps 2 CTAs per SM, 128 x 128 one,
+  neither spills."""
+  import functools
+
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import fp4_matmul
+  from dit_quant_jax.kernels import fp4_mma
+  m_rows, k_features, n_features = 4096, 1152, 3456
+  weight = fp4_mma.PackedFp4Weight(
+      jax.ShapeDtypeStruct((n_features, k_features // 2), jnp.uint8),
+      jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
+  avals = (jax.ShapeDtypeStruct((m_rows, k_features), jnp.float8_e4m3fn),
+           jax.ShapeDtypeStruct((m_rows,), jnp.float32), weight)
+  for option in fp4_matmul.FP8_PREDECODED_OPTIONS:
+    config = dict(block_m=option.block_m, block_n=option.block_n, split_k=1,
+                  num_warps=option.num_warps, num_stages=option.num_stages)
+    fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind="fp8", predecode=True,
+                                   out_dtype=jnp.bfloat16, **config))
+    (stats,) = static_report.case_stats(fn, avals, dict(config, predecode=True), 90,
+                                        f"fp4_mma_unpacked_fp8 M={m_rows} K={k_features} "
+                                        f"N={n_features}")
+    assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, (option, stats)
+    assert stats["ctas_per_sm"] == (2 if option.block_m == 64 else 1), (option, stats)
+    ratio = stats["issue_floor_s"] / stats["tensor_s"]
+    assert ratio == pytest.approx(option.issue_ratio, rel=0.1), (option, ratio)
+
+
 def test_ttir_stage_makes_the_decoded_image_dot_asynchronous():
   """The bf16 kernel on a decoded image (W4A8's large-M path): one dot per K step, compiled
   through triton's TTIR passes as XLA does, keeps its wgmma in flight across steps; the raw

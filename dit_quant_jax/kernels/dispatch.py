@@ -242,6 +242,10 @@ class TileOption(NamedTuple):
   # whether the option may split K (reduced in the launch): its epilogue's partial store and
   # atomic must leave the option's CTAs per SM as they are
   can_split: bool = True
+  # its compiled K loop's time per K tile over its tensor-core time (SASS issue floor / tensor
+  # time, static report): 1.0 where tensor-bound; more where decode or the accumulator's
+  # promotion issues longer, or where one CTA fills the SM and they take turns with the wgmma
+  issue_ratio: float = 1.0
 
 
 def tile_l2_bytes(m_rows: int, k_features: int, n_features: int, block_m: int, block_n: int,
@@ -258,10 +262,11 @@ def tile_l2_bytes(m_rows: int, k_features: int, n_features: int, block_m: int, b
 
 def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options, *,
                block_k: int, moved_bytes: float = 0.0, max_split: int = 1,
-               operand_bytes: tuple = (0.0, 0.0)):
+               operand_bytes: tuple = (0.0, 0.0), rate_multiplier: float = 1.0):
   """(option, split) of a tensor-bound tiled kernel that minimises its launch's time: the
   busiest SM's tensor time (ceil(programs / SMs) programs of ceil(k_tiles / split) K tiles,
-  each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak) or, if larger, its DRAM time
+  each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak times rate_multiplier (2 for
+  the 8-bit dots), and the option's issue_ratio) or, if larger, its DRAM time
   (``moved_bytes`` + split x the (M, N) float32 partials when split > 1) or its L2 time
   (tile_l2_bytes with ``operand_bytes`` = (x, weight) bytes per element, over L2_BANDWIDTH;
   (0, 0): not counted).  ``options``: the
@@ -278,7 +283,8 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
   best_cost, best = None, None
   for option in options:
     tiles = -(-m_rows // option.block_m) * -(-n_features // option.block_n)
-    k_tile_s = 2.0 * option.block_m * option.block_n * block_k / per_sm_flops
+    k_tile_s = (2.0 * option.block_m * option.block_n * block_k / (per_sm_flops * rate_multiplier)
+                * option.issue_ratio)
     for split in range(1, min(int(max_split) if option.can_split else 1, k_tiles) + 1):
       per_part, parts = split_parts(k_tiles, split)
       if parts != split:

@@ -485,6 +485,14 @@ def _interpret() -> bool:
 W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False),
                        dispatch.TileOption(128, 64, 4, 2))
 W4A16_TILED_MAX_SPLIT = 8
+# W4A8's decoded-image fp8 kernel on Hopper (fp8_dot.FAST_ACCUM), sm_90a, 1152 x 3456 at
+# M = 4096: 64 x 128 (8 warps, 3 stages): 122 registers, 64 KB, 2 CTAs per SM, issue floor
+# 1.04x its tensor time; 128 x 128: 185 registers, 1 CTA per SM, the per-step float32
+# promotion and the wgmma take turns (1.64x).  64 x 128 re-reads x through L2 twice as often:
+# 36.0 us of L2 time there against 28.9 us for 128 x 128's issue floor (24.8 us of L2), so
+# tail_tiles weighs both (128 x 256 spills 540 B).
+FP8_PREDECODED_OPTIONS = (dispatch.TileOption(64, 128, 8, 3, can_split=False, issue_ratio=1.04),
+                          dispatch.TileOption(128, 128, 8, 3, can_split=False, issue_ratio=1.64))
 
 
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
@@ -492,10 +500,11 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
                        predecode: bool = True) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
-  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled), and for
-  the fp8 dot on Hopper too: on fp8 wgmma (fp8_dot.FAST_ACCUM) the decoded-image kernel takes
-  122 registers and 64 KB at 64 x 128 (2 CTAs per SM: one's per-step float32 promotion overlaps
-  the other's wgmma) vs 185 registers at 128 x 128 (1 CTA: promotion and wgmma take turns).
+  with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).  The
+  fp8 dot on Hopper (fp8_dot.FAST_ACCUM), decoded image: 64 x 128 (122 registers, 64 KB, 2 CTAs
+  per SM: one's per-step float32 promotion overlaps the other's wgmma) or 128 x 128 (185
+  registers, 1 CTA: promotion and wgmma take turns, but half the L2 reads of x), whichever
+  tail_tiles finds faster (FP8_PREDECODED_OPTIONS); the in-loop fp8 kernel keeps 64 x 128.
   Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
   The bf16 kernel decoding 4-bit tiles in its K loop (predecode=False) on Hopper takes 2
   stages: 104 KB of shared memory and 128 registers let 2 CTAs share an SM, so one decodes
@@ -520,6 +529,15 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
                                             moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT,
                                             operand_bytes=(2.0, 0.5))
       return dict(block_m=option.block_m, block_n=option.block_n, split_k=split_k,
+                  num_warps=option.num_warps, num_stages=option.num_stages)
+    if device == "hopper" and dot_kind == "fp8" and predecode:
+      # the E4M3 image (1 B) and x's (1 B) through L2 against each option's K-loop time
+      moved = k_features * n_features + m_rows * k_features + 2 * m_rows * n_features
+      option, _ = dispatch.tail_tiles(m_rows, k_features, n_features, device,
+                                      FP8_PREDECODED_OPTIONS, block_k=fp4_mma.TILE_K,
+                                      moved_bytes=moved, operand_bytes=(1.0, 1.0),
+                                      rate_multiplier=2.0)
+      return dict(block_m=option.block_m, block_n=option.block_n, split_k=1,
                   num_warps=option.num_warps, num_stages=option.num_stages)
     if device == "hopper" and dot_kind == "int8" and not predecode:
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=2)
