@@ -231,6 +231,7 @@ def test_gpu_check_smoke_mode(tmp_path):
   assert len(reports) == 1, reports
   text = open(tmp_path / reports[0]).read()
   assert "| vq | 64x96 | 8 | vq_splitk |" in text
+  assert "- measured L2 reads: " in text  # checks dispatch.L2_BANDWIDTH on a GPU
   rows = [line for line in text.splitlines() if line.startswith("| 64x96 | 8 |")]
   assert {row.split("|")[3].strip() for row in rows} == {"bf16_xla", "vq_w2"}
   assert "| vq_w2 | 8x64x96 | max rel error |" in text and "| NO |" not in text

@@ -163,7 +163,10 @@ def device_time(fn: Callable, operand_sets: Sequence[tuple], *, reps: int, trial
 
 
 def measure_peaks(smoke: bool, trials: int) -> dict:
-  """Achievable bf16 matmul FLOP/s and device-copy B/s, measured now on this device."""
+  """Achievable bf16 matmul FLOP/s, device-copy B/s and L2 read B/s, measured now on this
+  device.  The L2 figure checks kernels/dispatch.L2_BANDWIDTH, an estimate that sizes the
+  tile choice and the static report's L2 floors: 32 dependent passes of a reduction over a
+  16 MiB buffer (L2-resident on an H100 / H200 / A100), a lower bound on what L2 delivers."""
   size = 256 if smoke else 8192
   key_a, key_b = jax.random.split(jax.random.key(1))
   a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
@@ -174,8 +177,17 @@ def measure_peaks(smoke: bool, trials: int) -> dict:
   buffer = jax.random.normal(key_a, (words,), jnp.float32)
   copy = lambda v: v * 1.5  # noqa: E731  one read + one write per element
   copy_seconds = device_time(copy, [(buffer,)], reps=1 if smoke else 10, trials=trials)
+  resident = buffer[:(1 << 10) if smoke else (1 << 22)]
+  passes = 32
+
+  def l2_reads(v):  # each pass depends on the last, so XLA cannot merge or hoist them
+    return lax.fori_loop(0, passes, lambda i, acc: acc + jnp.sum(jnp.abs(v - acc)),
+                         jnp.float32(0.0))
+
+  l2_seconds = device_time(l2_reads, [(resident,)], reps=1 if smoke else 5, trials=trials)
   return dict(matmul_flops=2 * size**3 / seconds, matmul_size=size,
-              bandwidth=2 * buffer.nbytes / copy_seconds, copy_bytes=2 * buffer.nbytes)
+              bandwidth=2 * buffer.nbytes / copy_seconds, copy_bytes=2 * buffer.nbytes,
+              l2_bandwidth=passes * resident.nbytes / l2_seconds, l2_bytes=resident.nbytes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -699,7 +711,10 @@ def write_report(path: str, header: dict, peaks: dict, checks: list[dict], rows:
   lines += [f"- measured bf16 matmul peak: {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s "
             f"({peaks['matmul_size']}^3)",
             f"- measured device copy: {peaks['bandwidth'] / 1e9:.0f} GB/s "
-            f"({peaks['copy_bytes'] / 2**20:.0f} MiB read + written)", "",
+            f"({peaks['copy_bytes'] / 2**20:.0f} MiB read + written)",
+            f"- measured L2 reads: {peaks['l2_bandwidth'] / 1e9:.0f} GB/s (a reduction over "
+            f"{peaks['l2_bytes'] / 2**20:.0f} MiB, 32 passes; kernels/dispatch.L2_BANDWIDTH "
+            f"assumes {dispatch.L2_BANDWIDTH[dispatch.device_class()] / 1e9:.0f} GB/s here)", "",
             "Timing: in-graph repetition over operand sets larger than L2 "
             "(dit_quant_jax/bench/kernels.py); speedup = t_bf16 / t_kernel; floor = "
             "max(FLOPs / measured matmul peak, bytes / measured copy bandwidth), int8/fp8 dots "
