@@ -186,6 +186,23 @@ def test_two_pass_bound_closed_forms_and_classification():
   assert "| no: structure |" in text and "below the target even at the design bound" in text
 
 
+def test_static_report_l2_term_and_its_sensitivity():
+  """The L2 raise only ever raises a floor, grows as the assumed L2 bandwidth shrinks, and is
+  gone at l2_scale 0; the markdown states the counts at the other bandwidths."""
+  from dit_quant_jax.bench import static_report
+  shapes = ((4608, 1152),)
+  by_scale = {scale: {(r["op"], r["m"]): r for r in static_report.target_rows(
+      90, shapes=shapes, l2_scale=scale)} for scale in (0.0, 0.7, 1.0, 2.0)}
+  for key, row in by_scale[1.0].items():
+    assert by_scale[0.0][key]["floor_s"] <= row["floor_s"] <= by_scale[0.7][key]["floor_s"]
+    assert by_scale[2.0][key]["floor_s"] <= row["floor_s"]
+    assert not by_scale[0.0][key]["l2_raised"]
+  # fc2 at M = 1024, VQ 128 x 64 split 2: L2-bound at the estimate
+  assert by_scale[1.0][("vq", 1024)]["l2_raised"]
+  text = "\n".join(static_report.targets_markdown(90, shapes=shapes))
+  assert "With the tiles as dispatched and the L2 bandwidth at 0.7x, 1.3x, 2x the estimate" in text
+
+
 def test_static_report_target_rows():
   from dit_quant_jax.bench import static_report
   rows = static_report.target_rows(90, shapes=((1152, 3456),))
