@@ -454,7 +454,8 @@ def test_l2_time_of_the_pallas_gemms_closed_form():
   assert (config["block_n"], config["split_k"]) == (64, 2)
   want = (8 * 18 * 4608 * (128 * 2 + 64 * 0.25) + 2 * 4 * 1024 * 1152 * 2
           + 2 * 1024 * 1152) / 11.4e12
-  assert static_report.gemm_l2_seconds("vq", "vq_tiled", 1024, 4608, 1152, 90) == pytest.approx(want)
+  got = static_report.gemm_l2_seconds("vq", "vq_tiled", 1024, 4608, 1152, 90)
+  assert got == pytest.approx(want)
   assert static_report.gemm_l2_seconds("w4a8", "xla_fp8", 4096, 1152, 1152, 90) is None
   assert static_report.gemm_l2_seconds("vq", "vq_dequant_dot", 4096, 1152, 1152, 80) is None
   assert dispatch.L2_BANDWIDTH["ampere"] == pytest.approx(5120 * 1.41e9, rel=0.01)

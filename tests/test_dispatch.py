@@ -64,7 +64,8 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
   proj = dispatch.choose("vq", 4096, 1152, 1152, device_kind=H100).config
   assert (proj["block_n"], proj["num_warps"], proj["split_k"]) == (128, 8, 1)
   l2 = {bn: dispatch.tile_l2_bytes(4096, 1152, 1152, 128, bn, 2.0, 0.25) for bn in (64, 128)}
-  assert l2[64] / dispatch.L2_BANDWIDTH["hopper"] > 15.1e-6 > l2[128] / dispatch.L2_BANDWIDTH["hopper"]
+  bandwidth = dispatch.L2_BANDWIDTH["hopper"]
+  assert l2[64] / bandwidth > 15.1e-6 > l2[128] / bandwidth
   # fc2 at M = 1024: 72 tiles of 128 x 128 leave 60 SMs idle; 144 of 128 x 64 split 2 ways
   # (288 programs, 3 on the busiest SM, 36 K tiles each: 108 half-tiles, 15.1 us, where
   # 128 x 128 runs 72 whole ones, 20.2 us); more parts would cut the tensor time but not the

@@ -479,8 +479,9 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
 
 
 def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):
-  """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (numerics/activation.fused, on the float32 tile before the output cast; tanh: the
-  compiled kernel's hardware tanh, else the float32-accurate form)."""
+  """activation(acc * row_scale[:, None] * col_scale[None, :] + bias) (numerics/activation.fused,
+  on the float32 tile before the output cast; tanh: the compiled kernel's hardware tanh, else
+  the float32-accurate form)."""
   y = acc.astype(jnp.float32) * row_scale[:, None] * col_scale[None, :] + bias[None, :]
   return activation_fn.fused(activation, y, tanh)
 
