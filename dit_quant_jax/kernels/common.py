@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -182,7 +183,8 @@ def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features
   partials_ref, counter_ref) where counter (M tiles * N tiles,) int32 starts at zero (aliased in
   and out) and partials (split_k * M, N) partial_dtype (float32, or int32 for an integer
   accumulator: summed exactly) is scratch; the kernel ends with
-  :func:`reduce_split_k_in_kernel`.  Returns the (M, N) output.
+  :func:`finish_tile_reduced_in_kernel` (its refs: :func:`reduced_output_refs`).  Returns the
+  (M, N) output.
   """
   common_args = dict(compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
                      name=name)
@@ -200,12 +202,30 @@ def launch_matmul_reduced_in_kernel(kernel, operands, *, m_rows: int, n_features
   return out
 
 
-def reduce_split_k_in_kernel(acc, epilogue, *, out_ref, partials_ref, counter_ref, split_k: int,
-                             m_rows: int, row_start, col_start, row_mask, col_mask,
-                             interpret: bool) -> None:
-  """End of a split-K program: write its partial (the accumulator, in partials_ref's dtype),
-  count in, and let the last program of the output tile sum all partials (in split order:
-  deterministic; int32 partials exactly) and store ``epilogue(sum)``.
+class ReducedOutputRefs(NamedTuple):
+  """The output refs of a kernel launched by :func:`launch_matmul_reduced_in_kernel`."""
+  out: object
+  partials: object = None
+  counter: object = None
+
+
+def reduced_output_refs(refs, split_k: int) -> ReducedOutputRefs:
+  """The kernel's trailing refs: (out_ref,) without a split; (counter_in, out_ref, partials_ref,
+  counter_ref) with one (the aliased counter input is not used)."""
+  if split_k == 1:
+    (out_ref,) = refs
+    return ReducedOutputRefs(out_ref)
+  _, out_ref, partials_ref, counter_ref = refs
+  return ReducedOutputRefs(out_ref, partials_ref, counter_ref)
+
+
+def finish_tile_reduced_in_kernel(acc, epilogue, outputs: ReducedOutputRefs, *, split_k: int,
+                                  m_rows: int, row_start, col_start, row_mask, col_mask,
+                                  interpret: bool) -> None:
+  """End of a program of a launch_matmul_reduced_in_kernel kernel: without a split, store
+  ``epilogue(acc)``; with one, write the partial, count in, and let the last program of the
+  output tile sum all partials (in split order: deterministic; int32 partials exactly) and
+  store ``epilogue(sum)``.
 
   Ordering: a CTA barrier puts every thread's partial store before the (acquire-release, GPU
   scope) atomic; the last program's loads come after its atomic, the
@@ -213,6 +233,10 @@ def reduce_split_k_in_kernel(acc, epilogue, *, out_ref, partials_ref, counter_re
   lines; output tiles never overlap, so no other program read these lines in this launch).
   Interpret mode runs programs one at a time, so there the barrier is not needed.
   """
+  out_ref, partials_ref, counter_ref = outputs
+  if split_k == 1:
+    store_tile(out_ref, epilogue(acc), row_start, col_start, row_mask, col_mask)
+    return
   store_tile(partials_ref, acc, pl.program_id(2) * m_rows + row_start, col_start, row_mask,
              col_mask)
   if not interpret:

@@ -394,12 +394,10 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
   tiles_ref is instead the (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from
   :func:`decode_weight_image`.  refs: split_k == 1: (out_ref (M, N),); split_k > 1: (counter
   (M tiles * N tiles,) int32 zeros, out_ref, partials_ref (split_k * M, N) in the accumulator's
-  dtype, counter_out_ref): the split is summed in the launch (common.reduce_split_k_in_kernel:
+  dtype, counter_out_ref): the split is summed in the launch (common.finish_tile_reduced_in_kernel:
   the last program of a tile adds the raw partials, int32 exactly, and applies the epilogue)."""
-  if split_k == 1:
-    (out_ref,) = refs
-  else:
-    _, out_ref, partials_ref, counter_ref = refs
+  outputs = common.reduced_output_refs(refs, split_k)
+  out_ref = outputs.out
   m_rows, k_features = x_ref.shape
   n_features = out_ref.shape[1]
   row_start = pl.program_id(0) * block_m
@@ -469,13 +467,9 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
     return _scale_and_bias(acc, row_scale, col_scale, bias, activation,
                            common.tanh_approx if approx_tanh else None)
 
-  if split_k == 1:
-    common.store_tile(out_ref, epilogue(acc), row_start, col_start, row_mask, col_mask)
-  else:
-    common.reduce_split_k_in_kernel(
-        acc, epilogue, out_ref=out_ref, partials_ref=partials_ref, counter_ref=counter_ref,
-        split_k=split_k, m_rows=m_rows, row_start=row_start, col_start=col_start,
-        row_mask=row_mask, col_mask=col_mask, interpret=interpret)
+  common.finish_tile_reduced_in_kernel(
+      acc, epilogue, outputs, split_k=split_k, m_rows=m_rows, row_start=row_start,
+      col_start=col_start, row_mask=row_mask, col_mask=col_mask, interpret=interpret)
 
 
 def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):

@@ -132,10 +132,8 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
   bias_ref: (N,) float32.  refs: split_k == 1: (out_ref,); split_k > 1: (counter_ref (N tiles,)
   int32 zeros, out_ref (M, N), partials_ref (split_k * M, N) float32, counter_out_ref).
   """
-  if split_k == 1:
-    (out_ref,) = refs
-  else:
-    _, out_ref, partials_ref, counter_ref = refs
+  outputs = common.reduced_output_refs(refs, split_k)
+  out_ref = outputs.out
   m_rows, k_features = x_ref.shape
   n_features = out_ref.shape[1]
   row_start = pl.program_id(0) * block_m
@@ -172,13 +170,9 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
   def add_bias(acc):
     return acc + common.load_vector(bias_ref, col_start, block_n, col_mask)[None, :]
 
-  if split_k == 1:
-    common.store_tile(out_ref, add_bias(acc), row_start, col_start, row_mask, col_mask)
-  else:
-    common.reduce_split_k_in_kernel(
-        acc, add_bias, out_ref=out_ref, partials_ref=partials_ref, counter_ref=counter_ref,
-        split_k=split_k, m_rows=m_rows, row_start=row_start, col_start=col_start,
-        row_mask=row_mask, col_mask=col_mask, interpret=interpret)
+  common.finish_tile_reduced_in_kernel(
+      acc, add_bias, outputs, split_k=split_k, m_rows=m_rows, row_start=row_start,
+      col_start=col_start, row_mask=row_mask, col_mask=col_mask, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=["block_m", "block_n", "block_k", "split_k",
