@@ -177,21 +177,41 @@ def ptx_counts(ptx: str) -> dict:
       ptx_lines=ptx.count("\n"))
 
 
-def k_loop_body(ptx: str) -> str:
-  """PTX text of the kernel's main loop: the longest region from a label to a backward branch to
-  it.  In a software-pipelined Triton matmul that is one K step (its loads fetch a later step)."""
-  lines = ptx.splitlines()
-  labels = {}
-  best = (0, 0)
+def main_loop_span(lines, label_pattern: str, branch_pattern: str, mma_pattern: str):
+  """(first, last) line of a kernel's main loop, of the regions from a label to a backward
+  branch to it: the longest one holding a tensor-core instruction (``mma_pattern``) that holds
+  no other such region; without tensor-core loops, the longest region.  A plain tiled
+  kernel's is its K loop; a stream-K kernel's loop over tiles holds its K loop, which is the
+  main loop (the blocks of its fix-up are longer regions without tensor-core instructions).
+  (0, 0): no loop."""
+  labels, loops = {}, []
   for number, line in enumerate(lines):
-    label = re.match(r"^\s*(\$L\w+):", line)
+    label = re.match(label_pattern, line)
     if label:
       labels[label.group(1)] = number
-    branch = re.search(r"\bbra(?:\.uni)?\s+(\$L\w+);", line)
+      continue
+    branch = re.search(branch_pattern, line)
     if branch and branch.group(1) in labels:
-      start = labels[branch.group(1)]
-      if number - start > best[1] - best[0]:
-        best = (start, number)
+      loops.append((labels[branch.group(1)], number))
+  mma_loops = [(a, b) for a, b in loops
+               if any(re.search(mma_pattern, line) for line in lines[a:b + 1])]
+  candidates = [(a, b) for a, b in mma_loops
+                if not any((c, d) != (a, b) and a <= c and d <= b for c, d in mma_loops)]
+  best = (0, 0)
+  for a, b in candidates or loops:
+    if b - a > best[1] - best[0]:
+      best = (a, b)
+  return best
+
+
+_PTX_MMA = r"\bmma\.sync\.aligned|wgmma\.mma_async"
+
+
+def k_loop_body(ptx: str) -> str:
+  """PTX text of the kernel's main loop (main_loop_span).  In a software-pipelined Triton
+  matmul that is one K step (its loads fetch a later step)."""
+  lines = ptx.splitlines()
+  best = main_loop_span(lines, r"^\s*(\$L\w+):", r"\bbra(?:\.uni)?\s+(\$L\w+);", _PTX_MMA)
   return "\n".join(lines[best[0]:best[1] + 1])
 
 
@@ -374,20 +394,11 @@ def _sass_opcode(line: str):
 
 
 def sass_loop_classes(sass: str) -> dict:
-  """Instruction classes in the longest loop of the SASS (a label to a backward BRA to it):
-  the main loop of a Pallas kernel (one K step, or one token of quantize_rows)."""
+  """Instruction classes in the SASS main loop (main_loop_span: a label to a backward BRA to
+  it): one K step of a Pallas matmul, or one token of quantize_rows."""
   lines = sass.splitlines()
-  labels, best = {}, (0, 0)
-  for number, line in enumerate(lines):
-    label = re.match(r"^(\.L_x_\d+):", line)
-    if label:
-      labels[label.group(1)] = number
-      continue
-    branch = re.search(r"\bBRA\b[^(]*\((\.L_x_\d+)\)", line)
-    if branch and branch.group(1) in labels:
-      start = labels[branch.group(1)]
-      if number - start > best[1] - best[0]:
-        best = (start, number)
+  best = main_loop_span(lines, r"^(\.L_x_\d+):", r"\bBRA\b[^(]*\((\.L_x_\d+)\)",
+                        r"\b(?:HMMA|IMMA|HGMMA|IGMMA|QGMMA)\b")
   counts = dict(issue=0, int=0, imad=0, fp32=0, fp16x2=0, convert=0, memory=0, tensor=0,
                 uniform=0)
   if best == (0, 0):  # no loop (e.g. a single iteration, unrolled): no per-iteration count

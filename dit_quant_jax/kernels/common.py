@@ -257,9 +257,191 @@ def finish_tile_reduced_in_kernel(acc, epilogue, outputs: ReducedOutputRefs, *, 
     store_tile(out_ref, epilogue(total), row_start, col_start, row_mask, col_mask)
 
 
+# ----------------------------------------------------------------------------------------
+# Stream-K: a fixed number of programs share the launch's K iterations evenly.
+# ----------------------------------------------------------------------------------------
+
+
+class Tile(NamedTuple):
+  """One output tile's (or column chunk's) offsets and masks, as the epilogues read them."""
+  row_start: object
+  col_start: object
+  row_mask: object
+  col_mask: object
+
+
+def tile_at(tile_row, tile_col, *, block_m: int, block_n: int, m_rows: int,
+            n_features: int) -> Tile:
+  row_start = tile_row * block_m
+  col_start = tile_col * block_n
+  return Tile(row_start, col_start,
+              row_start + jnp.arange(block_m, dtype=jnp.int32) < m_rows,
+              col_start + jnp.arange(block_n, dtype=jnp.int32) < n_features)
+
+
+class StreamKSchedule(NamedTuple):
+  """Static stream-K schedule: ``programs`` programs each take ``per_program`` consecutive
+  iterations of the (tiles x k_tiles) iteration space (tile-major: tile t owns iterations
+  [t k_tiles, (t + 1) k_tiles); tiles row-major over (tiles_m, tiles_n)); the last program's
+  share may be shorter, none is empty."""
+  tiles_m: int
+  tiles_n: int
+  k_tiles: int
+  programs: int
+  per_program: int
+
+  @property
+  def tiles(self) -> int:
+    return self.tiles_m * self.tiles_n
+
+  @property
+  def iterations(self) -> int:
+    return self.tiles * self.k_tiles
+
+  def pieces(self) -> list:
+    """[(program, tile, first K tile, end K tile)] in program order: what each program runs."""
+    out = []
+    for program in range(self.programs):
+      start = program * self.per_program
+      end = min(start + self.per_program, self.iterations)
+      for tile in range(start // self.k_tiles, (end - 1) // self.k_tiles + 1):
+        out.append((program, tile, max(start - tile * self.k_tiles, 0),
+                    min(end - tile * self.k_tiles, self.k_tiles)))
+    return out
+
+  def partial_pieces(self) -> int:
+    """Pieces that are not a whole tile: each writes a float32 partial that the tile's last
+    program reads back."""
+    return sum(1 for _, _, lo, hi in self.pieces() if (lo, hi) != (0, self.k_tiles))
+
+
+def stream_k_schedule(m_rows: int, n_features: int, k_tiles: int, *, block_m: int,
+                      block_n: int, programs: int) -> StreamKSchedule:
+  """Even shares of the launch's K iterations for up to ``programs`` programs (fewer where
+  the shares round up: 1296 iterations over 264 programs take 5 each, 260 programs)."""
+  if not isinstance(programs, int) or programs < 1:
+    raise ValueError(f"stream_k (programs) must be a positive integer, got {programs!r}")
+  tiles_m, tiles_n = pl.cdiv(m_rows, block_m), pl.cdiv(n_features, block_n)
+  iterations = tiles_m * tiles_n * int(k_tiles)
+  per_program = -(-iterations // programs)
+  return StreamKSchedule(tiles_m, tiles_n, int(k_tiles), -(-iterations // per_program),
+                         per_program)
+
+
+# Columns per chunk of the stream-K fix-up: the last program of a tile sums the partials and
+# runs the epilogue 32 columns at a time, so a (128, 32) float32 sum and one loaded partial are
+# live (16 + 16 registers per thread at 8 warps) instead of two whole (128, 128) tiles (64 + 64,
+# which pushed 128 x 128 tiles past the 128 registers of 2 CTAs per SM).
+FIXUP_CHUNK = 32
+
+
+def launch_matmul_stream_k(kernel, operands, *, schedule: StreamKSchedule, m_rows: int,
+                           n_features: int, out_dtype, block_m: int, block_n: int,
+                           num_warps: int, num_stages: int, interpret: bool, name: str,
+                           partial_dtype=jnp.float32):
+  """pallas_call of a stream-K matmul kernel: grid (schedule.programs,), kernel(*operands,
+  counter_in, out_ref, partials_ref, counter_ref) with counter (tiles,) int32 zeros (aliased
+  in and out), partials (2 programs x block_m, block_n) partial_dtype scratch (two slots per
+  program: the tile it starts in and the tile it ends in); the kernel runs
+  :func:`run_stream_k`.  Returns the (M, N) output."""
+  counters = jnp.zeros((schedule.tiles,), jnp.int32)
+  out, _, _ = pl.pallas_call(
+      kernel, grid=(schedule.programs,),
+      out_shape=(jax.ShapeDtypeStruct((m_rows, n_features), out_dtype),
+                 jax.ShapeDtypeStruct((2 * schedule.programs * block_m, block_n),
+                                      partial_dtype),
+                 jax.ShapeDtypeStruct(counters.shape, jnp.int32)),
+      input_output_aliases={len(operands): 2},
+      compiler_params=compiler_params(num_warps, num_stages), interpret=interpret,
+      name=name)(*operands, counters)
+  return out
+
+
+def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m: int,
+                 block_n: int, m_rows: int, n_features: int, interpret: bool) -> None:
+  """Body of a stream-K program (grid (schedule.programs,)).
+
+  The program walks the tiles its iterations touch.  Per tile, ``compute(tile, first, end)``
+  returns the accumulator over K tiles [first, end).  A whole tile is finished at once:
+  ``epilogue(acc, tile)`` stored.  A piece of a tile writes its partial to its slot (2 per
+  program: 0 for the tile it starts in, 1 for the one it ends in), counts in with an atomic,
+  and the tile's last program to arrive sums every piece's partial in program order
+  (deterministic; int32 exactly) and stores ``epilogue(sum, chunk)`` FIXUP_CHUNK columns at a
+  time.  Ordering as :func:`finish_tile_reduced_in_kernel`.
+
+  refs: (counter_in, out_ref, partials_ref, counter_ref) (launch_matmul_stream_k)."""
+  _, out_ref, partials_ref, counter_ref = refs
+  k_tiles, per_program = schedule.k_tiles, schedule.per_program
+  program = pl.program_id(0)
+  start = program * per_program
+  end = jnp.minimum(start + per_program, schedule.iterations)
+  first_tile = lax.div(start, np.int32(k_tiles))
+  chunk = min(block_n, FIXUP_CHUNK)
+
+  def slot_of(piece_program, tile):
+    starts_elsewhere = lax.div(piece_program * per_program, np.int32(k_tiles)) != tile
+    return 2 * piece_program + starts_elsewhere.astype(jnp.int32)
+
+  def tile_body(tile_index, carry):
+    tile_row = lax.div(tile_index, np.int32(schedule.tiles_n))
+    tile = tile_at(tile_row, tile_index - tile_row * schedule.tiles_n, block_m=block_m,
+                   block_n=block_n, m_rows=m_rows, n_features=n_features)
+    tile_first = tile_index * k_tiles
+    first = jnp.maximum(start - tile_first, 0)
+    stop = jnp.minimum(end - tile_first, k_tiles)
+    acc = compute(tile, first, stop)
+    whole = (first == 0) & (stop == k_tiles)
+
+    @pl.when(whole)
+    def _store_whole_tile():
+      store_tile(out_ref, epilogue(acc, tile), tile.row_start, tile.col_start, tile.row_mask,
+                 tile.col_mask)
+
+    @pl.when(jnp.logical_not(whole))
+    def _piece():
+      slot = slot_of(program, tile_index)
+      plgpu.store(partials_ref.at[pl.ds(slot * block_m, block_m), pl.ds(0, block_n)],
+                  acc.astype(partials_ref.dtype))
+      if not interpret:
+        plgpu.debug_barrier()
+      arrived = plgpu.atomic_add(counter_ref, tile_index, np.int32(1))
+      first_program = lax.div(tile_first, np.int32(per_program))
+      last_program = lax.div(tile_first + k_tiles - 1, np.int32(per_program))
+
+      @pl.when(arrived == last_program - first_program)
+      def _last_piece_reduces():
+        for c in range(block_n // chunk):
+
+          def add(piece_program, total, c=c):
+            slot = slot_of(piece_program, tile_index)
+            return total + plgpu.load(
+                partials_ref.at[pl.ds(slot * block_m, block_m), pl.ds(c * chunk, chunk)])
+
+          total = lax.fori_loop(first_program, last_program + 1, add,
+                                jnp.zeros((block_m, chunk), partials_ref.dtype))
+          part = Tile(tile.row_start, tile.col_start + c * chunk, tile.row_mask,
+                      tile.col_start + c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+                      < n_features)
+          store_tile(out_ref, epilogue(total, part), part.row_start, part.col_start,
+                     part.row_mask, part.col_mask)
+
+    return carry
+
+  lax.fori_loop(first_tile, lax.div(end - 1, np.int32(k_tiles)) + 1, tile_body, np.int32(0))
+
+
 def check_split_k(split_k: int) -> None:
   if not isinstance(split_k, int) or split_k < 1:
     raise ValueError(f"split_k must be a positive integer, got {split_k!r}")
+
+
+def check_stream_k(stream_k: int, split_k: int) -> None:
+  if not isinstance(stream_k, int) or stream_k < 0:
+    raise ValueError(f"stream_k must be 0 (tiled grid) or a number of programs, got "
+                     f"{stream_k!r}")
+  if stream_k and split_k != 1:
+    raise ValueError(f"stream_k={stream_k} shares the K loop itself; pass split_k=1 "
+                     f"(got {split_k})")
 
 
 # ----------------------------------------------------------------------------------------

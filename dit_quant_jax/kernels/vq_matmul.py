@@ -125,76 +125,93 @@ def _decode_tile_per_element(codebook_ref, packed_ref, *, bits, sub_dim, k_start
 
 
 def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int, sub_dim: int,
-                     block_m: int, block_n: int, block_k: int, split_k: int, interpret: bool):
-  """One (block_m, block_n) tile of y = x @ W + b.
+                     block_m: int, block_n: int, block_k: int, split_k: int, interpret: bool,
+                     stream_k: common.StreamKSchedule | None = None):
+  """One (block_m, block_n) tile of y = x @ W + b, or (stream_k) one stream-K program's share.
 
   x_ref: (M, K); codebook_ref: (k * d,) bf16 flat codebook; packed_ref: (rows, N) uint8;
   bias_ref: (N,) float32.  refs: split_k == 1: (out_ref,); split_k > 1: (counter_ref (N tiles,)
-  int32 zeros, out_ref (M, N), partials_ref (split_k * M, N) float32, counter_out_ref).
+  int32 zeros, out_ref (M, N), partials_ref (split_k * M, N) float32, counter_out_ref);
+  stream_k: the refs of common.launch_matmul_stream_k.
   """
-  outputs = common.reduced_output_refs(refs, split_k)
-  out_ref = outputs.out
   m_rows, k_features = x_ref.shape
-  n_features = out_ref.shape[1]
-  row_start = pl.program_id(0) * block_m
-  col_start = pl.program_id(1) * block_n
-  rows = row_start + jnp.arange(block_m, dtype=jnp.int32)
-  cols = col_start + jnp.arange(block_n, dtype=jnp.int32)
-  row_mask = rows < m_rows
-  col_mask = cols < n_features
+  n_features = packed_ref.shape[1]
   vector = vector_decode_ok(sub_dim, block_k)
 
-  def k_step(k_tile, acc):
-    k_start = k_tile * block_k
-    k_mask = k_start + jnp.arange(block_k, dtype=jnp.int32) < k_features
-    x_tile = common.load_tile(x_ref, row_start, block_m, k_start, block_k, row_mask, k_mask)
-    if vector:
-      weight_tile = _decode_tile_vectors(
-          codebook_ref, packed_ref, bits=bits, sub_dim=sub_dim, k_start=k_start,
-          block_k=block_k, col_start=col_start, block_n=block_n, col_mask=col_mask,
-          n_sub=k_features // sub_dim)
-    else:
+  def compute(tile, first, end):
+    def k_step(k_tile, acc):
+      k_start = k_tile * block_k
+      k_mask = k_start + jnp.arange(block_k, dtype=jnp.int32) < k_features
+      x_tile = common.load_tile(x_ref, tile.row_start, block_m, k_start, block_k,
+                                tile.row_mask, k_mask)
+      if vector:
+        weight_tile = _decode_tile_vectors(
+            codebook_ref, packed_ref, bits=bits, sub_dim=sub_dim, k_start=k_start,
+            block_k=block_k, col_start=tile.col_start, block_n=block_n,
+            col_mask=tile.col_mask, n_sub=k_features // sub_dim)
+        # weight_tile is W^T: (block_n, block_k)
+        return acc + lax.dot_general(x_tile.astype(jnp.bfloat16), weight_tile,
+                                     (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
       weight_tile = _decode_tile_per_element(
           codebook_ref, packed_ref, bits=bits, sub_dim=sub_dim, k_start=k_start,
-          block_k=block_k, col_start=col_start, block_n=block_n, col_mask=col_mask,
+          block_k=block_k, col_start=tile.col_start, block_n=block_n, col_mask=tile.col_mask,
           k_features=k_features)
-    if vector:  # weight_tile is W^T: (block_n, block_k)
-      return acc + lax.dot_general(x_tile.astype(jnp.bfloat16), weight_tile,
-                                   (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return acc + jnp.dot(x_tile.astype(jnp.bfloat16), weight_tile,
-                         preferred_element_type=jnp.float32)
+      return acc + jnp.dot(x_tile.astype(jnp.bfloat16), weight_tile,
+                           preferred_element_type=jnp.float32)
 
+    return lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), jnp.float32))
+
+  def add_bias(acc, tile):
+    width = acc.shape[1]
+    return acc + common.load_vector(bias_ref, tile.col_start, width, tile.col_mask)[None, :]
+
+  if stream_k is not None:
+    common.run_stream_k(stream_k, compute, add_bias, refs, block_m=block_m, block_n=block_n,
+                        m_rows=m_rows, n_features=n_features, interpret=interpret)
+    return
+  outputs = common.reduced_output_refs(refs, split_k)
+  tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
+                        m_rows=m_rows, n_features=n_features)
   first, end = common.k_tile_range(k_features, block_k, split_k)
-  acc = lax.fori_loop(first, end, k_step, jnp.zeros((block_m, block_n), jnp.float32))
-
-  def add_bias(acc):
-    return acc + common.load_vector(bias_ref, col_start, block_n, col_mask)[None, :]
-
   common.finish_tile_reduced_in_kernel(
-      acc, add_bias, outputs, split_k=split_k, m_rows=m_rows, row_start=row_start,
-      col_start=col_start, row_mask=row_mask, col_mask=col_mask, interpret=interpret)
+      compute(tile, first, end), lambda acc: add_bias(acc, tile), outputs, split_k=split_k,
+      m_rows=m_rows, row_start=tile.row_start, col_start=tile.col_start,
+      row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=["block_m", "block_n", "block_k", "split_k",
-                                             "num_warps", "num_stages", "interpret"])
+                                             "num_warps", "num_stages", "interpret",
+                                             "stream_k"])
 def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, block_n: int = 64,
               block_k: int = 64, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-              interpret: bool = False):
+              interpret: bool = False, stream_k: int = 0):
   """Pallas VQ matmul (paths vq_tiled / vq_splitk).
 
   x: (M, K), codebook: (k, d), packed_indices: (packed rows, N) uint8, bias: (N,) or None
   -> (M, N) in x.dtype.  split_k > 1 splits the K loop over a third grid axis, reduced in the
-  same launch (see module doc).
+  same launch (see module doc).  stream_k > 0: a stream-K launch of at most that many programs
+  (common.run_stream_k; split_k must be 1): each takes an even share of the (tiles x K tiles)
+  iterations, so a launch with fewer tiles than SMs x 2 still fills them.
   """
   bits, sub_dim, n_features = _check_vq_operands(x, codebook, packed_indices, bias)
   for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
     common.check_block(name, size)
   common.check_split_k(split_k)
+  common.check_stream_k(stream_k, split_k)
   bias = jnp.zeros((n_features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
+  operands = (x, codebook.astype(jnp.bfloat16).reshape(-1), packed_indices, bias)
   kernel = functools.partial(vq_matmul_kernel, bits=bits, sub_dim=sub_dim, block_m=block_m,
                              block_n=block_n, block_k=block_k, split_k=split_k,
                              interpret=interpret)
-  operands = (x, codebook.astype(jnp.bfloat16).reshape(-1), packed_indices, bias)
+  if stream_k:
+    schedule = common.stream_k_schedule(x.shape[0], n_features, pl.cdiv(x.shape[1], block_k),
+                                        block_m=block_m, block_n=block_n, programs=stream_k)
+    return common.launch_matmul_stream_k(
+        functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
+        m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype, block_m=block_m,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        name="vq_matmul_stream_k")
   return common.launch_matmul_reduced_in_kernel(
       kernel, operands, m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype,
       block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
