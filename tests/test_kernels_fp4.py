@@ -105,6 +105,11 @@ MMA_CASES = [
     # split 3 of 5 K tiles (parts 2, 2, 1) over 3 x 3 ragged tiles: summed in the launch
     (40, 640, 72, dict(block_m=16, block_n=32, split_k=3, num_warps=4)),
     (8, 384, 136, dict(block_m=128, block_n=128, num_warps=8, num_stages=3)),
+    # stream-K: 45 iterations (3 x 3 ragged tiles x 5 K tiles) over 7 programs of 7: tiles
+    # finished whole, in two pieces and in three, by programs that span two or three tiles
+    (40, 640, 72, dict(block_m=16, block_n=32, stream_k=7, num_warps=4)),
+    # stream-K with the DiT-XL/2 Hopper tile: 2 x 2 ragged tiles x 3 K tiles over 3 programs
+    (130, 384, 136, dict(block_m=128, block_n=128, stream_k=3, num_warps=8, num_stages=2)),
 ]
 
 
@@ -885,11 +890,12 @@ def test_fp4_mma_split_k_epilogue_applies_the_activation():
   x, weight, bias, _ = _path_inputs(14, 16, 512, 32, "e2m1", None)
   xb = x.astype(jnp.bfloat16)
   ones = jnp.ones((16,), jnp.float32)
-  for split_k in (1, 2):
-    plain = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", split_k=split_k,
-                            block_m=16, block_n=32, interpret=True)
-    fused = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", split_k=split_k,
-                            block_m=16, block_n=32, interpret=True, activation="gelu_tanh")
+  # the plain tile, a K split and stream-K (its fix-up runs the epilogue 32 columns at a time)
+  for launch in (dict(split_k=1), dict(split_k=2), dict(stream_k=3)):
+    plain = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", block_m=16, block_n=64,
+                            interpret=True, **launch)
+    fused = fp4_mma.fp4_mma(xb, ones, weight, bias, dot_kind="bf16", block_m=16, block_n=64,
+                            interpret=True, activation="gelu_tanh", **launch)
     want = activation.reference_float64("gelu_tanh", np.asarray(plain, np.float64))
     np.testing.assert_allclose(np.asarray(fused), want, rtol=1e-5, atol=1e-6)
 

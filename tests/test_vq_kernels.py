@@ -60,6 +60,12 @@ CASES = [  # m, k, n, codewords k, d, config
     # Hopper's tail-aware token-row config: 128 x 64 tiles, 4 warps, K split 3 ways (not a
     # power of two) reduced in the launch, ragged M, N and last K part
     (131, 320, 72, 256, 4, dict(block_m=128, block_n=64, block_k=64, split_k=3, num_warps=4)),
+    # stream-K (Hopper's token-row tile, 128 x 128): 2 x 2 ragged tiles x 5 K tiles over 6
+    # programs of 4 iterations: every tile in pieces, some programs span two tiles
+    (131, 320, 160, 256, 4, dict(block_m=128, block_n=128, block_k=64, stream_k=6,
+                                 num_warps=8)),
+    # stream-K with more programs than iterations (clamped), 6-bit indices straddling bytes
+    (37, 96, 48, 64, 4, dict(block_m=16, block_n=16, block_k=32, stream_k=64)),
 ]
 
 
@@ -87,6 +93,53 @@ def test_vq_splitk_reduction_is_deterministic_and_writes_every_element():
   assert _rel_max_error(first, expected) < BF16_REL_TOL
   no_bias = vq.vq_matmul(x, codebook, packed, None, interpret=INTERPRET, **config)
   assert _rel_max_error(no_bias, expected - np.asarray(bias)) < BF16_REL_TOL
+
+
+@pytest.mark.parametrize("m_rows,n_features,k_tiles,block,programs", [
+    (1024, 1152, 18, 128, 264),   # VQ / W4A16 proj at M = 1024 on an H100: 72 tiles
+    (4096, 1152, 72, 128, 264),   # fc2 at M = 4096: 288 tiles, programs span 2-3 tiles
+    (131, 160, 5, 128, 6), (40, 72, 5, 16, 7), (37, 48, 3, 16, 64), (512, 512, 4, 128, 1)])
+def test_stream_k_schedule_covers_every_iteration_once(m_rows, n_features, k_tiles, block,
+                                                       programs):
+  schedule = common.stream_k_schedule(m_rows, n_features, k_tiles, block_m=block,
+                                      block_n=block, programs=programs)
+  tiles = -(-m_rows // block) * -(-n_features // block)
+  assert schedule.tiles == tiles and schedule.programs <= programs
+  seen = np.zeros((tiles, k_tiles), np.int64)
+  per_program = {}
+  for program, tile, first, end in schedule.pieces():
+    assert 0 <= first < end <= k_tiles
+    seen[tile, first:end] += 1
+    per_program.setdefault(program, []).append((tile, first, end))
+  np.testing.assert_array_equal(seen, 1)
+  assert sorted(per_program) == list(range(schedule.programs))  # none empty
+  for program, pieces in per_program.items():
+    work = sum(end - first for _, first, end in pieces)
+    assert work == schedule.per_program or program == schedule.programs - 1
+    # only a program's first and last tile can be pieces: its two partial slots suffice
+    assert all((first, end) == (0, k_tiles) for _, first, end in pieces[1:-1])
+  partial = sum(1 for _, _, first, end in schedule.pieces() if (first, end) != (0, k_tiles))
+  assert schedule.partial_pieces() == partial
+  if (m_rows, n_features, programs) == (1024, 1152, 264):
+    # 1296 iterations: shares of 5 (ceil(1296 / 264)) need 260 programs
+    assert (schedule.per_program, schedule.programs) == (5, 260)
+
+
+def test_stream_k_fixup_is_deterministic_and_writes_every_element():
+  """Tiles in two to four pieces, the last arriving program summing them 32 columns at a time
+  (ragged N: the last chunk partly masked): the same bits on a second call, no element left
+  unwritten (NaN-free), within bf16 of the float64 product; bad stream_k values are refused."""
+  x, codebook, packed, bias, expected = _problem(150, 512, 200, 256, 4, "stream-k")
+  config = dict(block_m=128, block_n=128, block_k=64, stream_k=9, num_warps=8)
+  first = vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **config)
+  second = vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **config)
+  np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
+  assert np.all(np.isfinite(np.asarray(first, np.float32)))
+  assert _rel_max_error(first, expected) < BF16_REL_TOL
+  with pytest.raises(ValueError, match="split_k=1"):
+    vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **dict(config, split_k=2))
+  with pytest.raises(ValueError, match="stream_k must be"):
+    vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **dict(config, stream_k=-1))
 
 
 def test_vq_dequant_dot_matches_reference():

@@ -56,7 +56,7 @@ NIBBLE_MASK = 15
 # Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
 DOT_KINDS = ("int8", "fp8", "bf16")
 STATIC_ARGS = ["dot_kind", "predecode", "block_m", "block_n", "split_k", "num_warps", "num_stages",
-               "interpret", "out_dtype", "activation"]
+               "interpret", "out_dtype", "activation", "stream_k"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,88 +388,93 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
                    block_n: int, split_k: int, activation=None, approx_tanh: bool = False,
                    packed_decode: bool = False, fast_accum: bool = False,
-                   interpret: bool = False):
+                   interpret: bool = False, stream_k: common.StreamKSchedule | None = None):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32.  predecode:
   tiles_ref is instead the (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from
   :func:`decode_weight_image`.  refs: split_k == 1: (out_ref (M, N),); split_k > 1: (counter
   (M tiles * N tiles,) int32 zeros, out_ref, partials_ref (split_k * M, N) in the accumulator's
   dtype, counter_out_ref): the split is summed in the launch (common.finish_tile_reduced_in_kernel:
-  the last program of a tile adds the raw partials, int32 exactly, and applies the epilogue)."""
-  outputs = common.reduced_output_refs(refs, split_k)
-  out_ref = outputs.out
+  the last program of a tile adds the raw partials, int32 exactly, and applies the epilogue).
+  stream_k: one stream-K program's share (common.run_stream_k; refs of
+  common.launch_matmul_stream_k)."""
   m_rows, k_features = x_ref.shape
-  n_features = out_ref.shape[1]
-  row_start = pl.program_id(0) * block_m
-  col_start = pl.program_id(1) * block_n
-  row_mask = row_start + jnp.arange(block_m, dtype=jnp.int32) < m_rows
-  col_mask = col_start + jnp.arange(block_n, dtype=jnp.int32) < n_features
+  n_features = col_scale_ref.shape[0]
   all_half = jnp.ones((HALF_TILE_K,), jnp.bool_)
   acc_dtype = acc_dtype_for(dot_kind)
   # fp8 on a GPU: Hopper's fp8 wgmma (fp8_dot.FAST_ACCUM; Triton's f16 mma.sync otherwise).
   dot_precision = fp8_dot.FAST_ACCUM if fast_accum and dot_kind == "fp8" else None
 
-  def whole_tile_step(k_tile, acc):
-    # The decoded image: one dot over the whole K tile.  One dot per loop iteration is what
-    # lets Triton keep the wgmma of a float32-accumulator dot in flight across iterations (two
-    # chained dots make it wait for the first before the second: wgmma.wait_group 0).
-    k_start = k_tile * TILE_K
-    k_mask = k_start + jnp.arange(TILE_K, dtype=jnp.int32) < k_features
-    x_tile = common.load_tile(x_ref, row_start, block_m, k_start, TILE_K, row_mask, k_mask)
-    w_tile = common.load_tile(tiles_ref, col_start, block_n, k_start, TILE_K, col_mask,
-                              jnp.ones((TILE_K,), jnp.bool_))
-    if dot_kind == "fp8":  # E4M3 bit patterns (a masked fp8 load cannot lower)
-      x_tile = lax.bitcast_convert_type(x_tile, jnp.float8_e4m3fn)
-      w_tile = lax.bitcast_convert_type(w_tile, jnp.float8_e4m3fn)
-    return acc + jnp.dot(x_tile, w_tile.T, preferred_element_type=acc_dtype,
-                         precision=dot_precision)
+  def compute(tile, first, end):
+    row_start, col_start, row_mask, col_mask = tile
 
-  def k_step(k_tile, acc):
-    k_start = k_tile * TILE_K
-    if packed_decode and dot_kind == "bf16":  # values, not the int8 image (column scale)
+    def whole_tile_step(k_tile, acc):
+      # The decoded image: one dot over the whole K tile.  One dot per loop iteration is what
+      # lets Triton keep the wgmma of a float32-accumulator dot in flight across iterations
+      # (two chained dots make it wait for the first before the second: wgmma.wait_group 0).
+      k_start = k_tile * TILE_K
+      k_mask = k_start + jnp.arange(TILE_K, dtype=jnp.int32) < k_features
+      x_tile = common.load_tile(x_ref, row_start, block_m, k_start, TILE_K, row_mask, k_mask)
+      w_tile = common.load_tile(tiles_ref, col_start, block_n, k_start, TILE_K, col_mask,
+                                jnp.ones((TILE_K,), jnp.bool_))
+      if dot_kind == "fp8":  # E4M3 bit patterns (a masked fp8 load cannot lower)
+        x_tile = lax.bitcast_convert_type(x_tile, jnp.float8_e4m3fn)
+        w_tile = lax.bitcast_convert_type(w_tile, jnp.float8_e4m3fn)
+      return acc + jnp.dot(x_tile, w_tile.T, preferred_element_type=acc_dtype,
+                           precision=dot_precision)
+
+    def k_step(k_tile, acc):
+      k_start = k_tile * TILE_K
       byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
                                    HALF_TILE_K, col_mask, all_half)
-      planes = tuple(decode_bf16_packed(byte_tile, code, plane) for plane in (0, 1))
-    elif packed_decode:  # the int8 image / E4M3 bits, as decode_image
-      byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
-                                   HALF_TILE_K, col_mask, all_half)
-      planes = decode_8bit_packed(byte_tile, code, dot_kind)
-      if dot_kind == "fp8":
-        planes = tuple(lax.bitcast_convert_type(p, jnp.float8_e4m3fn) for p in planes)
-    else:
-      byte_tile = common.load_tile(tiles_ref, col_start, block_n, k_tile * HALF_TILE_K,
-                                   HALF_TILE_K, col_mask, all_half).astype(jnp.int32)
-      planes = (lax.bitwise_and(byte_tile, np.int32(NIBBLE_MASK)),
-                lax.shift_right_logical(byte_tile, np.int32(4)))
-    for half, codes in enumerate(planes):
-      half_start = k_start + half * HALF_TILE_K
-      k_mask = half_start + jnp.arange(HALF_TILE_K, dtype=jnp.int32) < k_features
-      x_half = common.load_tile(x_ref, row_start, block_m, half_start, HALF_TILE_K, row_mask,
-                                k_mask)
-      if dot_kind == "fp8":  # x arrives as E4M3 bit patterns (a masked fp8 load cannot lower)
-        x_half = lax.bitcast_convert_type(x_half, jnp.float8_e4m3fn)
-      if packed_decode:
-        w_half = codes  # already the bf16 values
+      if packed_decode and dot_kind == "bf16":  # values, not the int8 image (column scale)
+        planes = tuple(decode_bf16_packed(byte_tile, code, plane) for plane in (0, 1))
+      elif packed_decode:  # the int8 image / E4M3 bits, as decode_image
+        planes = decode_8bit_packed(byte_tile, code, dot_kind)
+        if dot_kind == "fp8":
+          planes = tuple(lax.bitcast_convert_type(p, jnp.float8_e4m3fn) for p in planes)
       else:
-        w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
-      acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype,
-                          precision=dot_precision)
-    return acc
+        byte_tile = byte_tile.astype(jnp.int32)
+        planes = (lax.bitwise_and(byte_tile, np.int32(NIBBLE_MASK)),
+                  lax.shift_right_logical(byte_tile, np.int32(4)))
+      for half, codes in enumerate(planes):
+        half_start = k_start + half * HALF_TILE_K
+        k_mask = half_start + jnp.arange(HALF_TILE_K, dtype=jnp.int32) < k_features
+        x_half = common.load_tile(x_ref, row_start, block_m, half_start, HALF_TILE_K, row_mask,
+                                  k_mask)
+        if dot_kind == "fp8":  # x arrives as E4M3 bit patterns (a masked fp8 load cannot lower)
+          x_half = lax.bitcast_convert_type(x_half, jnp.float8_e4m3fn)
+        if packed_decode:
+          w_half = codes  # already the bf16 values
+        else:
+          w_half = decode_image(codes, code, dot_kind)  # (block_n, 64), K-major
+        acc = acc + jnp.dot(x_half, w_half.T, preferred_element_type=acc_dtype,
+                            precision=dot_precision)
+      return acc
 
-  first, end = common.k_tile_range(k_features, TILE_K, split_k)
-  acc = lax.fori_loop(first, end, whole_tile_step if predecode else k_step,
-                      jnp.zeros((block_m, block_n), acc_dtype))
+    return lax.fori_loop(first, end, whole_tile_step if predecode else k_step,
+                         jnp.zeros((block_m, block_n), acc_dtype))
 
-  def epilogue(acc):
-    row_scale = common.load_vector(row_scale_ref, row_start, block_m, row_mask)
-    col_scale = common.load_vector(col_scale_ref, col_start, block_n, col_mask)
-    bias = common.load_vector(bias_ref, col_start, block_n, col_mask)
+  def epilogue(acc, tile):
+    width = acc.shape[1]
+    row_scale = common.load_vector(row_scale_ref, tile.row_start, block_m, tile.row_mask)
+    col_scale = common.load_vector(col_scale_ref, tile.col_start, width, tile.col_mask)
+    bias = common.load_vector(bias_ref, tile.col_start, width, tile.col_mask)
     return _scale_and_bias(acc, row_scale, col_scale, bias, activation,
                            common.tanh_approx if approx_tanh else None)
 
+  if stream_k is not None:
+    common.run_stream_k(stream_k, compute, epilogue, refs, block_m=block_m, block_n=block_n,
+                        m_rows=m_rows, n_features=n_features, interpret=interpret)
+    return
+  outputs = common.reduced_output_refs(refs, split_k)
+  tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
+                        m_rows=m_rows, n_features=n_features)
+  first, end = common.k_tile_range(k_features, TILE_K, split_k)
   common.finish_tile_reduced_in_kernel(
-      acc, epilogue, outputs, split_k=split_k, m_rows=m_rows, row_start=row_start,
-      col_start=col_start, row_mask=row_mask, col_mask=col_mask, interpret=interpret)
+      compute(tile, first, end), lambda acc: epilogue(acc, tile), outputs, split_k=split_k,
+      m_rows=m_rows, row_start=tile.row_start, col_start=tile.col_start,
+      row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
 
 
 def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):
@@ -502,13 +507,14 @@ def _bias_or_zeros(bias, n_features):
 def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1,
             num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-            out_dtype=jnp.float32, activation=None):
+            out_dtype=jnp.float32, activation=None, stream_k: int = 0):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
   then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue
   (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode: the float32-accurate
   form).  split_k > 1: the K loop is split over grid axis 2 and summed in the same launch (the
   last program of each output tile adds the partials, int32 exactly for the int8 dot, and
-  applies the epilogue).
+  applies the epilogue).  stream_k > 0 (split_k 1): a stream-K launch of at most that many
+  programs sharing the (tiles x K tiles) iterations evenly (common.run_stream_k).
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -522,6 +528,7 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   common.check_block("block_m", block_m)
   common.check_block("block_n", block_n)
   common.check_split_k(split_k)
+  common.check_stream_k(stream_k, split_k)
   col_scale = weight.column_scale(dot_kind)
   bias = _bias_or_zeros(bias, weight.n_features)
   row_scale = row_scale.astype(jnp.float32)
@@ -540,8 +547,18 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   w_operand = decode_weight_image(weight, dot_kind) if predecode else weight.tiles
   if dot_kind == "fp8":
     x = lax.bitcast_convert_type(x, jnp.uint8)
+  operands = (x, row_scale, w_operand, col_scale, bias)
+  if stream_k:
+    schedule = common.stream_k_schedule(x.shape[0], weight.n_features,
+                                        weight.k_padded // TILE_K, block_m=block_m,
+                                        block_n=block_n, programs=stream_k)
+    return common.launch_matmul_stream_k(
+        functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
+        m_rows=x.shape[0], n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m,
+        block_n=block_n, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+        name=f"fp4_mma_{dot_kind}_stream_k", partial_dtype=acc_dtype_for(dot_kind))
   return common.launch_matmul_reduced_in_kernel(
-      kernel, (x, row_scale, w_operand, col_scale, bias), m_rows=x.shape[0],
+      kernel, operands, m_rows=x.shape[0],
       n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m, block_n=block_n,
       split_k=split_k, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
       name=f"fp4_mma_{dot_kind}", partial_dtype=acc_dtype_for(dot_kind))
