@@ -442,6 +442,7 @@ def test_l2_time_of_the_pallas_gemms_closed_form():
   back), at dispatch.L2_BANDWIDTH; XLA GEMMs: None."""
   from dit_quant_jax.bench import static_report
   from dit_quant_jax.kernels import dispatch
+  from dit_quant_jax.kernels import fp4_matmul
   # W4A4 int8 in-loop kernel, proj at M = 4096: 32 x 9 tiles of 128 x 128, 1 B x, 0.5 B weights
   want = (32 * 9 * 1152 * (128 * 1 + 128 * 0.5) + 2 * 4096 * 1152) / 11.4e12
   got = static_report.gemm_l2_seconds("w4a4", "triton_int8", 4096, 1152, 1152, 90)
@@ -449,12 +450,26 @@ def test_l2_time_of_the_pallas_gemms_closed_form():
   # the decoded-image kernel reads 1 B weights; W4A16's bf16 kernel 2 B x
   got = static_report.gemm_l2_seconds("w4a4", "unpacked_triton_int8", 4096, 1152, 1152, 90)
   assert got == pytest.approx((32 * 9 * 1152 * (128 + 128) + 2 * 4096 * 1152) / 11.4e12)
-  # VQ at fc2, M = 1024: 128 x 64 tiles split 2 (their partials: written, read back)
+  # VQ at fc2, M = 1024: 128 x 128 tiles stream-K over 264 programs: 72 tiles x 72 K tiles
+  # in shares of 20 (260 programs); every piece that is not a whole tile writes a 128 x 128
+  # float32 partial and the tile's last program reads it back
   config = dispatch.default_config("vq", "vq_tiled", 1024, 4608, 1152, "hopper")
-  assert (config["block_n"], config["split_k"]) == (64, 2)
-  want = (8 * 18 * 4608 * (128 * 2 + 64 * 0.25) + 2 * 4 * 1024 * 1152 * 2
+  assert (config["block_n"], config["split_k"], config["stream_k"]) == (128, 1, 264)
+  pieces = 0
+  for program in range(260):
+    start, end = 20 * program, min(20 * program + 20, 72 * 72)
+    for tile in range(start // 72, (end - 1) // 72 + 1):
+      pieces += (max(start, 72 * tile), min(end, 72 * tile + 72)) != (72 * tile, 72 * tile + 72)
+  want = (8 * 9 * 4608 * (128 * 2 + 128 * 0.25) + 2 * 4 * 128 * 128 * pieces
           + 2 * 1024 * 1152) / 11.4e12
   got = static_report.gemm_l2_seconds("vq", "vq_tiled", 1024, 4608, 1152, 90)
+  assert got == pytest.approx(want)
+  # W4A16 there (no stream-K option: too many registers): 128 x 64 tiles split 2
+  config = fp4_matmul.default_mma_config(1024, 1152, 4608, "hopper", "bf16", predecode=False)
+  assert (config["block_n"], config["split_k"], config["stream_k"]) == (64, 2, 0)
+  want = (8 * 18 * 4608 * (128 * 2 + 64 * 0.5) + 2 * 4 * 1024 * 1152 * 2
+          + 2 * 1024 * 1152) / 11.4e12
+  got = static_report.gemm_l2_seconds("w4a16", "triton_bf16", 1024, 4608, 1152, 90)
   assert got == pytest.approx(want)
   assert static_report.gemm_l2_seconds("w4a8", "xla_fp8", 4096, 1152, 1152, 90) is None
   assert static_report.gemm_l2_seconds("vq", "vq_dequant_dot", 4096, 1152, 1152, 80) is None

@@ -55,23 +55,26 @@ def test_configs_are_valid_tiles_and_fill_the_gpu():
       assert ((config["block_m"], config["block_n"], config["num_warps"])
               in ((128, 128, 8), (128, 64, 4))), config
       assert config["block_n"] == 64 or config["split_k"] == 1  # 128 x 128 never splits
+      assert config["block_n"] == 128 or config["stream_k"] == 0  # only 128 x 128 streams
   tiled = dispatch.choose("vq", 4096, 1152, 4608, device_kind=H100).config
   assert (tiled["block_m"], tiled["block_n"], tiled["num_warps"], tiled["split_k"]) == (
       128, 128, 8, 1)  # 1152 tiles: 9 waves (8.7), 128 x 64 only ties
   # 1152x1152 at M = 4096: 288 tiles (3 on the busiest SM, even share 2.2; 15.1 us of tensor
   # time); 576 of 128 x 64 would even the tail (12.6 us) but re-read x through L2: 180 MB,
-  # 15.8 us at dispatch.L2_BANDWIDTH, vs 96 MB for 128 x 128
+  # 15.8 us at dispatch.L2_BANDWIDTH, vs 96 MB for 128 x 128.  Stream-K of 128 x 128 with a
+  # data-parallel wave (264 tiles whole, then 24 tiles' 432 K tiles in shares of 2) evens it.
   proj = dispatch.choose("vq", 4096, 1152, 1152, device_kind=H100).config
   assert (proj["block_n"], proj["num_warps"], proj["split_k"]) == (128, 8, 1)
+  assert (proj["stream_k"], proj["whole_waves"]) == (264, True)
   l2 = {bn: dispatch.tile_l2_bytes(4096, 1152, 1152, 128, bn, 2.0, 0.25) for bn in (64, 128)}
   bandwidth = dispatch.L2_BANDWIDTH["hopper"]
   assert l2[64] / bandwidth > 15.1e-6 > l2[128] / bandwidth
   # fc2 at M = 1024: 72 tiles of 128 x 128 leave 60 SMs idle; 144 of 128 x 64 split 2 ways
-  # (288 programs, 3 on the busiest SM, 36 K tiles each: 108 half-tiles, 15.1 us, where
-  # 128 x 128 runs 72 whole ones, 20.2 us); more parts would cut the tensor time but not the
-  # L2 time (194 MB: 17 us) nor add less than their partials
+  # (15.1 us of tensor time) stay L2-bound (194 MB: 17 us); stream-K of 128 x 128 (every
+  # tile in 3-5 pieces) has 2 x 20 K tiles on the busiest SM (11.2 us)
   fc2 = dispatch.choose("vq", 1024, 4608, 1152, device_kind=H100).config
-  assert (fc2["block_n"], fc2["split_k"]) == (64, 2)
+  assert (fc2["block_n"], fc2["split_k"], fc2["stream_k"], fc2["whole_waves"]) == (
+      128, 1, 264, False)
   assert dispatch.choose("vq", 4096, 1152, 4608, device_kind=A100).config == {}
 
 
@@ -104,14 +107,15 @@ def test_tail_tiles_closed_forms():
   options = dispatch.VQ_TILED_OPTIONS
   # 864 tiles of 128 x 128 (qkv at M = 4096): 7 on the busiest SM (6.55); 1728 of 128 x 64:
   # 14 half-size ones (13.1): a tie, the first option wins
-  option, split = dispatch.tail_tiles(4096, 1152, 3456, "hopper", options, block_k=64)
+  option, split, _, _ = dispatch.tail_tiles(4096, 1152, 3456, "hopper", options, block_k=64)
   assert (option, split) == (options[0], 1)
   # the time is the busiest SM's tensor time: 3 tiles x 18 K tiles x 2 x 128 x 128 x 64 FLOP
   # at 989 / 132 TFLOP/s per SM (1152x1152, M = 4096, 128 x 128) vs 5 half-size tiles
-  option, split = dispatch.tail_tiles(4096, 1152, 1152, "hopper", options[:1], block_k=64)
-  assert (option, split) == (options[0], 1)
-  option, split = dispatch.tail_tiles(4096, 1152, 1152, "hopper", options, block_k=64)
-  assert (option, split) == (options[1], 1)
+  tiled = tuple(o._replace(can_stream_k=False) for o in options)
+  option, split, _, _ = dispatch.tail_tiles(4096, 1152, 1152, "hopper", tiled[:1], block_k=64)
+  assert (option, split) == (tiled[0], 1)
+  option, split, _, _ = dispatch.tail_tiles(4096, 1152, 1152, "hopper", tiled, block_k=64)
+  assert (option, split) == (tiled[1], 1)
   # fc2 at M = 1024 (72 tiles of 72 K tiles), 128 x 128 only, closed form per split: tensor
   # time of the busiest SM vs DRAM time of 13 MB + the split's (1024, 1152) float32 partials
   k_tile_s = 2 * 128 * 128 * 64 / (989e12 / 132)
@@ -124,9 +128,9 @@ def test_tail_tiles_closed_forms():
 
   splits = [s for s in range(1, 10) if math.ceil(72 / math.ceil(72 / s)) == s]
   expected = min(splits, key=lambda s: (round(cost(s), 15), s))
-  unsplit = options[0]._replace(can_split=True)
-  option, split = dispatch.tail_tiles(1024, 4608, 1152, "hopper", (unsplit,), block_k=64,
-                                      moved_bytes=13e6, max_split=9)
+  unsplit = options[0]._replace(can_split=True, can_stream_k=False)
+  option, split, _, _ = dispatch.tail_tiles(1024, 4608, 1152, "hopper", (unsplit,), block_k=64,
+                                            moved_bytes=13e6, max_split=9)
   assert split == expected and 1 < split < 9  # 9 ways: 5 x 8 K tiles, but 42 MB of partials
   assert cost(expected) < cost(1) / 1.3
   # the dispatcher's constants are the roofline's datasheet peaks
@@ -248,3 +252,41 @@ def test_target_gpu_traces_as_that_device_and_restores():
     assert dispatch.device_class() == "ampere"
   assert dispatch.device_class() == local
   assert common.local_device_kind()[0] == jax.devices()[0].platform
+
+
+def test_stream_k_cost_closed_form():
+  """tail_tiles' stream-K candidate for VQ 128 x 128 tiles on an H100, fc2 at M = 1024: 72
+  tiles x 72 K tiles over 264 programs in shares of 20 (260 programs, 2 on the busiest SM:
+  40 K tiles); each piece that is not a whole tile moves a 128 x 128 float32 partial through
+  DRAM and L2 (written, read back); the cost is the largest of tensor, DRAM and L2 time with
+  the 5 % margin, and it beats the tiled options, whose best is 128 x 64 split 2."""
+  import math
+  k_tile_s = 2 * 128 * 128 * 64 / (989e12 / 132)
+  pieces = 0
+  for program in range(260):
+    start, end = 20 * program, min(20 * program + 20, 72 * 72)
+    for tile in range(start // 72, (end - 1) // 72 + 1):
+      pieces += (max(start, 72 * tile), min(end, 72 * tile + 72)) != (72 * tile, 72 * tile + 72)
+  schedule = dispatch.stream_k_schedule(1024, 4608, 1152, 128, 128, 64, 264)
+  assert (schedule.per_program, schedule.programs, schedule.partial_pieces()) == (20, 260, pieces)
+  assert dispatch.stream_k_busiest_k_tiles(schedule, "hopper") == 40
+  moved = 4608 * 1152 / 4 + 2 * 1024 * (4608 + 1152)
+  tensor = 40 * k_tile_s
+  dram = (moved + 4 * 128 * 128 * pieces) / 3.35e12
+  l2 = (72 * 4608 * (128 * 2 + 128 * 0.25) + 2 * 4 * 128 * 128 * pieces
+        + 2 * 1024 * 1152) / 11.4e12
+  stream_cost = max(tensor, dram, l2) * 1.05
+  tiled_only = tuple(o._replace(can_stream_k=False) for o in dispatch.VQ_TILED_OPTIONS)
+  args = dict(block_k=64, moved_bytes=moved, max_split=8, operand_bytes=(2.0, 0.25))
+  tiled = dispatch.tail_tiles(1024, 4608, 1152, "hopper", tiled_only, **args)
+  assert (tiled.option.block_n, tiled.split_k) == (64, 2)
+  tiled_cost = max(math.ceil(144 * 2 / 132) * 36 * k_tile_s / 2,
+                   (8 * 18 * 4608 * (128 * 2 + 64 * 0.25) + 2 * 4 * 1024 * 1152 * 2
+                    + 2 * 1024 * 1152) / 11.4e12) * 1.05
+  assert stream_cost < tiled_cost
+  chosen = dispatch.tail_tiles(1024, 4608, 1152, "hopper", dispatch.VQ_TILED_OPTIONS, **args)
+  assert (chosen.option.block_n, chosen.split_k, chosen.stream_k, chosen.whole_waves) == (
+      128, 1, 264, False)
+  # a data-parallel wave needs at least as many tiles as programs: at 72 tiles it is the same
+  # schedule, so only the plain one is weighed
+  assert dispatch.stream_k_schedule(1024, 4608, 1152, 128, 128, 64, 264, True).whole_tiles == 0

@@ -111,18 +111,20 @@ def split_partial_bytes(m_rows: int, n_features: int, split_k: int) -> float:
 
 def vq_path_floor(path: str, m_rows: int, k_features: int, n_features: int, peaks: Peaks,
                   codewords: int = 256, sub_dim: int = 4, sms: int | None = None,
-                  split_k: int = 1) -> dict:
+                  split_k: int = 1, partial_bytes: float | None = None) -> dict:
   """Floor of one VQ path.  vq_dequant_dot adds its decode pass (indices read, bf16 weight
   written) to the bf16 dot's floor (the dot then reads the bf16 weight: already counted).
   sms: the GEMM pays its launch tail (gemm_floor).  split_k: the Pallas kernel's K split, whose
-  partials' bytes count (split_partial_bytes)."""
+  partials' bytes count (split_partial_bytes; partial_bytes: those of another schedule, e.g. a
+  stream-K launch's pieces, instead)."""
   weight = vq_weight_bytes(k_features, n_features, codewords, sub_dim)
+  if partial_bytes is None:
+    partial_bytes = split_partial_bytes(m_rows, n_features, split_k)
   if path == "vq_dequant_dot":
     decode = (weight + k_features * n_features * BF16_BYTES) / peaks.bandwidth
     dot = bf16_dot_floor(m_rows, k_features, n_features, peaks, sms=sms)
     return dict(dot, decode_s=decode, floor_s=decode + dot["floor_s"])
-  moved = (linear_bytes(m_rows, k_features, n_features, weight)
-           + split_partial_bytes(m_rows, n_features, split_k))
+  moved = linear_bytes(m_rows, k_features, n_features, weight) + partial_bytes
   return gemm_floor(m_rows, k_features, n_features, moved, peaks, sms=sms)
 
 
@@ -190,10 +192,12 @@ def _decode_pass_s(k_features: int, n_features: int, image_bytes: int, peaks: Pe
 
 def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int,
                    peaks: Peaks, a_order=None, norm_fused: bool = False,
-                   sms: int | None = None, split_k: int = 1) -> dict:
+                   sms: int | None = None, split_k: int = 1,
+                   partial_bytes: float | None = None) -> dict:
   """Floor of one FP4 path (kernels/fp4_matmul.py PATHS names): act-quant + decode pass + dot,
   each at its own floor, run one after the other (sms: the dot pays its launch tail; split_k:
-  a Triton kernel's K split, whose partials' bytes count: split_partial_bytes).
+  a Triton kernel's K split, whose partials' bytes count: split_partial_bytes; partial_bytes:
+  another schedule's partials, e.g. a stream-K launch's pieces, instead).
   -> dict(floor_s, act_quant_s, gemm_s (the rest), decode_s, epilogue_s, bound of the dot).
 
   * act-quant (w4a4 / w4a8): :func:`act_quant_floor` with the Hadamard block of order a_order
@@ -226,7 +230,8 @@ def fp4_path_floor(op: str, path: str, m_rows: int, k_features: int, n_features:
     weight_bytes = k_features * n_features // 2
   moved = linear_bytes(m_rows, k_features, n_features, weight_bytes, x_bytes)
   if not xla:
-    moved += split_partial_bytes(m_rows, n_features, split_k)
+    moved += (split_partial_bytes(m_rows, n_features, split_k) if partial_bytes is None
+              else partial_bytes)
   dot = gemm_floor(m_rows, k_features, n_features, moved, peaks, rate, sms)
   epilogue_s = 0.0
   if xla and not (op == "w4a16"):

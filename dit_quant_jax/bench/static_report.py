@@ -91,10 +91,35 @@ def main_loop_trips(name: str, config: dict, avals) -> int:
     from dit_quant_jax.kernels import act_quant
     return act_quant.main_loop_trips(k_features, a_order, int(config.get("tokens_per_program", 8)),
                                      config.get("num_warps"))
-  k_features = jax.tree_util.tree_leaves(avals)[0].shape[1]
+  leaves = jax.tree_util.tree_leaves(avals)
+  m_rows, k_features = leaves[0].shape
   block_k = config.get("block_k", 64 if name.startswith("vq") else 128)  # fp4_mma: TILE_K
   k_tiles = -(-k_features // block_k)
+  schedule = stream_k_schedule(config, m_rows, k_features, _n_of_case(name, leaves))
+  if schedule is not None:  # whole-wave tiles and the stream-K share per program
+    return schedule.whole_tiles // schedule.programs * k_tiles + schedule.per_program
   return -(-k_tiles // int(config.get("split_k", 1)))  # common.k_tile_range per split
+
+
+def _n_of_case(name: str, leaves) -> int:
+  """N of a GEMM case: from its name ('vq_w2 KxN M=..' or '.. N=..'), else the weight's."""
+  words = name.split()
+  numbers = dict(w.split("=") for w in words if "=" in w)
+  if "N" in numbers:
+    return int(numbers["N"])
+  if len(words) > 1 and "x" in words[1]:
+    return int(words[1].split("x")[1])
+  return int(leaves[2].shape[-1])
+
+
+def stream_k_schedule(config: dict, m_rows: int, k_features: int, n_features: int):
+  """The kernel's common.StreamKSchedule where its config runs stream-K, else None."""
+  if not config.get("stream_k"):
+    return None
+  block_k = config.get("block_k", fp4_matmul.fp4_mma.TILE_K)
+  return dispatch.stream_k_schedule(m_rows, k_features, n_features, config["block_m"],
+                                    config["block_n"], block_k, int(config["stream_k"]),
+                                    bool(config.get("whole_waves")))
 
 
 def case_stats(fn, avals, config: dict, cc: int, name: str = "") -> list[dict]:
@@ -244,24 +269,38 @@ def gemm_l2_seconds(op: str, path: str, m_rows: int, k_features: int, n_features
   if not l2_scale:
     return None
   cls = CLASS_OF_CC[cc]
+  config = path_config(op, path, m_rows, k_features, n_features, cc)
+  if config is None:
+    return None
   if op == "vq":
-    if path not in ("vq_tiled", "vq_splitk"):
-      return None
-    config = dispatch.default_config(op, path, m_rows, k_features, n_features, cls)
     x_bytes, w_bytes = 2.0, dispatch.VQ_W2_INDEX_BYTES
   else:
     predecode = path.startswith("unpacked_")
-    kind = _DOT_KIND.get(path[len("unpacked_"):] if predecode else path)
-    if kind is None:
-      return None
-    config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, cls, kind,
-                                           predecode=predecode)
+    kind = _DOT_KIND[path[len("unpacked_"):] if predecode else path]
     x_bytes = 2.0 if kind == "bf16" else 1.0
     w_bytes = _PREDECODED_W_BYTES[kind] if predecode else 0.5
-  moved = dispatch.tile_l2_bytes(m_rows, k_features, n_features, config["block_m"],
-                                 config["block_n"], x_bytes, w_bytes,
-                                 split_k=int(config.get("split_k", 1)))
+  schedule = stream_k_schedule(config, m_rows, k_features, n_features)
+  moved = dispatch.tile_l2_bytes(
+      m_rows, k_features, n_features, config["block_m"], config["block_n"], x_bytes, w_bytes,
+      split_k=int(config.get("split_k", 1)),
+      partial_tiles=schedule.partial_pieces() if schedule is not None else 0)
   return moved / (dispatch.L2_BANDWIDTH[cls] * l2_scale)
+
+
+def path_config(op: str, path: str, m_rows: int, k_features: int, n_features: int,
+                cc: int) -> Optional[dict]:
+  """The dispatched config of a path's Pallas GEMM kernel at that shape (None: an XLA GEMM)."""
+  cls = CLASS_OF_CC[cc]
+  if op == "vq":
+    if path not in ("vq_tiled", "vq_splitk"):
+      return None
+    return dispatch.default_config(op, path, m_rows, k_features, n_features, cls)
+  predecode = path.startswith("unpacked_")
+  kind = _DOT_KIND.get(path[len("unpacked_"):] if predecode else path)
+  if kind is None:
+    return None
+  return fp4_matmul.default_mma_config(m_rows, n_features, k_features, cls, kind,
+                                       predecode=predecode)
 
 
 def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: int,
@@ -310,19 +349,18 @@ def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: 
 _DOT_KIND = {"triton_int8": "int8", "triton_fp8": "fp8", "triton_bf16": "bf16"}
 
 
-def path_split_k(op: str, path: str, m_rows: int, k_features: int, n_features: int,
-                 cc: int) -> int:
-  """The K split the dispatched Pallas kernel of a path runs with at that shape (1 for XLA
-  paths and the decode-once kernels, which never split)."""
-  cls = CLASS_OF_CC[cc]
-  if op == "vq":
-    config = dispatch.default_config(op, path, m_rows, k_features, n_features, cls)
-    return int(config.get("split_k", 1))
-  if path not in _DOT_KIND:
-    return 1
-  config = fp4_matmul.default_mma_config(m_rows, n_features, k_features, cls, _DOT_KIND[path],
-                                         predecode=False)
-  return int(config["split_k"])
+def path_partial_bytes(op: str, path: str, m_rows: int, k_features: int, n_features: int,
+                       cc: int) -> float:
+  """DRAM bytes of the float32 partials the dispatched Pallas kernel of a path writes at that
+  shape: a K split's (roofline.split_partial_bytes) or a stream-K launch's pieces (block_m x
+  block_n each); 0 for XLA paths and launches without either."""
+  config = path_config(op, path, m_rows, k_features, n_features, cc)
+  if config is None:
+    return 0.0
+  schedule = stream_k_schedule(config, m_rows, k_features, n_features)
+  if schedule is not None:
+    return float(4 * config["block_m"] * config["block_n"] * schedule.partial_pieces())
+  return roofline.split_partial_bytes(m_rows, n_features, int(config.get("split_k", 1)))
 
 
 def path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int, cc: int,
@@ -333,15 +371,15 @@ def path_floor(op: str, path: str, m_rows: int, k_features: int, n_features: int
   at l2_scale x the assumed L2 bandwidth (with_issue_floors)."""
   peaks = roofline.DATASHEET[CLASS_OF_CC[cc]]
   sms = triton_ptx.SM_COUNT[cc]
-  split_k = path_split_k(op, path, m_rows, k_features, n_features, cc)
+  partials = path_partial_bytes(op, path, m_rows, k_features, n_features, cc)
   if op == "vq":
     floor = roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, sms=sms,
-                                   split_k=split_k)
+                                   partial_bytes=partials)
     floor.setdefault("act_quant_s", 0.0)
   else:
     floor = roofline.fp4_path_floor(op, path, m_rows, k_features, n_features, peaks,
                                     HADAMARD_ORDER.get(k_features), norm_fused=fused, sms=sms,
-                                    split_k=split_k)
+                                    partial_bytes=partials)
   return with_issue_floors(floor, op, path, m_rows, k_features, n_features, fused, issue, cc,
                            l2_scale)
 

@@ -280,15 +280,18 @@ def tile_at(tile_row, tile_col, *, block_m: int, block_n: int, m_rows: int,
 
 
 class StreamKSchedule(NamedTuple):
-  """Static stream-K schedule: ``programs`` programs each take ``per_program`` consecutive
-  iterations of the (tiles x k_tiles) iteration space (tile-major: tile t owns iterations
-  [t k_tiles, (t + 1) k_tiles); tiles row-major over (tiles_m, tiles_n)); the last program's
-  share may be shorter, none is empty."""
+  """Static stream-K schedule over (tiles_m x tiles_n) output tiles (row-major) of k_tiles K
+  tiles each.  The first ``whole_tiles`` tiles (a multiple of ``programs``) run data-parallel:
+  program p finishes tiles p, p + programs, ... whole.  The rest form the stream-K iteration
+  space (tile-major: its tile t owns iterations [t k_tiles, (t + 1) k_tiles)), which program p
+  walks from p x per_program on (the last share may be shorter; with whole_tiles 0 none is
+  empty)."""
   tiles_m: int
   tiles_n: int
   k_tiles: int
   programs: int
   per_program: int
+  whole_tiles: int = 0
 
   @property
   def tiles(self) -> int:
@@ -296,16 +299,21 @@ class StreamKSchedule(NamedTuple):
 
   @property
   def iterations(self) -> int:
-    return self.tiles * self.k_tiles
+    """Iterations of the stream-K part."""
+    return (self.tiles - self.whole_tiles) * self.k_tiles
 
   def pieces(self) -> list:
     """[(program, tile, first K tile, end K tile)] in program order: what each program runs."""
     out = []
     for program in range(self.programs):
+      for tile in range(program, self.whole_tiles, self.programs):
+        out.append((program, tile, 0, self.k_tiles))
       start = program * self.per_program
       end = min(start + self.per_program, self.iterations)
+      if end <= start:
+        continue
       for tile in range(start // self.k_tiles, (end - 1) // self.k_tiles + 1):
-        out.append((program, tile, max(start - tile * self.k_tiles, 0),
+        out.append((program, self.whole_tiles + tile, max(start - tile * self.k_tiles, 0),
                     min(end - tile * self.k_tiles, self.k_tiles)))
     return out
 
@@ -316,13 +324,22 @@ class StreamKSchedule(NamedTuple):
 
 
 def stream_k_schedule(m_rows: int, n_features: int, k_tiles: int, *, block_m: int,
-                      block_n: int, programs: int) -> StreamKSchedule:
+                      block_n: int, programs: int,
+                      data_parallel: bool = False) -> StreamKSchedule:
   """Even shares of the launch's K iterations for up to ``programs`` programs (fewer where
-  the shares round up: 1296 iterations over 264 programs take 5 each, 260 programs)."""
+  the shares round up: 1296 iterations over 264 programs take 5 each, 260 programs).
+  data_parallel: whole waves of ``programs`` tiles first (each program finishes one tile per
+  wave, no partials), stream-K for the remaining tiles only (288 tiles on 264 programs: one
+  wave, then 24 tiles' 432 iterations in shares of 2)."""
   if not isinstance(programs, int) or programs < 1:
     raise ValueError(f"stream_k (programs) must be a positive integer, got {programs!r}")
   tiles_m, tiles_n = pl.cdiv(m_rows, block_m), pl.cdiv(n_features, block_n)
-  iterations = tiles_m * tiles_n * int(k_tiles)
+  tiles = tiles_m * tiles_n
+  whole = tiles // programs * programs if data_parallel else 0
+  iterations = (tiles - whole) * int(k_tiles)
+  if whole:
+    return StreamKSchedule(tiles_m, tiles_n, int(k_tiles), programs,
+                           -(-iterations // programs), whole)
   per_program = -(-iterations // programs)
   return StreamKSchedule(tiles_m, tiles_n, int(k_tiles), -(-iterations // per_program),
                          per_program)
@@ -361,7 +378,8 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
                  block_n: int, m_rows: int, n_features: int, interpret: bool) -> None:
   """Body of a stream-K program (grid (schedule.programs,)).
 
-  The program walks the tiles its iterations touch.  Per tile, ``compute(tile, first, end)``
+  The program first finishes its data-parallel tiles whole (schedule.whole_tiles), then walks
+  the stream-K tiles its iterations touch.  Per tile, ``compute(tile, first, end)``
   returns the accumulator over K tiles [first, end).  A whole tile is finished at once:
   ``epilogue(acc, tile)`` stored.  A piece of a tile writes its partial to its slot (2 per
   program: 0 for the tile it starts in, 1 for the one it ends in), counts in with an atomic,
@@ -372,21 +390,43 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
   refs: (counter_in, out_ref, partials_ref, counter_ref) (launch_matmul_stream_k)."""
   _, out_ref, partials_ref, counter_ref = refs
   k_tiles, per_program = schedule.k_tiles, schedule.per_program
+  whole_tiles = schedule.whole_tiles
   program = pl.program_id(0)
+  chunk = min(block_n, FIXUP_CHUNK)
+
+  def tile_of(tile_index):
+    tile_row = lax.div(tile_index, np.int32(schedule.tiles_n))
+    return tile_at(tile_row, tile_index - tile_row * schedule.tiles_n, block_m=block_m,
+                   block_n=block_n, m_rows=m_rows, n_features=n_features)
+
+  def store_whole(acc, tile):
+    store_tile(out_ref, epilogue(acc, tile), tile.row_start, tile.col_start, tile.row_mask,
+               tile.col_mask)
+
+  if whole_tiles:  # the data-parallel waves: tile program + w x programs, whole
+
+    def wave(w, carry):
+      tile = tile_of(program + w * schedule.programs)
+      store_whole(compute(tile, 0, k_tiles), tile)
+      return carry
+
+    lax.fori_loop(0, whole_tiles // schedule.programs, wave, np.int32(0))
+  if not schedule.iterations:
+    return
   start = program * per_program
   end = jnp.minimum(start + per_program, schedule.iterations)
   first_tile = lax.div(start, np.int32(k_tiles))
-  chunk = min(block_n, FIXUP_CHUNK)
+  # an empty share (start >= end: a data-parallel schedule's spare programs) runs no tile
+  stop_tile = jnp.where(end > start, lax.div(end - 1, np.int32(k_tiles)) + 1, first_tile)
 
   def slot_of(piece_program, tile):
     starts_elsewhere = lax.div(piece_program * per_program, np.int32(k_tiles)) != tile
     return 2 * piece_program + starts_elsewhere.astype(jnp.int32)
 
-  def tile_body(tile_index, carry):
-    tile_row = lax.div(tile_index, np.int32(schedule.tiles_n))
-    tile = tile_at(tile_row, tile_index - tile_row * schedule.tiles_n, block_m=block_m,
-                   block_n=block_n, m_rows=m_rows, n_features=n_features)
-    tile_first = tile_index * k_tiles
+  def tile_body(stream_tile, carry):
+    tile_index = whole_tiles + stream_tile
+    tile = tile_of(tile_index)
+    tile_first = stream_tile * k_tiles
     first = jnp.maximum(start - tile_first, 0)
     stop = jnp.minimum(end - tile_first, k_tiles)
     acc = compute(tile, first, stop)
@@ -394,12 +434,11 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
 
     @pl.when(whole)
     def _store_whole_tile():
-      store_tile(out_ref, epilogue(acc, tile), tile.row_start, tile.col_start, tile.row_mask,
-                 tile.col_mask)
+      store_whole(acc, tile)
 
     @pl.when(jnp.logical_not(whole))
     def _piece():
-      slot = slot_of(program, tile_index)
+      slot = slot_of(program, stream_tile)
       plgpu.store(partials_ref.at[pl.ds(slot * block_m, block_m), pl.ds(0, block_n)],
                   acc.astype(partials_ref.dtype))
       if not interpret:
@@ -413,7 +452,7 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
         for c in range(block_n // chunk):
 
           def add(piece_program, total, c=c):
-            slot = slot_of(piece_program, tile_index)
+            slot = slot_of(piece_program, stream_tile)
             return total + plgpu.load(
                 partials_ref.at[pl.ds(slot * block_m, block_m), pl.ds(c * chunk, chunk)])
 
@@ -427,7 +466,7 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
 
     return carry
 
-  lax.fori_loop(first_tile, lax.div(end - 1, np.int32(k_tiles)) + 1, tile_body, np.int32(0))
+  lax.fori_loop(first_tile, stop_tile, tile_body, np.int32(0))
 
 
 def check_split_k(split_k: int) -> None:

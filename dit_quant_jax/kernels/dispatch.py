@@ -246,60 +246,135 @@ class TileOption(NamedTuple):
   # time, static report): 1.0 where tensor-bound; more where decode or the accumulator's
   # promotion issues longer, or where one CTA fills the SM and they take turns with the wgmma
   issue_ratio: float = 1.0
+  # whether the option may run stream-K (common.run_stream_k: STREAM_K_CTAS_PER_SM programs
+  # per SM share the launch's K iterations evenly); its fix-up, like a split's, must leave the
+  # option's CTAs per SM as they are (a lowering test checks the registers)
+  can_stream_k: bool = False
+
+
+class TileChoice(NamedTuple):
+  """tail_tiles' answer: the option, its K split (1: none) and its stream-K programs (0:
+  none; then split_k is 1)."""
+  option: TileOption
+  split_k: int
+  stream_k: int = 0
+  # stream-K with whole waves of tiles data-parallel first (common.stream_k_schedule)
+  whole_waves: bool = False
+
+  def config(self) -> dict:
+    """The launch keywords of the kernels (besides block_k)."""
+    return dict(block_m=self.option.block_m, block_n=self.option.block_n, split_k=self.split_k,
+                num_warps=self.option.num_warps, num_stages=self.option.num_stages,
+                stream_k=self.stream_k, whole_waves=self.whole_waves)
+
+
+# Programs of a stream-K launch per SM: the 2 CTAs that share an SM (one's decode overlaps the
+# other's wgmma, as in the tiled launch).
+STREAM_K_CTAS_PER_SM = 2
+
+
+def stream_k_programs(cls: str) -> int:
+  return STREAM_K_CTAS_PER_SM * SM_COUNT[cls]
 
 
 def tile_l2_bytes(m_rows: int, k_features: int, n_features: int, block_m: int, block_n: int,
-                  x_bytes: float, w_bytes: float, split_k: int = 1) -> float:
+                  x_bytes: float, w_bytes: float, split_k: int = 1,
+                  partial_tiles: int = 0) -> float:
   """Bytes a tiled (M, K) x (K, N) kernel moves between L2 and the SMs: every output tile's
   program(s) load block_m rows of x (x_bytes per element) and block_n weight columns (w_bytes
   per weight) over K, write the output (bf16), and with a K split each part writes a float32
-  partial that the last program reads back."""
+  partial that the last program reads back; ``partial_tiles``: a stream-K launch's pieces
+  (StreamKSchedule.partial_pieces), each a (block_m, block_n) float32 partial written and read
+  back."""
   tiles = -(-m_rows // block_m) * -(-n_features // block_n)
   loads = tiles * k_features * (block_m * x_bytes + block_n * w_bytes)
   partials = 2.0 * 4 * m_rows * n_features * split_k if split_k > 1 else 0.0
+  partials += 2.0 * 4 * block_m * block_n * partial_tiles
   return float(loads + partials + 2.0 * m_rows * n_features)
+
+
+def stream_k_schedule(m_rows: int, k_features: int, n_features: int, block_m: int,
+                      block_n: int, block_k: int, programs: int,
+                      whole_waves: bool = False) -> common.StreamKSchedule:
+  """The schedule a stream-K launch of this shape runs (the kernels build the same one)."""
+  return common.stream_k_schedule(m_rows, n_features, -(-int(k_features) // int(block_k)),
+                                  block_m=block_m, block_n=block_n, programs=programs,
+                                  data_parallel=whole_waves)
+
+
+def stream_k_busiest_k_tiles(schedule: common.StreamKSchedule, cls: str) -> int:
+  """K tiles the busiest SM runs in a stream-K launch: its ceil(programs / SMs) programs'
+  whole-wave tiles and stream-K shares."""
+  per_program = (schedule.whole_tiles // schedule.programs * schedule.k_tiles
+                 + schedule.per_program)
+  return -(-schedule.programs // SM_COUNT[cls]) * per_program
 
 
 def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options, *,
                block_k: int, moved_bytes: float = 0.0, max_split: int = 1,
-               operand_bytes: tuple = (0.0, 0.0), rate_multiplier: float = 1.0):
-  """(option, split) of a tensor-bound tiled kernel that minimises its launch's time: the
-  busiest SM's tensor time (ceil(programs / SMs) programs of ceil(k_tiles / split) K tiles,
-  each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak times rate_multiplier (2 for
-  the 8-bit dots), and the option's issue_ratio) or, if larger, its DRAM time
-  (``moved_bytes`` + split x the (M, N) float32 partials when split > 1) or its L2 time
-  (tile_l2_bytes with ``operand_bytes`` = (x, weight) bytes per element, over L2_BANDWIDTH;
-  (0, 0): not counted).  ``options``: the
-  TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM (static report), in
-  order of preference (ties go to the earlier one, then to the smaller split).  A split must
-  save more than SPLIT_MARGIN: the cost leaves out the partials' read-back from L2 and the
-  last program's sum.
+               operand_bytes: tuple = (0.0, 0.0), rate_multiplier: float = 1.0) -> TileChoice:
+  """TileChoice (option, split, stream-K programs) of a tensor-bound tiled kernel that
+  minimises its launch's time: the busiest SM's tensor time (ceil(programs / SMs) programs of
+  ceil(k_tiles / split) K tiles, each 2 block_m block_n block_k FLOPs at the per-SM bf16 peak
+  times rate_multiplier (2 for the 8-bit dots), and the option's issue_ratio) or, if larger,
+  its DRAM time (``moved_bytes`` + split x the (M, N) float32 partials when split > 1) or its
+  L2 time (tile_l2_bytes with ``operand_bytes`` = (x, weight) bytes per element, over
+  L2_BANDWIDTH; (0, 0): not counted).  Options with can_stream_k are also weighed as a
+  stream-K launch of stream_k_programs(cls) programs: the busiest SM runs ceil(programs / SMs)
+  shares of per_program K tiles, and its partial pieces' bytes count in DRAM and L2.
+  ``options``: the TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM
+  (static report), in order of preference (ties go to the earlier one, then to the smaller
+  split, then to the tiled launch, then to plain stream-K).  A split or a stream-K launch must save more than
+  SPLIT_MARGIN: the cost leaves out the partials' read-back latency and the last program's
+  sum.
 
   E.g. VQ W2 1152x1152 at M = 4096 on an H100: 288 tiles of 128 x 128 put 3 on the busiest
-  SM where the even share is 2.2; 576 of 128 x 64 put 5 half-size ones there (2.5)."""
+  SM where the even share is 2.2; 576 of 128 x 64 put 5 half-size ones there (2.5); stream-K
+  of 128 x 128 gives each of 264 programs 20 of the 5184 K tiles, 2.2 tiles' worth per SM."""
   sms = SM_COUNT[cls]
   per_sm_flops = PEAK_BF16_FLOPS[cls] / sms
   k_tiles = -(-int(k_features) // int(block_k))
+
+  def launch_cost(option, tensor_s, partial_bytes, split_k=1, partial_tiles=0):
+    l2_s = 0.0
+    if any(operand_bytes):
+      l2_s = tile_l2_bytes(m_rows, k_features, n_features, option.block_m, option.block_n,
+                           *operand_bytes, split_k=split_k,
+                           partial_tiles=partial_tiles) / L2_BANDWIDTH[cls]
+    cost = max(tensor_s, (moved_bytes + partial_bytes) / BANDWIDTH[cls], l2_s)
+    if partial_bytes:  # what the cost leaves out: the partials' read-back and the last sum
+      cost *= 1.0 + SPLIT_MARGIN
+    return cost
+
   best_cost, best = None, None
   for option in options:
     tiles = -(-m_rows // option.block_m) * -(-n_features // option.block_n)
     k_tile_s = (2.0 * option.block_m * option.block_n * block_k / (per_sm_flops * rate_multiplier)
                 * option.issue_ratio)
+    candidates = []
     for split in range(1, min(int(max_split) if option.can_split else 1, k_tiles) + 1):
       per_part, parts = split_parts(k_tiles, split)
       if parts != split:
         continue
       tensor_s = -(-tiles * split // sms) * per_part * k_tile_s
       partials = 4.0 * m_rows * n_features * split if split > 1 else 0.0
-      l2_s = 0.0
-      if any(operand_bytes):
-        l2_s = tile_l2_bytes(m_rows, k_features, n_features, option.block_m, option.block_n,
-                             *operand_bytes, split_k=split) / L2_BANDWIDTH[cls]
-      cost = max(tensor_s, (moved_bytes + partials) / BANDWIDTH[cls], l2_s)
-      if split > 1:  # what the cost leaves out: the partials' read-back and the last sum
-        cost *= 1.0 + SPLIT_MARGIN
+      candidates.append((launch_cost(option, tensor_s, partials, split_k=split),
+                         TileChoice(option, split)))
+    for whole_waves in ((False, True) if option.can_stream_k else ()):
+      programs = stream_k_programs(cls)
+      schedule = stream_k_schedule(m_rows, k_features, n_features, option.block_m,
+                                   option.block_n, block_k, programs, whole_waves)
+      if whole_waves and not schedule.whole_tiles:
+        continue  # fewer tiles than programs: the same schedule as without
+      pieces = schedule.partial_pieces()
+      tensor_s = stream_k_busiest_k_tiles(schedule, cls) * k_tile_s
+      candidates.append((launch_cost(option, tensor_s,
+                                     4.0 * option.block_m * option.block_n * pieces,
+                                     partial_tiles=pieces),
+                         TileChoice(option, 1, programs, whole_waves)))
+    for cost, choice in candidates:
       if best_cost is None or cost < best_cost * (1 - 1e-9):
-        best_cost, best = cost, (option, split)
+        best_cost, best = cost, choice
   return best
 
 
@@ -310,7 +385,8 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
 # (still 2 CTAs per SM, tensor-bound), 128 x 128 144: one CTA per SM, whose decode and wgmma
 # then take turns (static report, 4608x1152 at M = 4096: 80.8 us vs 60.5 unsplit), so only
 # 128 x 64 splits.
-VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3, can_split=False), TileOption(128, 64, 4, 3))
+VQ_TILED_OPTIONS = (TileOption(128, 128, 8, 3, can_split=False, can_stream_k=True),
+                    TileOption(128, 64, 4, 3))
 VQ_TILED_MAX_SPLIT = 8
 VQ_W2_INDEX_BYTES = 0.25  # one 8-bit index per 4 weights (the codebook rows stay in L1)
 
@@ -338,11 +414,10 @@ def default_config(op: str, path: str, m_rows: int, k_features: int, n_features:
       # Token rows: the tile and K split (reduced in the launch) whose busiest SM finishes
       # first (tail_tiles), counting the partials' bytes; 128 x 128 where it ties.
       moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
-      option, split_k = tail_tiles(m_rows, k_features, n_features, cls, VQ_TILED_OPTIONS,
-                                   block_k=64, moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT,
-                                   operand_bytes=(2.0, VQ_W2_INDEX_BYTES))
-      return dict(block_m=option.block_m, block_n=option.block_n, block_k=64, split_k=split_k,
-                  num_warps=option.num_warps, num_stages=option.num_stages)
+      choice = tail_tiles(m_rows, k_features, n_features, cls, VQ_TILED_OPTIONS, block_k=64,
+                          moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT,
+                          operand_bytes=(2.0, VQ_W2_INDEX_BYTES))
+      return dict(choice.config(), block_k=64)
     # DiT-XL/2 tile config: 128-wide tiles, 8 warps (one or two warpgroups of wgmma on sm_90).
     return dict(block_m=block_m, block_n=128, block_k=64, split_k=1,
                 num_warps=8 if block_m >= 64 else 4, num_stages=3)

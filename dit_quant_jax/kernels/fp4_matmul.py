@@ -482,6 +482,9 @@ def _interpret() -> bool:
 # 261 SASS per warp-step, 3 CTAs per SM, issue floor 1.02x its tensor time at 1152 x 1152,
 # M = 1024, would even out the launch tail, but its programs re-read x through L2 4x as often
 # as 128 x 128's: 93 MB there, 8.1 us at dispatch.L2_BANDWIDTH against 3.9 us of tensor time.)
+# Stream-K (fp4_mma(stream_k=...)) is not among them: the W4A16 128 x 128 kernel sits at 128
+# registers tiled, and its stream-K launch takes 184-188 on sm_90a (one CTA per SM: decode and
+# wgmma take turns, issue floor 1.6x its tensor time), where VQ's takes 122-124.
 W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False),
                        dispatch.TileOption(128, 64, 4, 2))
 W4A16_TILED_MAX_SPLIT = 8
@@ -524,19 +527,16 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
       # weights' 4-bit bytes, x, the bf16 output and the split's float32 partials in DRAM, and
       # each tile's x rows and 4-bit columns through L2.
       moved = k_features * n_features / 2 + 2 * m_rows * (k_features + n_features)
-      option, split_k = dispatch.tail_tiles(m_rows, k_features, n_features, device,
-                                            W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K,
-                                            moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT,
-                                            operand_bytes=(2.0, 0.5))
-      return dict(block_m=option.block_m, block_n=option.block_n, split_k=split_k,
-                  num_warps=option.num_warps, num_stages=option.num_stages)
+      return dispatch.tail_tiles(
+          m_rows, k_features, n_features, device, W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K,
+          moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT, operand_bytes=(2.0, 0.5)).config()
     if device == "hopper" and dot_kind == "fp8" and predecode:
       # the E4M3 image (1 B) and x's (1 B) through L2 against each option's K-loop time
       moved = k_features * n_features + m_rows * k_features + 2 * m_rows * n_features
-      option, _ = dispatch.tail_tiles(m_rows, k_features, n_features, device,
-                                      FP8_PREDECODED_OPTIONS, block_k=fp4_mma.TILE_K,
-                                      moved_bytes=moved, operand_bytes=(1.0, 1.0),
-                                      rate_multiplier=2.0)
+      option = dispatch.tail_tiles(m_rows, k_features, n_features, device,
+                                   FP8_PREDECODED_OPTIONS, block_k=fp4_mma.TILE_K,
+                                   moved_bytes=moved, operand_bytes=(1.0, 1.0),
+                                   rate_multiplier=2.0).option
       return dict(block_m=option.block_m, block_n=option.block_n, split_k=1,
                   num_warps=option.num_warps, num_stages=option.num_stages)
     if device == "hopper" and dot_kind == "int8" and not predecode:
@@ -570,7 +570,10 @@ def _mma_options(x, weight, config, dot_kind=None, predecode=True):
   dot gets its own Hopper tiles), overridden by the config's entries."""
   options = default_mma_config(x.shape[0], weight.n_features, weight.k_features,
                                dot_kind=dot_kind, predecode=predecode)
-  options.update({k: v for k, v in (config or {}).items() if k in options})
+  overrides = {k: v for k, v in (config or {}).items() if k in options}
+  if overrides.get("split_k", 1) > 1 and "stream_k" not in overrides:
+    overrides["stream_k"] = 0  # a K split asked for replaces the dispatcher's stream-K
+  options.update(overrides)
   return options
 
 

@@ -56,7 +56,7 @@ NIBBLE_MASK = 15
 # Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
 DOT_KINDS = ("int8", "fp8", "bf16")
 STATIC_ARGS = ["dot_kind", "predecode", "block_m", "block_n", "split_k", "num_warps", "num_stages",
-               "interpret", "out_dtype", "activation", "stream_k"]
+               "interpret", "out_dtype", "activation", "stream_k", "whole_waves"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -507,14 +507,16 @@ def _bias_or_zeros(bias, n_features):
 def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1,
             num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
-            out_dtype=jnp.float32, activation=None, stream_k: int = 0):
+            out_dtype=jnp.float32, activation=None, stream_k: int = 0,
+            whole_waves: bool = False):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
   then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue
   (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode: the float32-accurate
   form).  split_k > 1: the K loop is split over grid axis 2 and summed in the same launch (the
   last program of each output tile adds the partials, int32 exactly for the int8 dot, and
   applies the epilogue).  stream_k > 0 (split_k 1): a stream-K launch of at most that many
-  programs sharing the (tiles x K tiles) iterations evenly (common.run_stream_k).
+  programs sharing the (tiles x K tiles) iterations evenly (common.run_stream_k); whole_waves:
+  whole waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule).
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -551,7 +553,8 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   if stream_k:
     schedule = common.stream_k_schedule(x.shape[0], weight.n_features,
                                         weight.k_padded // TILE_K, block_m=block_m,
-                                        block_n=block_n, programs=stream_k)
+                                        block_n=block_n, programs=stream_k,
+                                        data_parallel=whole_waves)
     return common.launch_matmul_stream_k(
         functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
         m_rows=x.shape[0], n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m,

@@ -182,17 +182,18 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
 
 @functools.partial(jax.jit, static_argnames=["block_m", "block_n", "block_k", "split_k",
                                              "num_warps", "num_stages", "interpret",
-                                             "stream_k"])
+                                             "stream_k", "whole_waves"])
 def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, block_n: int = 64,
               block_k: int = 64, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-              interpret: bool = False, stream_k: int = 0):
+              interpret: bool = False, stream_k: int = 0, whole_waves: bool = False):
   """Pallas VQ matmul (paths vq_tiled / vq_splitk).
 
   x: (M, K), codebook: (k, d), packed_indices: (packed rows, N) uint8, bias: (N,) or None
   -> (M, N) in x.dtype.  split_k > 1 splits the K loop over a third grid axis, reduced in the
   same launch (see module doc).  stream_k > 0: a stream-K launch of at most that many programs
   (common.run_stream_k; split_k must be 1): each takes an even share of the (tiles x K tiles)
-  iterations, so a launch with fewer tiles than SMs x 2 still fills them.
+  iterations, so a launch with fewer tiles than SMs x 2 still fills them; whole_waves: whole
+  waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule).
   """
   bits, sub_dim, n_features = _check_vq_operands(x, codebook, packed_indices, bias)
   for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
@@ -206,7 +207,8 @@ def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, bloc
                              interpret=interpret)
   if stream_k:
     schedule = common.stream_k_schedule(x.shape[0], n_features, pl.cdiv(x.shape[1], block_k),
-                                        block_m=block_m, block_n=block_n, programs=stream_k)
+                                        block_m=block_m, block_n=block_n, programs=stream_k,
+                                        data_parallel=whole_waves)
     return common.launch_matmul_stream_k(
         functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
         m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype, block_m=block_m,
@@ -284,6 +286,8 @@ def vq_linear(x, codebook, packed_indices, bias=None, *, impl: str = "auto", pat
                                                              x2d.shape[1],
                                                              packed_indices.shape[1]))
     config = dict(choice.config, **kernel_options)
+    if kernel_options.get("split_k", 1) > 1 and "stream_k" not in kernel_options:
+      config["stream_k"] = 0  # a K split asked for replaces the dispatcher's stream-K
     y = run_path(choice.path, x2d, codebook, packed_indices, bias, config, interpret)
   else:
     y = vq_matmul_reference(x2d, codebook, packed_indices, bias)
