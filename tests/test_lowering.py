@@ -326,7 +326,10 @@ def test_small_m_bf16_kernel_uses_the_packed_decode(cc):
 # order adaLN, qkv, proj, fc1, fc2.  qkv and fc1 take their modulated LayerNorm into the
 # act-quant (the "_norm" kernels); every quantized linear has its act-quant kernel.
 DIT_BLOCK_CALLS = {
-    "vq_w2": ["vq_matmul"] * 5,
+    # VQ: stream-K where the 128 x 128 tiles would leave a short last wave (qkv: 864 tiles,
+    # proj and fc2: 288, on 264 CTA slots), the tiled launch at fc1 (1152 tiles)
+    "vq_w2": ["vq_matmul", "vq_matmul_stream_k", "vq_matmul_stream_k", "vq_matmul",
+              "vq_matmul_stream_k"],
     "hqdit_w4a4": ["quantize_rows_int8", "fp4_mma_int8", "quantize_rows_int8_norm", "fp4_mma_int8",
                    "quantize_rows_int8", "fp4_mma_int8", "quantize_rows_int8_norm", "fp4_mma_int8",
                    "quantize_rows_int8", "fp4_mma_int8"],
