@@ -464,10 +464,15 @@ def test_l2_time_of_the_pallas_gemms_closed_form():
           + 2 * 1024 * 1152) / 11.4e12
   got = static_report.gemm_l2_seconds("vq", "vq_tiled", 1024, 4608, 1152, 90)
   assert got == pytest.approx(want)
-  # W4A16 there (no stream-K option: too many registers): 128 x 64 tiles split 2
+  # W4A16 there: stream-K too, K tiles of 128 (72 tiles x 36 in shares of 10, 260 programs),
+  # staged epilogue: every piece, whole tiles included, goes through a slot
   config = fp4_matmul.default_mma_config(1024, 1152, 4608, "hopper", "bf16", predecode=False)
-  assert (config["block_n"], config["split_k"], config["stream_k"]) == (64, 2, 0)
-  want = (8 * 18 * 4608 * (128 * 2 + 64 * 0.5) + 2 * 4 * 1024 * 1152 * 2
+  assert (config["block_n"], config["stream_k"], config["staged_epilogue"]) == (128, 264, True)
+  pieces = 0
+  for program in range(260):
+    start, end = 10 * program, min(10 * program + 10, 72 * 36)
+    pieces += (end - 1) // 36 - start // 36 + 1
+  want = (8 * 9 * 4608 * (128 * 2 + 128 * 0.5) + 2 * 4 * 128 * 128 * pieces
           + 2 * 1024 * 1152) / 11.4e12
   got = static_report.gemm_l2_seconds("w4a16", "triton_bf16", 1024, 4608, 1152, 90)
   assert got == pytest.approx(want)

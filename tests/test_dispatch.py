@@ -142,37 +142,51 @@ def test_tail_tiles_closed_forms():
 
 def test_w4a16_token_rows_split_only_the_128x64_tile():
   """W4A16's in-loop kernel on Hopper: fc2 at M = 1024 (36 K tiles of 128, 72 tiles of
-  128 x 128 for 132 SMs) takes 128 x 64 with a K split, by the closed form of tail_tiles (the
-  busiest SM's tensor time vs 4-bit weights + x + output + partials in DRAM and the tiles'
-  loads through L2); 128 x 128 never splits
-  (with a split it drops to one CTA per SM); fc1 at M = 4096 (enough tiles) does not split."""
+  128 x 128 for 132 SMs), by the closed form of tail_tiles (the busiest SM's tensor time vs
+  4-bit weights + x + output + partials in DRAM and the tiles' loads through L2): 128 x 64
+  with a K split evens the tail but stays L2-bound; 128 x 128 never splits (with a split it
+  drops to one CTA per SM) but runs stream-K with the staged epilogue (2 CTAs per SM: every
+  piece, whole tiles included, through a slot), which wins; fc1 at M = 4096 (enough tiles)
+  keeps the tiled launch."""
   import math
 
   from dit_quant_jax.kernels import fp4_matmul
   options = fp4_matmul.W4A16_TILED_OPTIONS
   assert not options[0].can_split and options[1].can_split
+  assert options[0].can_stream_k and options[0].staged_epilogue and not options[1].can_stream_k
   config = fp4_matmul.default_mma_config(1024, 1152, 4608, "hopper", "bf16", predecode=False)
   moved = 4608 * 1152 / 2 + 2 * 1024 * (4608 + 1152)
+
+  def bound(block_n, tensor, partial_bytes, loads_tiles):
+    memory = (moved + partial_bytes) / 3.35e12
+    # through L2: each tile's 128 x rows (2 B) and block_n 4-bit columns over K, the output,
+    # and the partials written and read back
+    l2 = (loads_tiles * 4608 * (128 * 2 + block_n * 0.5) + 2 * 1024 * 1152
+          + 2 * partial_bytes) / 11.4e12
+    return max(tensor, memory, l2) * (1.05 if partial_bytes else 1.0)
 
   def cost(block_n, split):
     k_tile_s = 2 * 128 * block_n * 128 / (989e12 / 132)
     tiles = 8 * (1152 // block_n)
     tensor = math.ceil(tiles * split / 132) * math.ceil(36 / split) * k_tile_s
-    memory = (moved + (4 * 1024 * 1152 * split if split > 1 else 0)) / 3.35e12
-    # through L2: each tile's 128 x rows (2 B) and block_n 4-bit columns over K, the output,
-    # and the partials written and read back
-    l2 = (tiles * 4608 * (128 * 2 + block_n * 0.5) + 2 * 1024 * 1152
-          + (2 * 4 * 1024 * 1152 * split if split > 1 else 0)) / 11.4e12
-    return max(tensor, memory, l2) * (1.05 if split > 1 else 1.0)
+    return bound(block_n, tensor, 4 * 1024 * 1152 * split if split > 1 else 0, tiles)
 
   candidates = [(128, 1)] + [(64, s) for s in range(1, 9) if math.ceil(36 / math.ceil(36 / s)) == s]
-  best = min(candidates, key=lambda c: round(cost(*c), 15))
-  assert (config["block_n"], config["split_k"]) == best and best[1] > 1
-  # the split cuts the busiest SM's tensor time by a quarter, but not the x re-reads through
-  # L2: a 3 % gain (128 x 64 split 2: 18.6 us of L2 vs 20.2 us of tensor time unsplit)
-  assert cost(*best) < cost(128, 1)
+  best_tiled = min(candidates, key=lambda c: round(cost(*c), 15))
+  assert best_tiled[0] == 64 and best_tiled[1] > 1
+  assert cost(*best_tiled) < cost(128, 1)
+  # stream-K: 72 x 36 K tiles over 264 programs in shares of 10 (260 programs, 2 on the
+  # busiest SM); staged: each program writes one slot per tile it touches
+  pieces = 0
+  for program in range(260):
+    start, end = 10 * program, min(10 * program + 10, 72 * 36)
+    pieces += (end - 1) // 36 - start // 36 + 1
+  stream = bound(128, 2 * 10 * 2 * 128 * 128 * 128 / (989e12 / 132), 4 * 128 * 128 * pieces, 72)
+  assert stream < cost(*best_tiled)
+  assert (config["block_n"], config["split_k"], config["stream_k"], config["whole_waves"],
+          config["staged_epilogue"]) == (128, 1, 264, False, True)
   big = fp4_matmul.default_mma_config(4096, 4608, 1152, "hopper", "bf16", predecode=False)
-  assert big["split_k"] == 1
+  assert big["split_k"] == 1 and big["stream_k"] == 0
 
 
 def test_w4a8_fp8_tiles_weigh_the_l2_reads_against_one_cta_per_sm():

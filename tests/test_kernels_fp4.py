@@ -110,6 +110,11 @@ MMA_CASES = [
     (40, 640, 72, dict(block_m=16, block_n=32, stream_k=7, num_warps=4)),
     # stream-K with the DiT-XL/2 Hopper tile: 2 x 2 ragged tiles x 3 K tiles over 3 programs
     (130, 384, 136, dict(block_m=128, block_n=128, stream_k=3, num_warps=8, num_stages=2)),
+    # W4A16's Hopper launch: stream-K with the staged epilogue (whole tiles through the slots
+    # too) after a data-parallel wave: 3 x 3 ragged tiles, 2 programs: 8 tiles whole in 4
+    # waves, the 9th tile's 5 K tiles in shares of 3 and 2
+    (40, 640, 72, dict(block_m=16, block_n=32, stream_k=2, whole_waves=True,
+                       staged_epilogue=True, num_warps=4)),
 ]
 
 

@@ -66,6 +66,10 @@ CASES = [  # m, k, n, codewords k, d, config
                                  num_warps=8)),
     # stream-K with more programs than iterations (clamped), 6-bit indices straddling bytes
     (37, 96, 48, 64, 4, dict(block_m=16, block_n=16, block_k=32, stream_k=64)),
+    # stream-K after data-parallel waves, staged epilogue: 3 x 3 tiles on 4 programs (8 whole
+    # in 2 waves, the last tile's 3 K tiles in shares of 1: one program's share is empty)
+    (37, 96, 48, 64, 4, dict(block_m=16, block_n=16, block_k=32, stream_k=4, whole_waves=True,
+                             staged_epilogue=True)),
 ]
 
 
@@ -99,12 +103,18 @@ def test_vq_splitk_reduction_is_deterministic_and_writes_every_element():
     (1024, 1152, 18, 128, 264),   # VQ / W4A16 proj at M = 1024 on an H100: 72 tiles
     (4096, 1152, 72, 128, 264),   # fc2 at M = 4096: 288 tiles, programs span 2-3 tiles
     (131, 160, 5, 128, 6), (40, 72, 5, 16, 7), (37, 48, 3, 16, 64), (512, 512, 4, 128, 1)])
+@pytest.mark.parametrize("whole_waves", [False, True])
 def test_stream_k_schedule_covers_every_iteration_once(m_rows, n_features, k_tiles, block,
-                                                       programs):
+                                                       programs, whole_waves):
   schedule = common.stream_k_schedule(m_rows, n_features, k_tiles, block_m=block,
-                                      block_n=block, programs=programs)
+                                      block_n=block, programs=programs,
+                                      data_parallel=whole_waves)
   tiles = -(-m_rows // block) * -(-n_features // block)
   assert schedule.tiles == tiles and schedule.programs <= programs
+  if whole_waves:  # whole waves of `programs` tiles, as many as fit
+    assert schedule.whole_tiles == tiles // programs * programs
+  else:
+    assert schedule.whole_tiles == 0
   seen = np.zeros((tiles, k_tiles), np.int64)
   per_program = {}
   for program, tile, first, end in schedule.pieces():
@@ -112,15 +122,24 @@ def test_stream_k_schedule_covers_every_iteration_once(m_rows, n_features, k_til
     seen[tile, first:end] += 1
     per_program.setdefault(program, []).append((tile, first, end))
   np.testing.assert_array_equal(seen, 1)
-  assert sorted(per_program) == list(range(schedule.programs))  # none empty
+  if not schedule.whole_tiles:
+    assert sorted(per_program) == list(range(schedule.programs))  # none empty
   for program, pieces in per_program.items():
+    whole = [tile for tile, _, _ in pieces if tile < schedule.whole_tiles]
+    assert whole == list(range(program, schedule.whole_tiles, schedule.programs))
+    pieces = pieces[len(whole):]
     work = sum(end - first for _, first, end in pieces)
-    assert work == schedule.per_program or program == schedule.programs - 1
+    assert (work == schedule.per_program or program == schedule.programs - 1
+            or (schedule.whole_tiles and work < schedule.per_program))
     # only a program's first and last tile can be pieces: its two partial slots suffice
     assert all((first, end) == (0, k_tiles) for _, first, end in pieces[1:-1])
   partial = sum(1 for _, _, first, end in schedule.pieces() if (first, end) != (0, k_tiles))
   assert schedule.partial_pieces() == partial
-  if (m_rows, n_features, programs) == (1024, 1152, 264):
+  assert schedule.partial_pieces(staged=True) == len(schedule.pieces())
+  if (m_rows, n_features, programs, whole_waves) == (4096, 1152, 264, True):
+    # 288 tiles: one wave of 264, then 24 tiles' 1728 K tiles in shares of 7
+    assert (schedule.whole_tiles, schedule.per_program) == (264, 7)
+  if (m_rows, n_features, programs, whole_waves) == (1024, 1152, 264, False):
     # 1296 iterations: shares of 5 (ceil(1296 / 264)) need 260 programs
     assert (schedule.per_program, schedule.programs) == (5, 260)
 
@@ -140,6 +159,13 @@ def test_stream_k_fixup_is_deterministic_and_writes_every_element():
     vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **dict(config, split_k=2))
   with pytest.raises(ValueError, match="stream_k must be"):
     vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET, **dict(config, stream_k=-1))
+  with pytest.raises(ValueError, match="stream-K launch only"):
+    vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET,
+                 **dict(config, stream_k=0, staged_epilogue=True))
+  # the staged epilogue (every tile through the slots) computes the same function
+  staged = vq.vq_matmul(x, codebook, packed, bias, interpret=INTERPRET,
+                        **dict(config, staged_epilogue=True))
+  np.testing.assert_array_equal(np.asarray(staged), np.asarray(first))
 
 
 def test_vq_dequant_dot_matches_reference():

@@ -283,7 +283,8 @@ def gemm_l2_seconds(op: str, path: str, m_rows: int, k_features: int, n_features
   moved = dispatch.tile_l2_bytes(
       m_rows, k_features, n_features, config["block_m"], config["block_n"], x_bytes, w_bytes,
       split_k=int(config.get("split_k", 1)),
-      partial_tiles=schedule.partial_pieces() if schedule is not None else 0)
+      partial_tiles=(schedule.partial_pieces(bool(config.get("staged_epilogue")))
+                     if schedule is not None else 0))
   return moved / (dispatch.L2_BANDWIDTH[cls] * l2_scale)
 
 
@@ -359,7 +360,8 @@ def path_partial_bytes(op: str, path: str, m_rows: int, k_features: int, n_featu
     return 0.0
   schedule = stream_k_schedule(config, m_rows, k_features, n_features)
   if schedule is not None:
-    return float(4 * config["block_m"] * config["block_n"] * schedule.partial_pieces())
+    return float(4 * config["block_m"] * config["block_n"]
+                 * schedule.partial_pieces(bool(config.get("staged_epilogue"))))
   return roofline.split_partial_bytes(m_rows, n_features, int(config.get("split_k", 1)))
 
 

@@ -250,6 +250,9 @@ class TileOption(NamedTuple):
   # per SM share the launch's K iterations evenly); its fix-up, like a split's, must leave the
   # option's CTAs per SM as they are (a lowering test checks the registers)
   can_stream_k: bool = False
+  # its stream-K launch finishes whole tiles through the partials' slots too (run_stream_k's
+  # staged: fewer registers, a partial's bytes more per whole tile)
+  staged_epilogue: bool = False
 
 
 class TileChoice(NamedTuple):
@@ -265,7 +268,8 @@ class TileChoice(NamedTuple):
     """The launch keywords of the kernels (besides block_k)."""
     return dict(block_m=self.option.block_m, block_n=self.option.block_n, split_k=self.split_k,
                 num_warps=self.option.num_warps, num_stages=self.option.num_stages,
-                stream_k=self.stream_k, whole_waves=self.whole_waves)
+                stream_k=self.stream_k, whole_waves=self.whole_waves,
+                staged_epilogue=bool(self.stream_k) and self.option.staged_epilogue)
 
 
 # Programs of a stream-K launch per SM: the 2 CTAs that share an SM (one's decode overlaps the
@@ -320,8 +324,10 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
   its DRAM time (``moved_bytes`` + split x the (M, N) float32 partials when split > 1) or its
   L2 time (tile_l2_bytes with ``operand_bytes`` = (x, weight) bytes per element, over
   L2_BANDWIDTH; (0, 0): not counted).  Options with can_stream_k are also weighed as a
-  stream-K launch of stream_k_programs(cls) programs: the busiest SM runs ceil(programs / SMs)
-  shares of per_program K tiles, and its partial pieces' bytes count in DRAM and L2.
+  stream-K launch of stream_k_programs(cls) programs (with and without whole data-parallel
+  waves first): the busiest SM runs ceil(programs / SMs) programs' whole tiles and shares of
+  per_program K tiles, and its partial pieces' bytes (staged_epilogue: every piece's) count in
+  DRAM and L2.
   ``options``: the TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM
   (static report), in order of preference (ties go to the earlier one, then to the smaller
   split, then to the tiled launch, then to plain stream-K).  A split or a stream-K launch must save more than
@@ -366,7 +372,7 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
                                    option.block_n, block_k, programs, whole_waves)
       if whole_waves and not schedule.whole_tiles:
         continue  # fewer tiles than programs: the same schedule as without
-      pieces = schedule.partial_pieces()
+      pieces = schedule.partial_pieces(option.staged_epilogue)
       tensor_s = stream_k_busiest_k_tiles(schedule, cls) * k_tile_s
       candidates.append((launch_cost(option, tensor_s,
                                      4.0 * option.block_m * option.block_n * pieces,

@@ -482,10 +482,12 @@ def _interpret() -> bool:
 # 261 SASS per warp-step, 3 CTAs per SM, issue floor 1.02x its tensor time at 1152 x 1152,
 # M = 1024, would even out the launch tail, but its programs re-read x through L2 4x as often
 # as 128 x 128's: 93 MB there, 8.1 us at dispatch.L2_BANDWIDTH against 3.9 us of tensor time.)
-# Stream-K (fp4_mma(stream_k=...)) is not among them: the W4A16 128 x 128 kernel sits at 128
-# registers tiled, and its stream-K launch takes 184-188 on sm_90a (one CTA per SM: decode and
-# wgmma take turns, issue floor 1.6x its tensor time), where VQ's takes 122-124.
-W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False),
+# 128 x 128 may also run stream-K (fp4_mma(stream_k=...)), with the staged epilogue: sm_90a,
+# 126 registers, 2 CTAs per SM, tensor-bound; with the whole-tile epilogue in registers its
+# stream-K launch took 184-188 (one CTA per SM: decode and wgmma take turns, issue floor 1.6x
+# its tensor time), where the tiled kernel sits at 128 and VQ's stream-K at 122-124.
+W4A16_TILED_OPTIONS = (dispatch.TileOption(128, 128, 8, 2, can_split=False, can_stream_k=True,
+                                           staged_epilogue=True),
                        dispatch.TileOption(128, 64, 4, 2))
 W4A16_TILED_MAX_SPLIT = 8
 # W4A8's decoded-image fp8 kernel on Hopper (fp8_dot.FAST_ACCUM), sm_90a, 1152 x 3456 at

@@ -56,7 +56,8 @@ NIBBLE_MASK = 15
 # Dot operand kinds: the 8-bit (or bf16) images both sides are decoded to.
 DOT_KINDS = ("int8", "fp8", "bf16")
 STATIC_ARGS = ["dot_kind", "predecode", "block_m", "block_n", "split_k", "num_warps", "num_stages",
-               "interpret", "out_dtype", "activation", "stream_k", "whole_waves"]
+               "interpret", "out_dtype", "activation", "stream_k", "whole_waves",
+               "staged_epilogue"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -388,7 +389,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
                    code: fp4.Fp4Code, dot_kind: str, predecode: bool, block_m: int,
                    block_n: int, split_k: int, activation=None, approx_tanh: bool = False,
                    packed_decode: bool = False, fast_accum: bool = False,
-                   interpret: bool = False, stream_k: common.StreamKSchedule | None = None):
+                   interpret: bool = False, stream_k: common.StreamKSchedule | None = None,
+                   staged_epilogue: bool = False):
   """x_ref: (M, K) in the dot kind's dtype (int8 / bf16; fp8: uint8 E4M3 bits); row_scale_ref: (M,)
   float32; tiles_ref: (N, K_pad/2) uint8; col_scale_ref, bias_ref: (N,) float32.  predecode:
   tiles_ref is instead the (N, K_pad) image (int8 / uint8 E4M3 bits / bf16) from
@@ -465,7 +467,8 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
 
   if stream_k is not None:
     common.run_stream_k(stream_k, compute, epilogue, refs, block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features, interpret=interpret)
+                        m_rows=m_rows, n_features=n_features, interpret=interpret,
+                        staged=staged_epilogue)
     return
   outputs = common.reduced_output_refs(refs, split_k)
   tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
@@ -508,7 +511,7 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
             predecode: bool = False, block_m: int = 128, block_n: int = 128, split_k: int = 1,
             num_warps: int = 8, num_stages: int = 3, interpret: bool = False,
             out_dtype=jnp.float32, activation=None, stream_k: int = 0,
-            whole_waves: bool = False):
+            whole_waves: bool = False, staged_epilogue: bool = False):
   """y = (x @ decode(weight)) * row_scale[:, None] * weight.column_scale(dot_kind) + bias,
   then the output activation (None or 'gelu_tanh', numerics/activation.py) in the epilogue
   (compiled: with the GPU's tanh.approx, ~2^-11 relative; interpret mode: the float32-accurate
@@ -516,7 +519,9 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   last program of each output tile adds the partials, int32 exactly for the int8 dot, and
   applies the epilogue).  stream_k > 0 (split_k 1): a stream-K launch of at most that many
   programs sharing the (tiles x K tiles) iterations evenly (common.run_stream_k); whole_waves:
-  whole waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule).
+  whole waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule);
+  staged_epilogue: whole tiles too are finished from a scratch slot in column chunks
+  (common.run_stream_k: fewer registers for this kernel's bf16 tile).
 
   x: (M, K) of the dot kind's dtype (int8 / float8_e4m3fn / bfloat16); row_scale: (M,) float32
   (ones for W4A16); weight: PackedFp4Weight -> (M, N) out_dtype.
@@ -530,7 +535,7 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
   common.check_block("block_m", block_m)
   common.check_block("block_n", block_n)
   common.check_split_k(split_k)
-  common.check_stream_k(stream_k, split_k)
+  common.check_stream_k(stream_k, split_k, staged_epilogue)
   col_scale = weight.column_scale(dot_kind)
   bias = _bias_or_zeros(bias, weight.n_features)
   row_scale = row_scale.astype(jnp.float32)
@@ -556,10 +561,11 @@ def fp4_mma(x, row_scale, weight: PackedFp4Weight, bias=None, *, dot_kind: str,
                                         block_n=block_n, programs=stream_k,
                                         data_parallel=whole_waves)
     return common.launch_matmul_stream_k(
-        functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
-        m_rows=x.shape[0], n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name=f"fp4_mma_{dot_kind}_stream_k", partial_dtype=acc_dtype_for(dot_kind))
+        functools.partial(kernel, stream_k=schedule, staged_epilogue=staged_epilogue), operands,
+        schedule=schedule, m_rows=x.shape[0], n_features=weight.n_features,
+        out_dtype=out_dtype, block_m=block_m, block_n=block_n, num_warps=num_warps,
+        num_stages=num_stages, interpret=interpret, name=f"fp4_mma_{dot_kind}_stream_k",
+        partial_dtype=acc_dtype_for(dot_kind))
   return common.launch_matmul_reduced_in_kernel(
       kernel, operands, m_rows=x.shape[0],
       n_features=weight.n_features, out_dtype=out_dtype, block_m=block_m, block_n=block_n,

@@ -126,7 +126,8 @@ def _decode_tile_per_element(codebook_ref, packed_ref, *, bits, sub_dim, k_start
 
 def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int, sub_dim: int,
                      block_m: int, block_n: int, block_k: int, split_k: int, interpret: bool,
-                     stream_k: common.StreamKSchedule | None = None):
+                     stream_k: common.StreamKSchedule | None = None,
+                     staged_epilogue: bool = False):
   """One (block_m, block_n) tile of y = x @ W + b, or (stream_k) one stream-K program's share.
 
   x_ref: (M, K); codebook_ref: (k * d,) bf16 flat codebook; packed_ref: (rows, N) uint8;
@@ -168,7 +169,8 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
 
   if stream_k is not None:
     common.run_stream_k(stream_k, compute, add_bias, refs, block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features, interpret=interpret)
+                        m_rows=m_rows, n_features=n_features, interpret=interpret,
+                        staged=staged_epilogue)
     return
   outputs = common.reduced_output_refs(refs, split_k)
   tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
@@ -182,10 +184,11 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
 
 @functools.partial(jax.jit, static_argnames=["block_m", "block_n", "block_k", "split_k",
                                              "num_warps", "num_stages", "interpret",
-                                             "stream_k", "whole_waves"])
+                                             "stream_k", "whole_waves", "staged_epilogue"])
 def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, block_n: int = 64,
               block_k: int = 64, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-              interpret: bool = False, stream_k: int = 0, whole_waves: bool = False):
+              interpret: bool = False, stream_k: int = 0, whole_waves: bool = False,
+              staged_epilogue: bool = False):
   """Pallas VQ matmul (paths vq_tiled / vq_splitk).
 
   x: (M, K), codebook: (k, d), packed_indices: (packed rows, N) uint8, bias: (N,) or None
@@ -193,13 +196,14 @@ def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, bloc
   same launch (see module doc).  stream_k > 0: a stream-K launch of at most that many programs
   (common.run_stream_k; split_k must be 1): each takes an even share of the (tiles x K tiles)
   iterations, so a launch with fewer tiles than SMs x 2 still fills them; whole_waves: whole
-  waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule).
+  waves of tiles data-parallel first, stream-K for the rest (common.stream_k_schedule);
+  staged_epilogue: whole tiles too are finished from a scratch slot in column chunks.
   """
   bits, sub_dim, n_features = _check_vq_operands(x, codebook, packed_indices, bias)
   for name, size in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
     common.check_block(name, size)
   common.check_split_k(split_k)
-  common.check_stream_k(stream_k, split_k)
+  common.check_stream_k(stream_k, split_k, staged_epilogue)
   bias = jnp.zeros((n_features,), jnp.float32) if bias is None else bias.astype(jnp.float32)
   operands = (x, codebook.astype(jnp.bfloat16).reshape(-1), packed_indices, bias)
   kernel = functools.partial(vq_matmul_kernel, bits=bits, sub_dim=sub_dim, block_m=block_m,
@@ -210,10 +214,10 @@ def vq_matmul(x, codebook, packed_indices, bias=None, *, block_m: int = 64, bloc
                                         block_m=block_m, block_n=block_n, programs=stream_k,
                                         data_parallel=whole_waves)
     return common.launch_matmul_stream_k(
-        functools.partial(kernel, stream_k=schedule), operands, schedule=schedule,
-        m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype, block_m=block_m,
-        block_n=block_n, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
-        name="vq_matmul_stream_k")
+        functools.partial(kernel, stream_k=schedule, staged_epilogue=staged_epilogue), operands,
+        schedule=schedule, m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype,
+        block_m=block_m, block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+        interpret=interpret, name="vq_matmul_stream_k")
   return common.launch_matmul_reduced_in_kernel(
       kernel, operands, m_rows=x.shape[0], n_features=n_features, out_dtype=x.dtype,
       block_m=block_m, block_n=block_n, split_k=split_k, num_warps=num_warps,
