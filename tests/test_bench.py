@@ -372,6 +372,60 @@ def test_sass_loop_classes_and_issue_floor():
   assert triton_ptx.sass_loop_classes("        /*0000*/                   EXIT ;") == {}  # no loop
 
 
+NESTED_SASS = """
+.L_x_1:
+        /*0000*/                   IMAD R2, R3, R4, R5 ;
+.L_x_2:
+        /*0010*/                   LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64] ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24 ;
+        /*0030*/               @P0 BRA `(.L_x_2) ;
+        /*0040*/                   STG.E [R6], R24 ;
+.L_x_3:
+        /*0050*/                   LDG.E R8, desc[UR4][R10.64] ;
+        /*0060*/                   FADD R9, R9, R8 ;
+        /*0070*/                   IADD3 R10, R10, 0x4, RZ ;
+        /*0080*/                   IADD3 R11, R11, 0x1, RZ ;
+        /*0090*/                   ISETP.NE.AND P1, PT, R11, R12, PT ;
+        /*00a0*/               @P1 BRA `(.L_x_3) ;
+        /*00b0*/               @P2 BRA `(.L_x_1) ;
+        /*00c0*/                   EXIT ;
+"""
+
+
+def test_main_loop_is_the_innermost_tensor_core_loop():
+  """A stream-K kernel's SASS / PTX: a loop over tiles holding the K loop (tensor-core
+  instructions) and a longer fix-up loop without them: the main loop is the K loop."""
+  from dit_quant_jax.bench import triton_ptx
+  loop = triton_ptx.sass_loop_classes(NESTED_SASS)
+  assert loop["tensor"] == 1 and loop["issue"] == 3, loop  # LDGSTS, HGMMA, BRA
+  ptx = "\n".join([
+      "$L__BB0_1:", "add.s32 %r1, %r1, 1;",
+      "$L__BB0_2:", "cp.async.cg.shared.global [%r2], [%rd1], 16;",
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd2, %rd3;",
+      "@%p1 bra $L__BB0_2;",
+      "$L__BB0_3:", "ld.global.f32 %f2, [%rd4];", "add.f32 %f3, %f3, %f2;",
+      "add.s64 %rd4, %rd4, 4;", "add.s32 %r5, %r5, 1;", "setp.ne.s32 %p2, %r5, %r6;",
+      "@%p2 bra $L__BB0_3;",
+      "@%p3 bra $L__BB0_1;"])
+  body = triton_ptx.k_loop_body(ptx)
+  assert "wgmma" in body and "ld.global" not in body, body
+  assert triton_ptx.per_k_step_counts(ptx)["step_cp_async"] == 1
+  # without tensor-core loops: the longest region, as before
+  plain = triton_ptx.sass_loop_classes(NESTED_SASS.replace(
+      "HGMMA.64x128x16.F32.BF16 R24, gdesc[UR8], R24", "FMUL R24, R24, R25"))
+  assert plain["issue"] == 12, plain  # .L_x_1's whole body
+
+
+def test_no_stream_k_variants_pass_the_correctness_check():
+  """The benchmark's tiled launches without stream-K (timed beside the dispatched stream-K
+  choice) compute the same function as their references (interpret mode here)."""
+  import jax
+  names = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k")
+  rows = kernels.correctness_pass((128, 256, 128), True, jax.random.PRNGKey(5), names=names)
+  assert {row["kernel"] for row in rows} == set(names)
+  assert all(row["ok"] for row in rows), rows
+
+
 def test_issue_floor_counts_the_busiest_sm():
   from dit_quant_jax.bench import triton_ptx
   loop = dict(issue=100, int=10, fp32=10, convert=0, memory=10)

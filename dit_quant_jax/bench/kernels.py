@@ -68,6 +68,10 @@ VARIANTS = {
     "vq_w2_splitk": "VQ W2, split-K kernel (GEMV path) forced",
     "vq_w2_tiled": "VQ W2, tiled kernel forced",
     "vq_w2_dequant_dot": "VQ W2, XLA decode to bf16 + bf16 dot forced",
+    "vq_w2_no_stream_k": "VQ W2, tiled kernel forced, its best launch without stream-K "
+                         "(against vq_w2 where the dispatcher streams)",
+    "fp4_w4a16_no_stream_k": "fp4_w4a16's Triton kernel forced, its best launch without "
+                             "stream-K",
     "w4a16": "FP4 E2M1 weights, bf16 activations, Pallas",
     "w4a8": "FP4 weights, FP8 E4M3 per-token activations (pre-quantized), Pallas",
     "w4a4": "FP4 weights, 4-bit per-token activations (pre-quantized), int8 dot, Pallas",
@@ -305,6 +309,23 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
         vq.vq_matmul_reference, (ops["x"], codebook, packed, ops["bias"]), flops,
         x_bytes + packed.nbytes + codebook.nbytes + out_bytes)
     paths[name] = f"{choice.path} {_config_text(config)}"
+  # the tiled kernels' best launch without stream-K (forced: at small M they are timed too)
+  cls = dispatch.device_class()
+  config = dispatch.default_config("vq", "vq_tiled", m_rows, k_features, n_features, cls,
+                                   stream_k=False)
+  codebook, packed = ops["vq_w2"]
+  calls["vq_w2_no_stream_k"] = (
+      functools.partial(vq.run_path, "vq_tiled", config=config, interpret=interpret),
+      vq.vq_matmul_reference, (ops["x"], codebook, packed, ops["bias"]), flops,
+      x_bytes + packed.nbytes + codebook.nbytes + out_bytes)
+  paths["vq_w2_no_stream_k"] = f"vq_tiled {_config_text(config)}"
+  config = fm.default_mma_config(m_rows, n_features, k_features, dot_kind="bf16",
+                                 predecode=False, stream_k=False)
+  calls["fp4_w4a16_no_stream_k"] = (
+      functools.partial(fm.PATHS["w4a16"]["triton_bf16"], config=config),
+      fm.PATHS["w4a16"]["reference"], (ops["x"], ops["fp4_weight"], ops["bias"]), flops,
+      x_bytes + ops["fp4_weight"].tiles.nbytes + 4 * n_features + out_bytes)
+  paths["fp4_w4a16_no_stream_k"] = f"triton_bf16 {_config_text(config)}"
   calls["w4a16"] = (
       jax.jit(functools.partial(fm.w4a16_matmul, **options("w4a16"))),
       jax.jit(fm.w4a16_matmul_reference),
@@ -435,7 +456,8 @@ CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_ti
                    "fp4_w4a16": 2e-2, "fp4_w4a8": 2e-2, "fp4_w4a4": 2e-2,
                    "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2, "gemm_triton_int8": 1e-2,
                    "gemm_triton_int8_inloop": 1e-2,
-                   "gemm_mosaic_int8": 1e-2, "gemm_mosaic_fp8": 1e-2}
+                   "gemm_mosaic_int8": 1e-2, "gemm_mosaic_fp8": 1e-2,
+                   "vq_w2_no_stream_k": 2e-2, "fp4_w4a16_no_stream_k": 2e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 
 
@@ -490,9 +512,10 @@ def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: floa
     return roofline.fp4_path_floor("w4a4", path, m_rows, k_features, n_features, peaks,
                                    hadamard.hadamard_block_order(k_features),
                                    norm_fused=name.endswith("_ln"))["floor_s"]
-  if name in VQ_CONFIGS or name in VQ_FORCED:
+  if name in VQ_CONFIGS or name in VQ_FORCED or name == "vq_w2_no_stream_k":
     codewords, sub_dim = VQ_CONFIGS.get(name, VQ_CONFIGS["vq_w2"])
-    path = VQ_FORCED.get(name) or dispatch.choose("vq", m_rows, k_features, n_features).path
+    path = (VQ_FORCED.get(name) or ("vq_tiled" if name == "vq_w2_no_stream_k" else None)
+            or dispatch.choose("vq", m_rows, k_features, n_features).path)
     return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
                                   sub_dim)["floor_s"]
   eight_bit = ("w4a4", "w4a4_e2e", "w4a8", "fp4_w4a8", "fp4_w4a4") + GEMM_VARIANTS

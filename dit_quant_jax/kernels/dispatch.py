@@ -397,9 +397,16 @@ VQ_TILED_MAX_SPLIT = 8
 VQ_W2_INDEX_BYTES = 0.25  # one 8-bit index per 4 weights (the codebook rows stay in L1)
 
 
+def without_stream_k(options) -> tuple:
+  """The options with stream-K turned off (the tiled launches only: what a benchmark times the
+  stream-K choice against)."""
+  return tuple(option._replace(can_stream_k=False) for option in options)
+
+
 def default_config(op: str, path: str, m_rows: int, k_features: int, n_features: int,
-                   cls: str = "hopper") -> dict:
-  """Tile config of a Pallas path at one shape (empty for XLA paths)."""
+                   cls: str = "hopper", stream_k: bool = True) -> dict:
+  """Tile config of a Pallas path at one shape (empty for XLA paths); stream_k=False: the
+  best tiled launch (no stream-K candidates)."""
   del op
   if path.endswith("_splitk"):
     # Memory-bound: one thin M tile (the weight is streamed once), 64 x 128 decoded tiles in
@@ -420,7 +427,8 @@ def default_config(op: str, path: str, m_rows: int, k_features: int, n_features:
       # Token rows: the tile and K split (reduced in the launch) whose busiest SM finishes
       # first (tail_tiles), counting the partials' bytes; 128 x 128 where it ties.
       moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
-      choice = tail_tiles(m_rows, k_features, n_features, cls, VQ_TILED_OPTIONS, block_k=64,
+      options = VQ_TILED_OPTIONS if stream_k else without_stream_k(VQ_TILED_OPTIONS)
+      choice = tail_tiles(m_rows, k_features, n_features, cls, options, block_k=64,
                           moved_bytes=moved, max_split=VQ_TILED_MAX_SPLIT,
                           operand_bytes=(2.0, VQ_W2_INDEX_BYTES))
       return dict(choice.config(), block_k=64)

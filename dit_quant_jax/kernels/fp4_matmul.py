@@ -502,7 +502,7 @@ FP8_PREDECODED_OPTIONS = (dispatch.TileOption(64, 128, 8, 3, can_split=False, is
 
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
                        device: str | None = None, dot_kind: str | None = None,
-                       predecode: bool = True) -> dict:
+                       predecode: bool = True, stream_k: bool = True) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
   with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).  The
@@ -518,7 +518,8 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   and tensor cores take turns: static report).  So does the int8 one (its packed decode: 239
   SASS per warp-step, 128 registers, 56 KB; 245 and 80 KB with 3 stages).
   device: 'hopper' | 'ampere' | None (None: the local device; CPU counts as hopper so the tests
-  exercise the Hopper configs)."""
+  exercise the Hopper configs).  stream_k=False: the best tiled launch (W4A16's stream-K
+  candidate left out: what the benchmark times it against)."""
   if device is None:
     device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
   if m_rows > 64:
@@ -529,8 +530,10 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
       # weights' 4-bit bytes, x, the bf16 output and the split's float32 partials in DRAM, and
       # each tile's x rows and 4-bit columns through L2.
       moved = k_features * n_features / 2 + 2 * m_rows * (k_features + n_features)
+      options = (W4A16_TILED_OPTIONS if stream_k
+                 else dispatch.without_stream_k(W4A16_TILED_OPTIONS))
       return dispatch.tail_tiles(
-          m_rows, k_features, n_features, device, W4A16_TILED_OPTIONS, block_k=fp4_mma.TILE_K,
+          m_rows, k_features, n_features, device, options, block_k=fp4_mma.TILE_K,
           moved_bytes=moved, max_split=W4A16_TILED_MAX_SPLIT, operand_bytes=(2.0, 0.5)).config()
     if device == "hopper" and dot_kind == "fp8" and predecode:
       # the E4M3 image (1 B) and x's (1 B) through L2 against each option's K-loop time
