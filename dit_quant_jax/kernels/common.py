@@ -491,6 +491,29 @@ def run_stream_k(schedule: StreamKSchedule, compute, epilogue, refs, *, block_m:
   lax.fori_loop(first_tile, stop_tile, tile_body, np.int32(0))
 
 
+def run_matmul_program(compute, epilogue, refs, *, block_m: int, block_n: int, block_k: int,
+                       m_rows: int, k_features: int, n_features: int, split_k: int,
+                       stream_k: StreamKSchedule | None, staged: bool, interpret: bool) -> None:
+  """The body of a program of a tiled matmul kernel, from its per-tile parts:
+  ``compute(tile, first, end)`` (the accumulator over K tiles [first, end)) and
+  ``epilogue(acc, tile)`` (scales, bias, activation on a tile or a column chunk of one).
+  stream_k: a stream-K program (:func:`run_stream_k`); otherwise the program's (block_m,
+  block_n) tile of the grid and its K split, finished by :func:`finish_tile_reduced_in_kernel`
+  (refs: launch_matmul_stream_k's or launch_matmul_reduced_in_kernel's output refs)."""
+  if stream_k is not None:
+    run_stream_k(stream_k, compute, epilogue, refs, block_m=block_m, block_n=block_n,
+                 m_rows=m_rows, n_features=n_features, interpret=interpret, staged=staged)
+    return
+  outputs = reduced_output_refs(refs, split_k)
+  tile = tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
+                 m_rows=m_rows, n_features=n_features)
+  first, end = k_tile_range(k_features, block_k, split_k)
+  finish_tile_reduced_in_kernel(
+      compute(tile, first, end), lambda acc: epilogue(acc, tile), outputs, split_k=split_k,
+      m_rows=m_rows, row_start=tile.row_start, col_start=tile.col_start,
+      row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
+
+
 def check_split_k(split_k: int) -> None:
   if not isinstance(split_k, int) or split_k < 1:
     raise ValueError(f"split_k must be a positive integer, got {split_k!r}")

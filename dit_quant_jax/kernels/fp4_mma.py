@@ -465,19 +465,10 @@ def fp4_mma_kernel(x_ref, row_scale_ref, tiles_ref, col_scale_ref, bias_ref, *re
     return _scale_and_bias(acc, row_scale, col_scale, bias, activation,
                            common.tanh_approx if approx_tanh else None)
 
-  if stream_k is not None:
-    common.run_stream_k(stream_k, compute, epilogue, refs, block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features, interpret=interpret,
-                        staged=staged_epilogue)
-    return
-  outputs = common.reduced_output_refs(refs, split_k)
-  tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features)
-  first, end = common.k_tile_range(k_features, TILE_K, split_k)
-  common.finish_tile_reduced_in_kernel(
-      compute(tile, first, end), lambda acc: epilogue(acc, tile), outputs, split_k=split_k,
-      m_rows=m_rows, row_start=tile.row_start, col_start=tile.col_start,
-      row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
+  common.run_matmul_program(compute, epilogue, refs, block_m=block_m, block_n=block_n,
+                            block_k=TILE_K, m_rows=m_rows, k_features=k_features,
+                            n_features=n_features, split_k=split_k, stream_k=stream_k,
+                            staged=staged_epilogue, interpret=interpret)
 
 
 def _scale_and_bias(acc, row_scale, col_scale, bias, activation=None, tanh=None):

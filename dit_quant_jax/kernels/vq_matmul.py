@@ -167,19 +167,10 @@ def vq_matmul_kernel(x_ref, codebook_ref, packed_ref, bias_ref, *refs, bits: int
     width = acc.shape[1]
     return acc + common.load_vector(bias_ref, tile.col_start, width, tile.col_mask)[None, :]
 
-  if stream_k is not None:
-    common.run_stream_k(stream_k, compute, add_bias, refs, block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features, interpret=interpret,
-                        staged=staged_epilogue)
-    return
-  outputs = common.reduced_output_refs(refs, split_k)
-  tile = common.tile_at(pl.program_id(0), pl.program_id(1), block_m=block_m, block_n=block_n,
-                        m_rows=m_rows, n_features=n_features)
-  first, end = common.k_tile_range(k_features, block_k, split_k)
-  common.finish_tile_reduced_in_kernel(
-      compute(tile, first, end), lambda acc: add_bias(acc, tile), outputs, split_k=split_k,
-      m_rows=m_rows, row_start=tile.row_start, col_start=tile.col_start,
-      row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
+  common.run_matmul_program(compute, add_bias, refs, block_m=block_m, block_n=block_n,
+                            block_k=block_k, m_rows=m_rows, k_features=k_features,
+                            n_features=n_features, split_k=split_k, stream_k=stream_k,
+                            staged=staged_epilogue, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=["block_m", "block_n", "block_k", "split_k",
