@@ -317,6 +317,15 @@ def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():
   from dit_quant_jax.kernels import fp4_mosaic
   assert kernels._times_at("gemm_mosaic_int8", 4096, 1152, 1152) == fp4_mosaic.available()
   assert not kernels._times_at("gemm_mosaic_fp8", 1032, 1152, 1152)  # M not a tile multiple
+  # the best tiled launch: timed where the dispatched one runs stream-K (an H100's table)
+  from dit_quant_jax.kernels import common
+  with common.target_gpu():
+    assert kernels._times_at("vq_w2_no_stream_k", 1024, 4608, 1152)
+    assert not kernels._times_at("vq_w2_no_stream_k", 16, 4608, 1152)  # the split-K GEMV
+    assert not kernels._times_at("vq_w2_no_stream_k", 4096, 1152, 4608)  # 1152 tiles: tiled
+    assert kernels._times_at("fp4_w4a16_no_stream_k", 1024, 4608, 1152)
+    assert not kernels._times_at("fp4_w4a16_no_stream_k", 4096, 1152, 4608)
+  assert not kernels._times_at("vq_w2_no_stream_k", 1024, 4608, 1152)  # CPU: XLA at M > 256
 
 
 def test_gemm_variants_pass_the_correctness_check():

@@ -539,12 +539,31 @@ def gemm_variant_runs(name: str, m_rows: int, k_features: int, n_features: int) 
   return name not in MOSAIC_VARIANTS or mosaic_fits(m_rows, k_features, n_features)
 
 
+NO_STREAM_K_VARIANTS = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k")
+
+
+def dispatched_stream_k(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
+  """Whether the dispatched launch that a *_no_stream_k variant is the alternative to (vq_w2's
+  tiled kernel, fp4_w4a16's Triton kernel) runs stream-K at this shape on this device."""
+  if name == "vq_w2_no_stream_k":
+    choice = dispatch.choose("vq", m_rows, k_features, n_features)
+    return choice.path == "vq_tiled" and bool(choice.config.get("stream_k"))
+  if dispatch.choose("w4a16", m_rows, k_features, n_features).path != "triton_bf16":
+    return False
+  config = fm.default_mma_config(m_rows, n_features, k_features, dot_kind="bf16",
+                                 predecode=False)
+  return bool(config.get("stream_k"))
+
+
 def _times_at(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
   """The LayerNorm variants (bf16_ln, *_ln) are timed at the DiT-XL/2 shapes whose input is a
   LayerNorm (qkv, fc1) only, to keep the GPU stage within its time box; any other shape
-  (smoke runs, --shapes) times every variant."""
+  (smoke runs, --shapes) times every variant.  The *_no_stream_k variants are timed where the
+  launch they are the alternative to runs stream-K (dispatched_stream_k)."""
   if name in GEMM_VARIANTS:
     return gemm_variant_runs(name, m_rows, k_features, n_features)
+  if name in NO_STREAM_K_VARIANTS:  # only where the dispatched launch is stream-K
+    return dispatched_stream_k(name, m_rows, k_features, n_features)
   if name != LN_BASELINE and not name.endswith("_ln"):
     return True
   shape = (k_features, n_features)
