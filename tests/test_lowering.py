@@ -361,3 +361,46 @@ def test_dit_xl2_step_lowers_for_h100_with_the_dispatched_kernels(dit_block_step
     text = triton_ptx.export_for_gpu(step, *args).mlir_module()
   has_triton = any(target in text for target in triton_ptx.TRITON_CALL_TARGETS)
   assert has_triton == bool(DIT_BLOCK_CALLS[variant])
+
+
+@pytest.mark.parametrize("op,m_rows,k_features,n_features,whole_waves", [
+    ("vq", 1024, 4608, 1152, False), ("vq", 4096, 1152, 1152, True),
+    ("w4a16", 1024, 4608, 1152, False), ("w4a16", 4096, 1152, 1152, True)])
+def test_stream_k_kernels_keep_two_ctas_per_sm(op, m_rows, k_features, n_features,
+                                               whole_waves):
+  """The stream-K launches on sm_90a (plain, and after whole data-parallel waves): bf16 wgmma,
+  no spills, one atomic (the fix-up), 2 CTAs per SM (VQ's fix-up sums 32 columns at a time;
+  W4A16's whole tiles go through the slots too), tensor-bound, and the main loop found is the
+  K loop inside the tile loop (its async copies, no scalar loads)."""
+  import functools
+
+  import jax.numpy as jnp
+  from dit_quant_jax.kernels import dispatch, fp4_matmul, fp4_mma
+  config = dict(block_m=128, block_n=128, split_k=1, num_warps=8, stream_k=264,
+                whole_waves=whole_waves)
+  if op == "vq":
+    config.update(block_k=64, num_stages=3)
+    fn = jax.jit(functools.partial(vq.vq_matmul, **config))
+    avals = static_report.vq_avals(m_rows, k_features, n_features)
+    name = f"vq_w2 {k_features}x{n_features} M={m_rows}"
+  else:
+    config.update(num_stages=2, staged_epilogue=True)
+    weight = fp4_mma.PackedFp4Weight(
+        jax.ShapeDtypeStruct((n_features, k_features // 2), jnp.uint8),
+        jax.ShapeDtypeStruct((n_features,), jnp.float32), "e2m1", k_features)
+    fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind="bf16", predecode=False,
+                                   out_dtype=jnp.bfloat16, **config))
+    avals = (jax.ShapeDtypeStruct((m_rows, k_features), jnp.bfloat16),
+             jax.ShapeDtypeStruct((m_rows,), jnp.float32), weight)
+    name = f"fp4_mma_bf16 M={m_rows} K={k_features} N={n_features}"
+    # the option the dispatcher weighs is this one
+    assert fp4_matmul.W4A16_TILED_OPTIONS[0].staged_epilogue
+  (stats,) = static_report.case_stats(fn, avals, config, 90, name)
+  assert stats["wgmma"] > 0 and any("bf16" in t for t in stats["wgmma_types"]), stats
+  assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, stats
+  assert stats["ctas_per_sm"] >= 2 and stats["atom"] == 1, stats
+  assert stats["issue_bound"] == "tensor", stats
+  assert stats["step_cp_async"] >= 2 and stats["step_ld_global"] <= 2, stats
+  schedule = dispatch.stream_k_schedule(m_rows, k_features, n_features, 128, 128,
+                                        config.get("block_k", fp4_mma.TILE_K), 264, whole_waves)
+  assert stats["grid"] == (schedule.programs,) and bool(schedule.whole_tiles) == whole_waves

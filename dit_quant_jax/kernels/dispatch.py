@@ -330,9 +330,9 @@ def tail_tiles(m_rows: int, k_features: int, n_features: int, cls: str, options,
   DRAM and L2.
   ``options``: the TileOptions whose compiled main loop is tensor-bound at 2 CTAs per SM
   (static report), in order of preference (ties go to the earlier one, then to the smaller
-  split, then to the tiled launch, then to plain stream-K).  A split or a stream-K launch must save more than
-  SPLIT_MARGIN: the cost leaves out the partials' read-back latency and the last program's
-  sum.
+  split, then to the tiled launch, then to plain stream-K).  A split or a stream-K launch
+  must save more than SPLIT_MARGIN: the cost leaves out the partials' read-back latency and
+  the last program's sum.
 
   E.g. VQ W2 1152x1152 at M = 4096 on an H100: 288 tiles of 128 x 128 put 3 on the busiest
   SM where the even share is 2.2; 576 of 128 x 64 put 5 half-size ones there (2.5); stream-K
