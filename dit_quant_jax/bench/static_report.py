@@ -348,6 +348,8 @@ def with_issue_floors(floor: dict, op: str, path: str, m_rows: int, k_features: 
 
 
 _DOT_KIND = {"triton_int8": "int8", "triton_fp8": "fp8", "triton_bf16": "bf16"}
+# Stream-K launch keys of a config, left out of the report's config cells where off.
+_STREAM_K_KEYS = ("stream_k", "whole_waves", "staged_epilogue")
 
 
 def path_partial_bytes(op: str, path: str, m_rows: int, k_features: int, n_features: int,
@@ -649,7 +651,8 @@ def markdown(result: dict, header_lines) -> str:
               "speedup |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-      config = " ".join(f"{k}={v}" for k, v in row["config"].items() if k != "path")
+      config = " ".join(f"{k}={v}" for k, v in row["config"].items()
+                        if k != "path" and not (k in _STREAM_K_KEYS and not v))
       floor, bf16_floor, speedup = row["floors"]
       if not row["stats"]:
         lines.append(f"| {row['name']} | {row['path']} | XLA | cuBLAS bf16 GEMM (not a Triton "
