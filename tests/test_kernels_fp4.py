@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from dit_quant_jax.kernels import act_quant as aq
+from dit_quant_jax.kernels import common
 from dit_quant_jax.kernels import fp4_matmul as fmm
 from dit_quant_jax.kernels import fp4_mma
 from dit_quant_jax.numerics import fp4
@@ -310,6 +311,23 @@ def test_fp8_dot_gets_its_hopper_tiles_at_run_time():
   x = jnp.zeros((256, 256), jnp.float32)
   assert fmm._mma_options(x, weight, None, "fp8")["block_m"] == 64
   assert fmm._mma_options(x, weight, None, "int8")["block_m"] == 128
+
+
+def test_a_split_asked_for_replaces_the_stream_k_launch():
+  """W4A16 fc2 at M = 1024 dispatches stream-K with the staged epilogue (Hopper table; CPU
+  counts as Hopper); a config that asks for a K split gets a plain split launch, one that
+  names stream_k keeps it."""
+  rng = _rng(6)
+  weight, _ = _weight(rng, 4608, 1152, "e2m1")
+  x = jax.ShapeDtypeStruct((1024, 4608), jnp.bfloat16)
+  dispatched = fmm._mma_options(x, weight, None, "bf16", predecode=False)
+  assert (dispatched["stream_k"], dispatched["staged_epilogue"]) == (264, True)
+  split = fmm._mma_options(x, weight, {"split_k": 2}, "bf16", predecode=False)
+  assert (split["split_k"], split["stream_k"], split["whole_waves"],
+          split["staged_epilogue"]) == (2, 0, False, False)
+  common.check_stream_k(split["stream_k"], split["split_k"], split["staged_epilogue"])
+  kept = fmm._mma_options(x, weight, {"stream_k": 8}, "bf16", predecode=False)
+  assert (kept["stream_k"], kept["split_k"]) == (8, 1)
 
 
 def test_fuses_row_norm_names_real_paths():

@@ -577,7 +577,8 @@ def _mma_options(x, weight, config, dot_kind=None, predecode=True):
                                dot_kind=dot_kind, predecode=predecode)
   overrides = {k: v for k, v in (config or {}).items() if k in options}
   if overrides.get("split_k", 1) > 1 and "stream_k" not in overrides:
-    overrides["stream_k"] = 0  # a K split asked for replaces the dispatcher's stream-K
+    # a K split asked for replaces the dispatcher's stream-K launch
+    overrides.update(stream_k=0, whole_waves=False, staged_epilogue=False)
   options.update(overrides)
   return options
 

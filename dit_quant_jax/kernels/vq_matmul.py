@@ -10,7 +10,9 @@ Three paths, chosen per shape by :mod:`dit_quant_jax.kernels.dispatch`:
   one layer; the decode costs one pass over the indices and one bf16 write of the weight, which
   the dot amortises over M rows.
 * ``vq_tiled`` (mid M; every M > 64 on Hopper, where two CTAs per SM overlap one's decode with
-  the other's wgmma): a Pallas kernel; each program owns a (block_m, block_n) output tile and
+  the other's wgmma; there, where the 128 x 128 tiles leave a short last wave, as a stream-K
+  launch: common.run_stream_k): a Pallas kernel; each program owns a (block_m, block_n) output
+  tile (stream-K: an even share of the launch's K iterations, across tiles) and
   per K step decodes its (block_k, block_n) weight tile once: the tile's indices are read as a
   contiguous block (rows of N bytes: wide loads), each index gathers its whole d-vector from the
   bf16 codebook (one d * 2-byte load per index, not d loads), and one bf16 ``dot`` with float32
@@ -282,7 +284,8 @@ def vq_linear(x, codebook, packed_indices, bias=None, *, impl: str = "auto", pat
                                                              packed_indices.shape[1]))
     config = dict(choice.config, **kernel_options)
     if kernel_options.get("split_k", 1) > 1 and "stream_k" not in kernel_options:
-      config["stream_k"] = 0  # a K split asked for replaces the dispatcher's stream-K
+      # a K split asked for replaces the dispatcher's stream-K launch
+      config.update(stream_k=0, whole_waves=False, staged_epilogue=False)
     y = run_path(choice.path, x2d, codebook, packed_indices, bias, config, interpret)
   else:
     y = vq_matmul_reference(x2d, codebook, packed_indices, bias)
