@@ -43,7 +43,8 @@ fi
 # Stages in the order of what the issue needs most, so a run cut short by the call's own time
 # limit keeps the most: the timed table (with the correctness pass at the DiT-XL/2 shapes), the
 # DiT-XL/2 step, the calibration throughput, then the compiled kernel tests.
-# 3 + 4. Correctness at 256 x 1152 x 1152 with the dispatcher's paths, then the timed table:
+# 3 + 4. Correctness at 256 x 1152 x 1152 and 1024 x 4608 x 1152 (stream-K on Hopper) with the
+# dispatcher's paths (bench/kernels.CHECK_SHAPES), then the timed table:
 # the dispatched variants and the alternatives a decision needs (the XLA decode + dot paths, the
 # best tiled launch where the dispatcher chose stream-K, the GEMM alone in Triton and in Mosaic
 # GPU) at the DiT-XL/2 shapes and M, speedup over the bf16
