@@ -514,6 +514,16 @@ def run_matmul_program(compute, epilogue, refs, *, block_m: int, block_n: int, b
       row_mask=tile.row_mask, col_mask=tile.col_mask, interpret=interpret)
 
 
+def split_replaces_stream_k(config: dict, asked: dict) -> dict:
+  """config with a caller's overrides ``asked`` applied; a K split asked for without naming
+  stream_k replaces the dispatcher's stream-K launch (stream_k, whole_waves, staged_epilogue
+  off)."""
+  out = dict(config, **asked)
+  if asked.get("split_k", 1) > 1 and "stream_k" not in asked:
+    out.update(stream_k=0, whole_waves=False, staged_epilogue=False)
+  return out
+
+
 def check_split_k(split_k: int) -> None:
   if not isinstance(split_k, int) or split_k < 1:
     raise ValueError(f"split_k must be a positive integer, got {split_k!r}")

@@ -575,12 +575,8 @@ def _mma_options(x, weight, config, dot_kind=None, predecode=True):
   dot gets its own Hopper tiles), overridden by the config's entries."""
   options = default_mma_config(x.shape[0], weight.n_features, weight.k_features,
                                dot_kind=dot_kind, predecode=predecode)
-  overrides = {k: v for k, v in (config or {}).items() if k in options}
-  if overrides.get("split_k", 1) > 1 and "stream_k" not in overrides:
-    # a K split asked for replaces the dispatcher's stream-K launch
-    overrides.update(stream_k=0, whole_waves=False, staged_epilogue=False)
-  options.update(overrides)
-  return options
+  return common.split_replaces_stream_k(
+      options, {k: v for k, v in (config or {}).items() if k in options})
 
 
 def _quant_options(config):

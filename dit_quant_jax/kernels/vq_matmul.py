@@ -282,10 +282,7 @@ def vq_linear(x, codebook, packed_indices, bias=None, *, impl: str = "auto", pat
       choice = dispatch.Choice(path, dispatch.default_config("vq", path, x2d.shape[0],
                                                              x2d.shape[1],
                                                              packed_indices.shape[1]))
-    config = dict(choice.config, **kernel_options)
-    if kernel_options.get("split_k", 1) > 1 and "stream_k" not in kernel_options:
-      # a K split asked for replaces the dispatcher's stream-K launch
-      config.update(stream_k=0, whole_waves=False, staged_epilogue=False)
+    config = common.split_replaces_stream_k(choice.config, kernel_options)
     y = run_path(choice.path, x2d, codebook, packed_indices, bias, config, interpret)
   else:
     y = vq_matmul_reference(x2d, codebook, packed_indices, bias)
