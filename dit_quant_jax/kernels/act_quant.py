@@ -365,16 +365,25 @@ def sylvester_unnormalized(n: int) -> np.ndarray:
 
 
 def _row_images(y, scale, act_format: str, code, image: str, reciprocal: bool = False,
-                saturate: bool = True, rounding: str = "search"):
+                saturate: bool = True, rounding: str = "search", inverse=None):
   """y: (r, c) float32 transformed values, scale: () > 0 -> the image's stored dtype tile(s).
   reciprocal: y * (1 / scale) (the kernel: one multiply per element where Triton's division
   adds a range fix-up; within an ulp of y / scale, as Triton's division itself).
   rounding: 'search' (the midpoint search, fp4.encode_int8_image's select tree; the XLA path)
   or 'magic' (the kernel: fp4.round_int_units' magic-number add where the format allows, ~2x
   fewer instructions, the same codes); saturate=False (magic only) leaves out the clamp, for
-  rows scaled by their own unclipped absmax."""
+  rows scaled by their own unclipped absmax.
+  inverse: 1 / scale, computed by the caller (scale is then unused): the kernel divides once
+  per token and broadcasts, where 1 / scale on a per-row scale vector costs a division per row
+  each thread holds (Triton's division is a reciprocal and a range fix-up, ~8 instructions)."""
+  if inverse is not None:
+    reciprocal, scale = True, None
+  def times_inverse(v, factor=np.float32(1.0)):
+    if inverse is not None:
+      return v * (factor * inverse)  # factor: 1 or a power of two, exact
+    return v * (factor / scale)
   if code is None:  # FP8 E4M3: saturate, round to nearest even by the cast
-    v = y * (np.float32(1.0) / scale) if reciprocal else y / scale
+    v = times_inverse(y) if reciprocal else y / scale
     v = jnp.clip(v, -fp4.FP8_E4M3_MAX, fp4.FP8_E4M3_MAX)
     return lax.bitcast_convert_type(v.astype(jnp.float8_e4m3fn), jnp.uint8)
   if rounding == "magic" and fp4.rounds_by_magic(code):
@@ -382,13 +391,13 @@ def _row_images(y, scale, act_format: str, code, image: str, reciprocal: bool = 
     # between them (clip_ratio >= 1): the exact product is rounded, not its float32 rounding,
     # which moves a code only for a product within half an ulp of a tie.
     multiplier = np.float32(code.multiplier)  # a power of two: folding it in is exact
-    t = y * (multiplier / scale) if reciprocal else (y / scale) * multiplier
+    t = times_inverse(y, multiplier) if reciprocal else (y / scale) * multiplier
     if image == "int8":  # the narrowing cast keeps the low byte: the two's complement integer
       return fp4.int8_image_bits(t, code, saturate).astype(jnp.int8)
     rounded = fp4.round_int_units(t, code, saturate)
     e4m3 = rounded * np.float32(code.e4m3_factor / code.multiplier)
     return lax.bitcast_convert_type(e4m3.astype(jnp.float8_e4m3fn), jnp.uint8)
-  v = y * (np.float32(1.0) / scale) if reciprocal else y / scale
+  v = times_inverse(y) if reciprocal else y / scale
   if image == "int8":
     return fp4.encode_int8_image(v, code, rounding="search").astype(jnp.int8)
   return fp4.e4m3_bits(fp4.encode_nearest_even(v, code), code).astype(jnp.uint8)
@@ -600,8 +609,8 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     absmax = jnp.max(jnp.abs(y)) * row_factor
     scale = absmax * np.float32(clip_ratio) / np.float32(max_value)
     scale = jnp.where(scale >= MIN_ROW_SCALE, scale, np.float32(1.0))
-    values = _row_images(y, scale / row_factor, act_format, code, image,
-                         reciprocal=True, saturate=saturate, rounding="magic")
+    values = _row_images(y, None, act_format, code, image, saturate=saturate,
+                         rounding="magic", inverse=row_factor / scale)
     common.store_tile(out_ref, values, token * rows_per_token, 0, row_mask, cols)
     plgpu.store(scale_ref.at[pl.ds(token, 1)], jnp.full((1,), scale / factor, jnp.float32),
                 mask=jnp.full((1,), live))
@@ -660,9 +669,10 @@ def row_quant_kernel(*refs, act_format: str, clip_ratio: float, image: str,
     for peak in peaks:
       scale = peak * row_factor * np.float32(clip_ratio) / np.float32(max_value)
       scales.append(jnp.where(scale >= MIN_ROW_SCALE, scale, np.float32(1.0)))
-    row_scale = per_row(scales)
-    values = _row_images(y, (row_scale / row_factor)[:, None], act_format, code,
-                         image, reciprocal=True, saturate=saturate, rounding="magic")
+    # One division per token (scalars), then broadcast to the rows.
+    row_inverse = per_row([row_factor / scale for scale in scales])
+    values = _row_images(y, None, act_format, code, image, saturate=saturate,
+                         rounding="magic", inverse=row_inverse[:, None])
     common.store_tile(out_ref, values, token0 * rows_per_token, 0, row_live, cols)
     stored = jnp.full((group_pad,), scales[0] / factor)
     for i in range(1, group):
