@@ -198,6 +198,29 @@ def test_quantize_rows_matches_reference(m_rows, k_features, a_order):
                                np.abs(y64).max(axis=1) * 0.9 / max_value, rtol=1e-4)
 
 
+@pytest.mark.parametrize("act_format,image", [("e2m1", "int8"), ("e1m2", "fp8"),
+                                               ("fp8_e4m3", "fp8")])
+def test_row_images_with_a_given_inverse_is_the_reciprocal_path(act_format, image):
+  """The kernel's per-token reciprocal (_row_images(inverse=)) computes what dividing by each
+  row's scale does: the same images bit for bit (the format's multiplier is a power of two, so
+  folding it into 1 / scale rounds the same), and the codes of the midpoint search but for
+  near-ties."""
+  rng = _rng(29)
+  y = jnp.asarray(rng.normal(size=(24, 64)) * np.exp(rng.normal(size=(24, 1))), jnp.float32)
+  code = None if act_format == "fp8_e4m3" else fp4.fp4_code(act_format)
+  max_value = 448.0 if code is None else code.magnitudes[-1]
+  scale = jnp.max(jnp.abs(y), axis=1) * np.float32(0.9) / np.float32(max_value)
+  inverse = np.float32(1.0) / scale
+  given = aq._row_images(y, None, act_format, code, image, rounding="magic",
+                         inverse=inverse[:, None])
+  divided = aq._row_images(y, scale[:, None], act_format, code, image, reciprocal=True,
+                           rounding="magic")
+  np.testing.assert_array_equal(np.asarray(given), np.asarray(divided))
+  searched = aq._row_images(y, scale[:, None], act_format, code, image)
+  y64 = np.asarray(y, np.float64)
+  _assert_near_ties(given, searched, y64, scale)
+
+
 @pytest.mark.parametrize("x_dtype", [jnp.float32, jnp.bfloat16])
 def test_quantize_rows_bf16_transforms(x_dtype):
   """'bf16x3' (the default: hi/lo bf16 splits) gives the float32 reference's codes and scales;
