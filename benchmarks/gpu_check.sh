@@ -50,7 +50,7 @@ fi
 # GPU) at the DiT-XL/2 shapes and M, speedup over the bf16
 # dot, roofline floor.  The earlier LUT-layout kernels (w4a16, w4a8, w4a4, w4a4_e2e,
 # act_quant) are not timed here: nothing dispatches them.
-GPU_VARIANTS=${GPU_VARIANTS:-bf16_xla,bf16_ln,fp4_w4a16,w4a16_xla,fp4_w4a8,fp4_w4a4,fp4_w4a4_had,fp4_w4a4_ln,vq_w2,vq_w2_dequant_dot,vq_w2_no_stream_k,fp4_w4a16_no_stream_k,gemm_triton_int8,gemm_triton_int8_inloop,gemm_mosaic_int8,gemm_mosaic_fp8}
+GPU_VARIANTS=${GPU_VARIANTS:-bf16_xla,bf16_ln,fp4_w4a16,w4a16_xla,fp4_w4a8,fp4_w4a4,fp4_w4a4_had,fp4_w4a4_ln,vq_w2,vq_w2_dequant_dot,vq_w2_no_stream_k,fp4_w4a16_no_stream_k,vq_w2_splitk_128,fp4_w4a16_splitk_128,gemm_triton_int8,gemm_triton_int8_inloop,gemm_mosaic_int8,gemm_mosaic_fp8}
 stage bench_linears 240 $PY experiments/bench_kernels.py --out_dir="$OUT_DIR" --nodit_step \
     --reps=10 --trials=3 --variants="$GPU_VARIANTS"
 # 5. One DiT-XL/2 sampling step (256 px, batch 8 with CFG): bf16, VQ W2, HQ-DiT W4A4, W4A8.

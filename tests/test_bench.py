@@ -325,6 +325,13 @@ def test_ln_variants_are_timed_at_the_layernorm_fed_shapes_only():
     assert not kernels._times_at("vq_w2_no_stream_k", 4096, 1152, 4608)  # 1152 tiles: tiled
     assert kernels._times_at("fp4_w4a16_no_stream_k", 1024, 4608, 1152)
     assert not kernels._times_at("fp4_w4a16_no_stream_k", 4096, 1152, 4608)
+    # the 128-column small-M launches: where the dispatched one is narrower (proj at M = 16)
+    assert kernels._times_at("vq_w2_splitk_128", 16, 1152, 1152)
+    assert kernels._times_at("fp4_w4a16_splitk_128", 16, 1152, 1152)
+    assert not kernels._times_at("vq_w2_splitk_128", 16, 1152, 3456)  # 128 columns already
+    assert not kernels._times_at("fp4_w4a16_splitk_128", 16, 1152, 6912)
+    assert not kernels._times_at("vq_w2_splitk_128", 1024, 1152, 1152)  # the tiled kernel
+    assert not kernels._times_at("fp4_w4a16_splitk_128", 1024, 1152, 1152)
   assert not kernels._times_at("vq_w2_no_stream_k", 1024, 4608, 1152)  # CPU: XLA at M > 256
 
 
@@ -425,14 +432,20 @@ def test_main_loop_is_the_innermost_tensor_core_loop():
   assert plain["issue"] == 12, plain  # .L_x_1's whole body
 
 
-def test_no_stream_k_variants_pass_the_correctness_check():
-  """The benchmark's tiled launches without stream-K (timed beside the dispatched stream-K
-  choice) compute the same function as their references (interpret mode here)."""
+def test_alternative_launches_pass_the_correctness_check():
+  """The benchmark's tiled launches without stream-K and its 128-column small-M launches
+  (timed beside the dispatched choices) compute the same function as their references
+  (interpret mode here), and the 128-column ones are the small-M kernels with 128 columns."""
   import jax
-  names = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k")
-  rows = kernels.correctness_pass((128, 256, 128), True, jax.random.PRNGKey(5), names=names)
+  names = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k", "vq_w2_splitk_128",
+           "fp4_w4a16_splitk_128")
+  rows = kernels.correctness_pass((40, 256, 160), True, jax.random.PRNGKey(5), names=names)
   assert {row["kernel"] for row in rows} == set(names)
   assert all(row["ok"] for row in rows), rows
+  ops = kernels.make_operands(jax.random.PRNGKey(6), 16, 256, 160)
+  _, paths = kernels.variant_calls(ops, 256, True, {})
+  for name in ("vq_w2_splitk_128", "fp4_w4a16_splitk_128"):
+    assert "bn128" in paths[name].split() and "bm16" in paths[name].split(), paths[name]
 
 
 def test_issue_floor_counts_the_busiest_sm():
@@ -460,6 +473,38 @@ $L__BB0_1:
 \tmma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%r2}, {%r3}, {%r4}, {%r2};
 \t@%p1 bra $L__BB0_1;
 """
+
+
+UNROLLED_SASS = """
+        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/                   IMMA.16832.S8.S8.SAT R12, R4.ROW, R8.COL, RZ ;
+        /*0020*/                   LDG.E.128 R4, desc[UR4][R2.64+0x40] ;
+        /*0030*/                   IMMA.16832.S8.S8.SAT R12, R4.ROW, R8.COL, R12 ;
+        /*0040*/                   STG.E [R6], R12 ;
+        /*0050*/                   EXIT ;
+.L_x_0:
+        /*0060*/                   BRA `(.L_x_0);
+"""
+
+
+def test_an_unrolled_k_loop_counts_the_whole_kernel_once():
+  """A K loop with a static trip count that ptxas unrolled (fp4_mma int8 at M = 16, split 1
+  of 9 K tiles): no loop holds the tensor-core instructions, so the whole kernel is counted
+  (flagged unrolled: the static report counts it as one trip), not the trailing self-branch;
+  its PTX body is the whole kernel too (loads and MMA of every step)."""
+  from dit_quant_jax.bench import static_report, triton_ptx
+  loop = triton_ptx.sass_loop_classes(UNROLLED_SASS)
+  assert loop["unrolled"] == 1 and loop["tensor"] == 2 and loop["issue"] == 7, loop
+  assert "unrolled" not in triton_ptx.sass_loop_classes(NESTED_SASS)
+  ptx = "\n".join(["ld.global.v4.u32 {%r1}, [%rd1];",
+                   "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%r2}, {%r3};",
+                   "ld.global.v4.u32 {%r1}, [%rd2];",
+                   "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32 {%r2}, {%r3};",
+                   "$L__BB0_1:", "@%p1 bra $L__BB0_1;"])
+  counts = triton_ptx.per_k_step_counts(ptx)
+  assert counts["step_mma"] == 2 and counts["step_ld_global_v4"] == 2, counts
+  stats = {f"sass_{key}": value for key, value in loop.items()}
+  assert "unrolled" in static_report._sass_text(stats)
 
 
 def test_loop_mma_work_counts_flops_per_cta_and_the_wait():

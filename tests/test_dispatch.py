@@ -103,6 +103,49 @@ def test_split_k_rule_minimises_the_busiest_sm():
   assert dispatch.choose("vq", 16, 1152, 3456, device_kind=H100).config["split_k"] == 4
 
 
+def test_small_m_launch_picks_the_column_width_with_the_split():
+  """splitk_launch against a brute force over (block_n, split): the busiest SM's K tiles at the
+  width's K-tile time vs the weights' + split's partials' DRAM bytes, the cheapest pair
+  (ties to the wider tile, then the smaller split)."""
+  bandwidth = dispatch.BANDWIDTH["hopper"]
+
+  def brute(kernel, m, k, n, block_k, weight_bytes):
+    k_tiles = math.ceil(k / block_k)
+    best = None
+    for block_n in (128, 64, 32):
+      for split in range(1, min(dispatch.MAX_SPLIT_K, k_tiles) + 1):
+        per_part = math.ceil(k_tiles / split)
+        if math.ceil(k_tiles / per_part) != split:
+          continue
+        tiles = math.ceil(m / 16) * math.ceil(n / block_n)
+        issue = (math.ceil(tiles * split / 132) * per_part
+                 * dispatch.SPLITK_K_TILE_S[kernel]["hopper"][block_n])
+        memory = (weight_bytes + (4 * m * n * split if split > 1 else 0)) / bandwidth
+        cost = max(issue, memory)
+        if best is None or cost < best[0] * (1 - 1e-9):
+          best = (cost, block_n, split)
+    return best[1:]
+
+  for k, n in DIT_XL2_SHAPES:
+    for m in (1, 8, 16):
+      vq_bytes = k * n / 4 + 2 * m * (k + n)
+      config = dispatch.choose("vq", m, k, n, device_kind=H100).config
+      assert (config["block_n"], config["split_k"]) == brute("vq", m, k, n, 64, vq_bytes)
+      fp4_bytes = k * n / 2 + m * (2 * k + 2 * n)
+      config = fp4_matmul.default_mma_config(m, n, k, "hopper", "bf16", predecode=False)
+      assert (config["block_n"], config["split_k"]) == brute("fp4_bf16", m, k, n, 128, fp4_bytes)
+  # 1152x1152 at M = 16 (9 tiles of 128 columns): VQ W2 takes 64 columns split 6 (108 programs
+  # of 3 K tiles: 0.28 us) over 128 split 9 (0.32 us: 9 x 74 KB of partials beside 0.41 MB);
+  # W4A16 takes 32 columns split 3 (0.31 us) over 128 split 9 (0.42 us).
+  vq_proj = dispatch.choose("vq", 16, 1152, 1152, device_kind=H100).config
+  assert (vq_proj["block_n"], vq_proj["split_k"]) == (64, 6)
+  w4_proj = fp4_matmul.default_mma_config(16, 1152, 1152, "hopper", "bf16", predecode=False)
+  assert (w4_proj["block_n"], w4_proj["split_k"]) == (32, 3)
+  # a wide layer keeps the 128-column tile: qkv fills the SMs with 27 tiles split 4
+  assert dispatch.splitk_launch(16, 3456, 18, "hopper", "vq", block_m=16,
+                                weight_bytes=1152 * 3456 / 4) == (128, 4)
+
+
 def test_tail_tiles_closed_forms():
   options = dispatch.VQ_TILED_OPTIONS
   # 864 tiles of 128 x 128 (qkv at M = 4096): 7 on the busiest SM (6.55); 1728 of 128 x 64:

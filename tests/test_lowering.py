@@ -51,37 +51,47 @@ def test_vq_configs_use_tensor_cores_without_spills(cc):
 
 @pytest.mark.parametrize("cc", [90, 80])
 def test_split_k_tile_times_match_the_compiled_kernels(cc):
-  """dispatch.SPLITK_K_TILE_S (what tail_split_k weighs against the partials' bytes) against
-  the compiled small-M kernels at M = 16, 1152x3456: issue floor / (programs on the busiest
-  SM x K tiles per program), within 15 %."""
+  """dispatch.SPLITK_K_TILE_S (what splitk_launch weighs against the partials' bytes) against
+  the compiled small-M kernels at M = 16, 1152x3456, at every column width it chooses from:
+  issue floor / (programs on the busiest SM x K tiles per program), within 15 %; and the
+  narrowest tile costs more per weight than the widest (what makes the choice a trade)."""
   import functools
   import math
 
   import jax.numpy as jnp
-  from dit_quant_jax.kernels import dispatch, fp4_matmul, fp4_mma
+  from dit_quant_jax.kernels import dispatch, fp4_mma
   cls = static_report.CLASS_OF_CC[cc]
   m, k, n = 16, 1152, 3456
-  measured = {}
-  for name, path, fn, avals, config, _ in static_report.vq_lowering_cases(((k, n),), (m,), cc):
+
+  def k_tile_seconds(fn, avals, config, name):
     (stats,) = static_report.case_stats(fn, avals, config, cc, name)
+    assert stats["spill_store_bytes"] == 0 and stats["local"] == 0, (name, stats)
     trips = static_report.main_loop_trips(name, config, avals)
-    measured["vq"] = stats["issue_floor_s"] / (stats["tail"] * math.prod(stats["grid"])
-                                              / triton_ptx.SM_COUNT[cc] * trips)
+    return stats["issue_floor_s"] / (stats["tail"] * math.prod(stats["grid"])
+                                     / triton_ptx.SM_COUNT[cc] * trips)
+
   weight = fp4_mma.PackedFp4Weight(jax.ShapeDtypeStruct((n, fp4_mma.padded_k(k) // 2), jnp.uint8),
                                    jax.ShapeDtypeStruct((n,), jnp.float32), "e2m1", k)
-  for key, kind in (("fp4_bf16", "bf16"), ("fp4_8bit", "int8")):
-    config = fp4_matmul.default_mma_config(m, n, k, cls, kind, predecode=False)
-    fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=False,
-                                   out_dtype=jnp.bfloat16, **config))
-    avals = (jax.ShapeDtypeStruct((m, k), fp4_mma.x_dtype_for(kind)),
-             jax.ShapeDtypeStruct((m,), jnp.float32), weight)
-    name = f"fp4_mma_{kind} M={m} K={k} N={n}"
-    (stats,) = static_report.case_stats(fn, avals, config, cc, name)
-    trips = static_report.main_loop_trips(name, config, avals)
-    measured[key] = stats["issue_floor_s"] / (stats["tail"] * math.prod(stats["grid"])
-                                             / triton_ptx.SM_COUNT[cc] * trips)
-  for key, value in measured.items():
-    assert value == pytest.approx(dispatch.SPLITK_K_TILE_S[key][cls], rel=0.15), (key, value)
+  measured = {}
+  for block_n in dispatch.SPLITK_BLOCK_NS:
+    config = dict(block_m=16, block_n=block_n, block_k=64, split_k=2, num_warps=4, num_stages=3)
+    measured["vq", block_n] = k_tile_seconds(
+        jax.jit(functools.partial(vq.vq_matmul, **config)), static_report.vq_avals(m, k, n),
+        config, f"vq_w2 {k}x{n} M={m}")
+    for key, kind in (("fp4_bf16", "bf16"), ("fp4_8bit", "int8")):
+      config = dict(block_m=16, block_n=block_n, split_k=3, num_warps=4, num_stages=3)
+      fn = jax.jit(functools.partial(fp4_mma.fp4_mma, dot_kind=kind, predecode=False,
+                                     out_dtype=jnp.bfloat16, **config))
+      avals = (jax.ShapeDtypeStruct((m, k), fp4_mma.x_dtype_for(kind)),
+               jax.ShapeDtypeStruct((m,), jnp.float32), weight)
+      measured[key, block_n] = k_tile_seconds(fn, avals, config,
+                                              f"fp4_mma_{kind} M={m} K={k} N={n}")
+  for (key, block_n), value in measured.items():
+    assert value == pytest.approx(dispatch.splitk_k_tile_s(key, cls, block_n), rel=0.15), (
+        key, block_n, value)
+  widest, narrowest = max(dispatch.SPLITK_BLOCK_NS), min(dispatch.SPLITK_BLOCK_NS)
+  for key in dispatch.SPLITK_K_TILE_S:
+    assert (measured[key, narrowest] / narrowest > 1.2 * measured[key, widest] / widest), key
 
 
 def test_export_for_abstract_gpu_has_the_triton_call():

@@ -72,6 +72,10 @@ VARIANTS = {
                          "(against vq_w2 where the dispatcher streams)",
     "fp4_w4a16_no_stream_k": "fp4_w4a16's Triton kernel forced, its best launch without "
                              "stream-K",
+    "vq_w2_splitk_128": "VQ W2, split-K kernel with 128-column tiles only (its K split "
+                        "re-chosen; against vq_w2 where the dispatcher takes narrower tiles)",
+    "fp4_w4a16_splitk_128": "fp4_w4a16's small-M kernel with 128-column tiles only (against "
+                            "fp4_w4a16 where the dispatcher takes narrower tiles)",
     "w4a16": "FP4 E2M1 weights, bf16 activations, Pallas",
     "w4a8": "FP4 weights, FP8 E4M3 per-token activations (pre-quantized), Pallas",
     "w4a4": "FP4 weights, 4-bit per-token activations (pre-quantized), int8 dot, Pallas",
@@ -326,6 +330,21 @@ def variant_calls(ops: dict, k_features: int, interpret: bool, blocks: Mapping[s
       fm.PATHS["w4a16"]["reference"], (ops["x"], ops["fp4_weight"], ops["bias"]), flops,
       x_bytes + ops["fp4_weight"].tiles.nbytes + 4 * n_features + out_bytes)
   paths["fp4_w4a16_no_stream_k"] = f"triton_bf16 {_config_text(config)}"
+  # the small-M launches restricted to 128-column tiles (the widths' trade, timed)
+  config = dispatch.default_config("vq", "vq_splitk", m_rows, k_features, n_features, cls,
+                                   splitk_block_ns=(128,))
+  calls["vq_w2_splitk_128"] = (
+      functools.partial(vq.run_path, "vq_splitk", config=config, interpret=interpret),
+      vq.vq_matmul_reference, (ops["x"], codebook, packed, ops["bias"]), flops,
+      x_bytes + packed.nbytes + codebook.nbytes + out_bytes)
+  paths["vq_w2_splitk_128"] = f"vq_splitk {_config_text(config)}"
+  config = fm.default_mma_config(min(m_rows, fm.SPLITK_MAX_M), n_features, k_features,
+                                 dot_kind="bf16", predecode=False, splitk_block_ns=(128,))
+  calls["fp4_w4a16_splitk_128"] = (
+      functools.partial(fm.PATHS["w4a16"]["triton_bf16"], config=config),
+      fm.PATHS["w4a16"]["reference"], (ops["x"], ops["fp4_weight"], ops["bias"]), flops,
+      x_bytes + ops["fp4_weight"].tiles.nbytes + 4 * n_features + out_bytes)
+  paths["fp4_w4a16_splitk_128"] = f"triton_bf16 {_config_text(config)}"
   calls["w4a16"] = (
       jax.jit(functools.partial(fm.w4a16_matmul, **options("w4a16"))),
       jax.jit(fm.w4a16_matmul_reference),
@@ -457,14 +476,18 @@ CHECK_TOLERANCE = {"vq_w2": 2e-2, "vq_w3": 2e-2, "vq_w2_splitk": 2e-2, "vq_w2_ti
                    "fp4_w4a4_had": 2e-2, "fp4_w4a4_ln": 2e-2, "gemm_triton_int8": 1e-2,
                    "gemm_triton_int8_inloop": 1e-2,
                    "gemm_mosaic_int8": 1e-2, "gemm_mosaic_fp8": 1e-2,
-                   "vq_w2_no_stream_k": 2e-2, "fp4_w4a16_no_stream_k": 2e-2}
+                   "vq_w2_no_stream_k": 2e-2, "fp4_w4a16_no_stream_k": 2e-2,
+                   "vq_w2_splitk_128": 2e-2, "fp4_w4a16_splitk_128": 2e-2}
 ACT_QUANT_MAX_CODE_MISMATCH = 1e-3  # fraction of codes
 # (M, K, N) of the compiled correctness pass -> the variants checked there (None: all): a
 # mid-M shape, and fc2 at M = 1024, where the Hopper dispatcher runs VQ's and W4A16's kernels
 # as stream-K launches (those and their tiled alternatives only: the GPU stage is time-boxed).
 CHECK_SHAPES = {(256, 1152, 1152): None,
                 (1024, 4608, 1152): ("vq_w2", "fp4_w4a16", "vq_w2_no_stream_k",
-                                     "fp4_w4a16_no_stream_k")}
+                                     "fp4_w4a16_no_stream_k"),
+                # proj at M = 16: the small-M launches' narrow tiles and the 128-column ones
+                (16, 1152, 1152): ("vq_w2", "fp4_w4a16", "vq_w2_splitk_128",
+                                   "fp4_w4a16_splitk_128")}
 
 
 def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
@@ -518,9 +541,11 @@ def _floor(name: str, m_rows: int, k_features: int, n_features: int, flops: floa
     return roofline.fp4_path_floor("w4a4", path, m_rows, k_features, n_features, peaks,
                                    hadamard.hadamard_block_order(k_features),
                                    norm_fused=name.endswith("_ln"))["floor_s"]
-  if name in VQ_CONFIGS or name in VQ_FORCED or name == "vq_w2_no_stream_k":
+  if name in VQ_CONFIGS or name in VQ_FORCED or name in ("vq_w2_no_stream_k",
+                                                         "vq_w2_splitk_128"):
     codewords, sub_dim = VQ_CONFIGS.get(name, VQ_CONFIGS["vq_w2"])
-    path = (VQ_FORCED.get(name) or ("vq_tiled" if name == "vq_w2_no_stream_k" else None)
+    forced = {"vq_w2_no_stream_k": "vq_tiled", "vq_w2_splitk_128": "vq_splitk"}
+    path = (VQ_FORCED.get(name) or forced.get(name)
             or dispatch.choose("vq", m_rows, k_features, n_features).path)
     return roofline.vq_path_floor(path, m_rows, k_features, n_features, peaks, codewords,
                                   sub_dim)["floor_s"]
@@ -546,6 +571,22 @@ def gemm_variant_runs(name: str, m_rows: int, k_features: int, n_features: int) 
 
 
 NO_STREAM_K_VARIANTS = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k")
+WIDE_SPLITK_VARIANTS = ("vq_w2_splitk_128", "fp4_w4a16_splitk_128")
+
+
+def dispatched_narrow_splitk(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
+  """Whether the dispatched small-M launch that a *_splitk_128 variant is the alternative to
+  (vq_w2's split-K kernel, fp4_w4a16's Triton kernel at small M) takes tiles narrower than 128
+  columns at this shape on this device."""
+  if name == "vq_w2_splitk_128":
+    choice = dispatch.choose("vq", m_rows, k_features, n_features)
+    return choice.path == "vq_splitk" and choice.config["block_n"] < 128
+  if m_rows > fm.SPLITK_MAX_M or dispatch.choose("w4a16", m_rows, k_features,
+                                              n_features).path != "triton_bf16":
+    return False
+  config = fm.default_mma_config(m_rows, n_features, k_features, dot_kind="bf16",
+                                 predecode=False)
+  return config["block_n"] < 128
 
 
 def dispatched_stream_k(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
@@ -565,11 +606,14 @@ def _times_at(name: str, m_rows: int, k_features: int, n_features: int) -> bool:
   """The LayerNorm variants (bf16_ln, *_ln) are timed at the DiT-XL/2 shapes whose input is a
   LayerNorm (qkv, fc1) only, to keep the GPU stage within its time box; any other shape
   (smoke runs, --shapes) times every variant.  The *_no_stream_k variants are timed where the
-  launch they are the alternative to runs stream-K (dispatched_stream_k)."""
+  launch they are the alternative to runs stream-K (dispatched_stream_k), the *_splitk_128
+  ones where it takes narrower tiles (dispatched_narrow_splitk)."""
   if name in GEMM_VARIANTS:
     return gemm_variant_runs(name, m_rows, k_features, n_features)
   if name in NO_STREAM_K_VARIANTS:  # only where the dispatched launch is stream-K
     return dispatched_stream_k(name, m_rows, k_features, n_features)
+  if name in WIDE_SPLITK_VARIANTS:  # only where the dispatched small-M tiles are narrower
+    return dispatched_narrow_splitk(name, m_rows, k_features, n_features)
   if name != LN_BASELINE and not name.endswith("_ln"):
     return True
   shape = (k_features, n_features)

@@ -134,9 +134,14 @@ def case_stats(fn, avals, config: dict, cc: int, name: str = "") -> list[dict]:
     stats.update(grid=module["grid"], kernel=module["name"])
     if "sass_issue" in stats:
       loop = {key[5:]: value for key, value in stats.items() if key.startswith("sass_")}
+      trips = main_loop_trips(name, config, avals)
+      if loop.get("unrolled"):  # ptxas unrolled the K loop: the whole kernel over its trips
+        loop = {key: value / trips for key, value in loop.items()}
+        stats.update({f"sass_{key}": round(value, 1) for key, value in loop.items()},
+                     sass_unrolled=1)
       stats.update(triton_ptx.issue_floor_seconds(
-          loop, num_warps=num_warps, programs=math.prod(module["grid"]),
-          trips=main_loop_trips(name, config, avals), cc=cc, mma=stats))
+          loop, num_warps=num_warps, programs=math.prod(module["grid"]), trips=trips, cc=cc,
+          mma=stats))
     out.append(stats)
   return out
 
@@ -159,6 +164,8 @@ def _sass_text(stats: dict) -> str:
   loop = (f"{stats['sass_issue']} ({stats['sass_int']} / {stats.get('sass_imad', 0)} / "
           f"{stats['sass_fp32']} / {stats.get('sass_fp16x2', 0)} / {stats['sass_convert']} / "
           f"{stats['sass_memory']})")
+  if stats.get("sass_unrolled"):
+    loop += " (unrolled: the whole kernel over its K steps)"
   if "issue_floor_s" not in stats:
     return loop + " | "
   return f"{loop} | {stats['issue_floor_s'] * 1e6:.2f} ({stats['issue_bound']})"

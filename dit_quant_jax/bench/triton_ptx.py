@@ -207,11 +207,21 @@ def main_loop_span(lines, label_pattern: str, branch_pattern: str, mma_pattern: 
 _PTX_MMA = r"\bmma\.sync\.aligned|wgmma\.mma_async"
 
 
+def unrolled_loop(lines, best, mma_pattern: str) -> bool:
+  """Whether a kernel's K loop was unrolled: it has tensor-core instructions but the main loop
+  span ``best`` (main_loop_span) holds none (a static trip count: split 1 of 9 K tiles, or one
+  K tile per part).  Then the whole kernel is every iteration at once."""
+  return (not any(re.search(mma_pattern, line) for line in lines[best[0]:best[1] + 1])
+          and any(re.search(mma_pattern, line) for line in lines))
+
+
 def k_loop_body(ptx: str) -> str:
   """PTX text of the kernel's main loop (main_loop_span).  In a software-pipelined Triton
   matmul that is one K step (its loads fetch a later step)."""
   lines = ptx.splitlines()
   best = main_loop_span(lines, r"^\s*(\$L\w+):", r"\bbra(?:\.uni)?\s+(\$L\w+);", _PTX_MMA)
+  if unrolled_loop(lines, best, _PTX_MMA):  # every iteration: the whole kernel
+    return ptx
   return "\n".join(lines[best[0]:best[1] + 1])
 
 
@@ -397,11 +407,13 @@ def sass_loop_classes(sass: str) -> dict:
   """Instruction classes in the SASS main loop (main_loop_span: a label to a backward BRA to
   it): one K step of a Pallas matmul, or one token of quantize_rows."""
   lines = sass.splitlines()
-  best = main_loop_span(lines, r"^(\.L_x_\d+):", r"\bBRA\b[^(]*\((\.L_x_\d+)\)",
-                        r"\b(?:HMMA|IMMA|HGMMA|IGMMA|QGMMA)\b")
+  mma = r"\b(?:HMMA|IMMA|HGMMA|IGMMA|QGMMA)\b"
+  best = main_loop_span(lines, r"^(\.L_x_\d+):", r"\bBRA\b[^(]*\((\.L_x_\d+)\)", mma)
   counts = dict(issue=0, int=0, imad=0, fp32=0, fp16x2=0, convert=0, memory=0, tensor=0,
                 uniform=0)
-  if best == (0, 0):  # no loop (e.g. a single iteration, unrolled): no per-iteration count
+  if unrolled_loop(lines, best, mma):  # the whole kernel, counted once (unrolled = 1)
+    best, counts["unrolled"] = (0, len(lines) - 1), 1
+  elif best == (0, 0):  # no loop and no tensor cores: no per-iteration count
     return {}
   for line in lines[best[0]:best[1] + 1]:
     opcode = _sass_opcode(line)

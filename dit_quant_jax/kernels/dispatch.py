@@ -55,15 +55,22 @@ L2_BANDWIDTH = {"hopper": 11.4e12, "ampere": 7.2e12, "gpu": 7.2e12, "cpu": 7.2e1
 # program's K tile takes 2 block_m block_n block_k / (this / SMs) seconds on its SM.
 PEAK_BF16_FLOPS = {"hopper": 989e12, "ampere": 312e12, "gpu": 312e12, "cpu": 312e12}
 # Seconds one program of a small-M split-K kernel spends on one K tile, on one SM, at its SASS
-# issue floor (benchmarks/static_report.md, M = 16, the configs default_config and
-# fp4_matmul.default_mma_config give: the issue floor over (programs on the busiest SM x K
-# tiles per program)).  Kernels: "vq" (block_k 64 x block_n 128, 263 SASS per warp-step on
-# sm_90a), "fp4_bf16" (fp4_mma's bf16 dot, K tile 128 x 128 columns, 501), "fp4_8bit" (its
-# int8 dot, 128 x 64, 196).  A lowering test recompiles them and checks these within 15 %.
+# issue floor, per output-column width block_n (benchmarks/static_report.md's method at M = 16,
+# 1152x3456: the issue floor over (programs on the busiest SM x K tiles per program)).
+# Kernels: "vq" (block_k 64; 247 / 165 / 112 SASS per warp-step at block_n 128 / 64 / 32 on
+# sm_90a), "fp4_bf16" (fp4_mma's bf16 dot, K tile 128: 501 / 312 / 189), "fp4_8bit" (its int8
+# dot: 333 / 191 / 118).  Narrow tiles cost more per weight (the x tile, the MMA setup and the
+# loop overhead are paid per column block) but give more tiles, so fewer K splits and fewer
+# float32 partials fill the SMs: splitk_launch weighs both.  A lowering test recompiles every
+# entry and checks it within 15 %.
+SPLITK_BLOCK_NS = (128, 64, 32)
 SPLITK_K_TILE_S = {
-    "vq": {"hopper": 0.146e-6, "ampere": 0.19e-6},
-    "fp4_bf16": {"hopper": 0.273e-6, "ampere": 0.367e-6},
-    "fp4_8bit": {"hopper": 0.108e-6, "ampere": 0.14e-6},
+    "vq": {"hopper": {128: 0.146e-6, 64: 0.094e-6, 32: 0.068e-6},
+           "ampere": {128: 0.190e-6, 64: 0.122e-6, 32: 0.088e-6}},
+    "fp4_bf16": {"hopper": {128: 0.274e-6, 64: 0.171e-6, 32: 0.103e-6},
+                 "ampere": {128: 0.372e-6, 64: 0.232e-6, 32: 0.139e-6}},
+    "fp4_8bit": {"hopper": {128: 0.210e-6, 64: 0.107e-6, 32: 0.065e-6},
+                 "ampere": {128: 0.274e-6, 64: 0.139e-6, 32: 0.085e-6}},
 }
 
 INF = math.inf
@@ -191,8 +198,41 @@ def split_parts(k_tiles: int, split: int) -> tuple[int, int]:
   return per_part, -(-int(k_tiles) // per_part)
 
 
+def _split_costs(tiles: int, k_tiles: int, cls: str, max_split: int, k_tile_s=None,
+                 weight_bytes: float = 0.0, partial_bytes: float = 0.0):
+  """[(cost, split)] of every K split whose parts are all non-empty (tail_split_k's rule)."""
+  sms = SM_COUNT[cls]
+  out = []
+  for split in range(1, min(int(max_split), max(int(k_tiles), 1)) + 1):
+    per_part, parts = split_parts(k_tiles, split)
+    if parts != split:
+      continue
+    cost = -(-int(tiles) * split // sms) * per_part
+    if k_tile_s is not None:
+      partials = split * partial_bytes if split > 1 else 0.0
+      cost = max(cost * k_tile_s,
+                 (weight_bytes + partials) / BANDWIDTH.get(cls, BANDWIDTH["gpu"]))
+    out.append((cost, split))
+  return out
+
+
+def _lowest(costs):
+  """The first (cost, ...) entry whose cost no later one beats by more than 1e-9 relative."""
+  best = None
+  for entry in costs:
+    if best is None or entry[0] < best[0] * (1 - 1e-9):
+      best = entry
+  return best
+
+
+def splitk_k_tile_s(kernel: str, cls: str, block_n: int) -> float:
+  """SPLITK_K_TILE_S of a kernel at one column width (sm_80's numbers for other classes)."""
+  per_class = SPLITK_K_TILE_S[kernel]
+  return per_class.get(cls, per_class["ampere"])[int(block_n)]
+
+
 def tail_split_k(tiles: int, k_tiles: int, cls: str, max_split: int = MAX_SPLIT_K, *,
-                 kernel: Optional[str] = None, weight_bytes: float = 0.0,
+                 kernel: Optional[str] = None, block_n: int = 128, weight_bytes: float = 0.0,
                  partial_bytes: float = 0.0) -> int:
   """K split (any count up to max_split whose parts are all non-empty) of a launch of ``tiles``
   output tiles that minimises its time: the busiest SM runs ceil(tiles x split / SMs)
@@ -200,29 +240,37 @@ def tail_split_k(tiles: int, k_tiles: int, cls: str, max_split: int = MAX_SPLIT_
 
   Without ``kernel`` that count of K tiles is the cost (36 tiles of 18 K tiles on 132 SMs:
   split 3, 108 programs of 6 K tiles, where a power of two does no better than split 2's 9).
-  With ``kernel`` (a SPLITK_K_TILE_S key) the cost is the larger of those K tiles' issue time
-  and the launch's DRAM time: ``weight_bytes`` (what every split reads) plus ``split x
-  partial_bytes`` (each part writes an (M, N) float32 partial; the last program of a tile reads
-  them back, from L2: counted once).  Ties (within 1e-9 relative) go to the smaller split:
-  fewer partials.  A split with empty parts (18 K tiles split 7 ways: parts of 3, 6 used) is
-  never taken: its extra programs would only add zero partials."""
-  sms = SM_COUNT[cls]
-  k_tile_s = None
-  if kernel is not None:
-    per_class = SPLITK_K_TILE_S[kernel]
-    k_tile_s = per_class.get(cls, per_class["ampere"])
-  best_cost, best = None, 1
-  for split in range(1, min(int(max_split), max(int(k_tiles), 1)) + 1):
-    per_part, parts = split_parts(k_tiles, split)
-    if parts != split:
-      continue
-    cost = -(-int(tiles) * split // sms) * per_part
-    if k_tile_s is not None:
-      cost = max(cost * k_tile_s,
-                 (weight_bytes + split * partial_bytes) / BANDWIDTH.get(cls, BANDWIDTH["gpu"]))
-    if best_cost is None or cost < best_cost * (1 - 1e-9):
-      best_cost, best = cost, split
-  return best
+  With ``kernel`` (a SPLITK_K_TILE_S key, at ``block_n``) the cost is the larger of those K
+  tiles' issue time and the launch's DRAM time: ``weight_bytes`` (what every split reads) plus,
+  for split > 1, ``split x partial_bytes`` (each part writes an (M, N) float32 partial; the
+  last program of a tile reads them back, from L2: counted once).  Ties (within 1e-9
+  relative) go to the smaller split: fewer partials.  A split with empty parts (18 K tiles
+  split 7 ways: parts of 3, 6 used) is never taken: its extra programs would only add zero
+  partials."""
+  k_tile_s = None if kernel is None else splitk_k_tile_s(kernel, cls, block_n)
+  return _lowest(_split_costs(tiles, k_tiles, cls, max_split, k_tile_s, weight_bytes,
+                              partial_bytes))[1]
+
+
+def splitk_launch(m_rows: int, n_features: int, k_tiles: int, cls: str, kernel: str, *,
+                  block_m: int, weight_bytes: float, block_ns=SPLITK_BLOCK_NS,
+                  max_split: int = MAX_SPLIT_K) -> tuple[int, int]:
+  """(block_n, K split) of a small-M split-K launch, chosen together: for each column width,
+  tail_split_k's cost (the busiest SM's K tiles at that width's K-tile time vs the weights'
+  and partials' DRAM time) at its best split; the cheapest width wins, ties to the wider one
+  (``block_ns`` is widest first).  Narrow tiles cost more issue per weight but need fewer
+  splits to fill the SMs: VQ W2 1152x1152 at M = 16 on H100 takes 64 columns split 6 (108
+  programs of 3 K tiles, 0.28 us) over 128 split 9 (0.32 us, 9 partials of 74 KB)."""
+  entries = []
+  for block_n in block_ns:
+    tiles = -(-int(m_rows) // int(block_m)) * -(-int(n_features) // int(block_n))
+    costs = _split_costs(tiles, k_tiles, cls, max_split,
+                         splitk_k_tile_s(kernel, cls, block_n), weight_bytes,
+                         4.0 * m_rows * n_features)
+    cost, split = _lowest(costs)
+    entries.append((cost, int(block_n), split))
+  _, block_n, split = _lowest(entries)
+  return block_n, split
 
 
 def splitk_bytes(m_rows: int, n_features: int, weight_bytes: float) -> dict:
@@ -404,21 +452,23 @@ def without_stream_k(options) -> tuple:
 
 
 def default_config(op: str, path: str, m_rows: int, k_features: int, n_features: int,
-                   cls: str = "hopper", stream_k: bool = True) -> dict:
+                   cls: str = "hopper", stream_k: bool = True,
+                   splitk_block_ns=SPLITK_BLOCK_NS) -> dict:
   """Tile config of a Pallas path at one shape (empty for XLA paths); stream_k=False: the
-  best tiled launch (no stream-K candidates)."""
+  best tiled launch (no stream-K candidates); splitk_block_ns: the column widths the split-K
+  path chooses from (the benchmark's 128-only alternative)."""
   del op
   if path.endswith("_splitk"):
-    # Memory-bound: one thin M tile (the weight is streamed once), 64 x 128 decoded tiles in
-    # registers (sm_90a at M = 16: 263 SASS per warp-step vs 165 for 64 x 64, 0.8x per weight,
-    # 72-80 registers), K split by tail_split_k: the busiest SM's K tiles at the kernel's
-    # SASS-derived K-tile time vs the weights' + partials' DRAM time.
-    block_m, block_n, block_k = _block(m_rows, 16, 64), 128, 64
-    tiles = -(-m_rows // block_m) * -(-n_features // block_n)
+    # Memory-bound: one thin M tile (the weight is streamed once), 64 x block_n decoded tiles
+    # in registers, the column width and K split chosen together (splitk_launch): the busiest
+    # SM's K tiles at the kernel's SASS-derived K-tile time for that width vs the weights' +
+    # partials' DRAM time.
+    block_m, block_k = _block(m_rows, 16, 64), 64
     # VQ W2's bytes (8-bit index per 4 weights) + x and the bf16 output.
     moved = k_features * n_features / 4 + 2 * m_rows * (k_features + n_features)
-    split_k = tail_split_k(tiles, -(-k_features // block_k), cls, kernel="vq",
-                           **splitk_bytes(m_rows, n_features, moved))
+    block_n, split_k = splitk_launch(m_rows, n_features, -(-k_features // block_k), cls, "vq",
+                                     block_m=block_m, weight_bytes=moved,
+                                     block_ns=splitk_block_ns)
     return dict(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split_k,
                 num_warps=4, num_stages=3)
   if path.endswith("_tiled"):

@@ -500,9 +500,13 @@ FP8_PREDECODED_OPTIONS = (dispatch.TileOption(64, 128, 8, 3, can_split=False, is
                           dispatch.TileOption(128, 128, 8, 3, can_split=False, issue_ratio=1.64))
 
 
+SPLITK_MAX_M = 64  # default_mma_config's small-M (split-K) launch up to this many rows
+
+
 def default_mma_config(m_rows: int, n_features: int, k_features: int,
                        device: str | None = None, dot_kind: str | None = None,
-                       predecode: bool = True, stream_k: bool = True) -> dict:
+                       predecode: bool = True, stream_k: bool = True,
+                       splitk_block_ns=dispatch.SPLITK_BLOCK_NS) -> dict:
   """Tiles for fp4_mma.  Token rows: 128 x 128, 8 warps, 3 stages on Hopper (PTX checked: wgmma
   s8 / bf16 on sm_90a, no spills); 64 x 128, 8 warps elsewhere (sm_80: 128 x 128 spills; 64 x 128
   with 8 warps: int8 100 and bf16 165 registers, no spills; with 4 warps bf16 spilled).  The
@@ -510,7 +514,8 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   per SM: one's per-step float32 promotion overlaps the other's wgmma) or 128 x 128 (185
   registers, 1 CTA: promotion and wgmma take turns, but half the L2 reads of x), whichever
   tail_tiles finds faster (FP8_PREDECODED_OPTIONS); the in-loop fp8 kernel keeps 64 x 128.
-  Small M: a thin M tile with a K split (GEMV-like: weights streamed once).
+  Small M: a thin M tile with a K split (GEMV-like: weights streamed once), its column width
+  (splitk_block_ns) and split chosen together (dispatch.splitk_launch).
   The bf16 kernel decoding 4-bit tiles in its K loop (predecode=False) on Hopper takes 2
   stages: 104 KB of shared memory and 128 registers let 2 CTAs share an SM, so one decodes
   while the other's wgmma runs (Triton waits for a wgmma whose operand the loop itself wrote to
@@ -522,7 +527,7 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
   candidate left out: what the benchmark times it against)."""
   if device is None:
     device = "ampere" if common.on_gpu() and not _local_is_hopper() else "hopper"
-  if m_rows > 64:
+  if m_rows > SPLITK_MAX_M:
     if device == "hopper" and dot_kind == "bf16" and not predecode:
       # W4A16 in-loop: 128 x 128 (8 warps) or 128 x 64 (4 warps, 123 registers, 84 KB), both
       # tensor-bound at 2 CTAs per SM on sm_90a, and 128 x 64's K split (summed in the
@@ -549,19 +554,16 @@ def default_mma_config(m_rows: int, n_features: int, k_features: int,
     if device == "hopper" and dot_kind != "fp8":
       return dict(block_m=128, block_n=128, split_k=1, num_warps=8, num_stages=3)
     return dict(block_m=64, block_n=128, split_k=1, num_warps=8, num_stages=3)
-  # Small M: a thin M tile; the bf16 dot takes 128 output columns per program (sm_90a,
-  # M = 16: 501 SASS per warp-step vs 300 at 64 columns, 0.84x per weight, 95 registers), the
-  # 8-bit dots keep 64 (their packed decode was tuned there).  K split by the busiest SM's
-  # work (dispatch.tail_split_k).
+  # Small M: a thin M tile; the column width and the K split chosen together by the busiest
+  # SM's work against the weights' and partials' bytes (dispatch.splitk_launch; at 128
+  # columns the bf16 dot issues 501 SASS per warp-step on sm_90a at M = 16, at 32 columns 189).
   block_m = common.block_size_for(m_rows, 16, 128)
-  block_n = 128 if dot_kind in (None, "bf16") else 64
-  tiles = -(-m_rows // block_m) * -(-n_features // block_n)
   x_bytes = 2 if dot_kind in (None, "bf16") else 1
   moved = k_features * n_features / 2 + m_rows * (x_bytes * k_features + 2 * n_features)
-  split_k = dispatch.tail_split_k(
-      tiles, -(-k_features // fp4_mma.TILE_K), device,
-      kernel="fp4_bf16" if dot_kind in (None, "bf16") else "fp4_8bit",
-      **dispatch.splitk_bytes(m_rows, n_features, moved))
+  block_n, split_k = dispatch.splitk_launch(
+      m_rows, n_features, -(-k_features // fp4_mma.TILE_K), device,
+      "fp4_bf16" if dot_kind in (None, "bf16") else "fp4_8bit", block_m=block_m,
+      weight_bytes=moved, block_ns=splitk_block_ns)
   return dict(block_m=block_m, block_n=block_n, split_k=split_k, num_warps=4, num_stages=3)
 
 
