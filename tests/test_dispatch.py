@@ -141,6 +141,9 @@ def test_small_m_launch_picks_the_column_width_with_the_split():
   assert (vq_proj["block_n"], vq_proj["split_k"]) == (64, 6)
   w4_proj = fp4_matmul.default_mma_config(16, 1152, 1152, "hopper", "bf16", predecode=False)
   assert (w4_proj["block_n"], w4_proj["split_k"]) == (32, 3)
+  with pytest.raises(ValueError, match="block_n = 16"):
+    dispatch.splitk_launch(16, 1152, 18, "hopper", "vq", block_m=16, weight_bytes=1.0,
+                           block_ns=(16,))
   # a wide layer keeps the 128-column tile: qkv fills the SMs with 27 tiles split 4
   assert dispatch.splitk_launch(16, 3456, 18, "hopper", "vq", block_m=16,
                                 weight_bytes=1152 * 3456 / 4) == (128, 4)

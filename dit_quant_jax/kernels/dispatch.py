@@ -228,7 +228,11 @@ def _lowest(costs):
 def splitk_k_tile_s(kernel: str, cls: str, block_n: int) -> float:
   """SPLITK_K_TILE_S of a kernel at one column width (sm_80's numbers for other classes)."""
   per_class = SPLITK_K_TILE_S[kernel]
-  return per_class.get(cls, per_class["ampere"])[int(block_n)]
+  times = per_class.get(cls, per_class["ampere"])
+  if int(block_n) not in times:
+    raise ValueError(f"no K-tile time for {kernel} at block_n = {block_n}: the split-K widths "
+                     f"are {sorted(times)} (measure a new width into SPLITK_K_TILE_S first)")
+  return times[int(block_n)]
 
 
 def tail_split_k(tiles: int, k_tiles: int, cls: str, max_split: int = MAX_SPLIT_K, *,
