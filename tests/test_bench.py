@@ -251,7 +251,8 @@ def test_gpu_check_smoke_mode(tmp_path):
   assert "- measured L2 reads: " in text  # checks dispatch.L2_BANDWIDTH on a GPU
   rows = [line for line in text.splitlines() if line.startswith("| 64x96 | 8 |")]
   assert {row.split("|")[3].strip() for row in rows} == {"bf16_xla", "vq_w2"}
-  assert "| vq_w2 | 8x64x96 | max rel error |" in text and "| NO |" not in text
+  assert "| vq_w2 | 8x64x96 | vq_splitk " in text and "| max rel error |" in text
+  assert "| NO |" not in text
   speedups = [float(row.split("|")[6]) for row in rows]
   assert all(np.isfinite(speedups)) and speedups[0] == 1.0
   # stage 6: VQ4DiT calibration throughput (tiny DiT here), extrapolated to the budgets
@@ -439,13 +440,12 @@ def test_alternative_launches_pass_the_correctness_check():
   import jax
   names = ("vq_w2_no_stream_k", "fp4_w4a16_no_stream_k", "vq_w2_splitk_128",
            "fp4_w4a16_splitk_128")
-  rows = kernels.correctness_pass((40, 256, 160), True, jax.random.PRNGKey(5), names=names)
+  rows = kernels.correctness_pass((24, 256, 96), True, jax.random.PRNGKey(5), names=names)
   assert {row["kernel"] for row in rows} == set(names)
   assert all(row["ok"] for row in rows), rows
-  ops = kernels.make_operands(jax.random.PRNGKey(6), 16, 256, 160)
-  _, paths = kernels.variant_calls(ops, 256, True, {})
-  for name in ("vq_w2_splitk_128", "fp4_w4a16_splitk_128"):
-    assert "bn128" in paths[name].split() and "bm16" in paths[name].split(), paths[name]
+  for row in rows:
+    if row["kernel"].endswith("_splitk_128"):
+      assert "bn128" in row["path"].split(), row
 
 
 def test_issue_floor_counts_the_busiest_sm():

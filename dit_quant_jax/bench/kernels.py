@@ -494,7 +494,7 @@ def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
                      names: Sequence[str] = tuple(CHECK_TOLERANCE)) -> list[dict]:
   m_rows, k_features, n_features = shape
   ops = make_operands(key, m_rows, k_features, n_features)
-  calls, _ = variant_calls(ops, k_features, interpret, {})
+  calls, paths = variant_calls(ops, k_features, interpret, {})
   rows = []
   for name in names:
     if name not in CHECK_TOLERANCE:
@@ -509,10 +509,10 @@ def correctness_pass(shape: tuple[int, int, int], interpret: bool, key,
         raise
       logging.error("%s at %s failed: %s", name, shape, failure)
       rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=math.nan,
-                       ok=False, error=str(failure)[:500]))
+                       ok=False, error=str(failure)[:500], path=paths.get(name, "")))
       continue
     rows.append(dict(kernel=name, shape=shape, metric="max rel error", value=error,
-                     ok=error < CHECK_TOLERANCE[name]))
+                     ok=error < CHECK_TOLERANCE[name], path=paths.get(name, "")))
   if "act_quant" in names:
     kernel, reference, args, _, _ = calls["act_quant"]
     (packed, scale), (packed_ref, scale_ref) = kernel(*args), reference(*args)
@@ -818,10 +818,11 @@ def write_report(path: str, header: dict, peaks: dict, checks: list[dict], rows:
     lines.append(f"| {row['op']} | {row['k']}x{row['n']} | {row['m']} | {row['path']} | "
                  f"{_config_text(row['config'])} |")
   lines += ["", "## Correctness (kernel vs plain-jnp reference)", "",
-            "| kernel | M x K x N | metric | value | ok |", "|---|---|---|---|---|"]
+            "| kernel | M x K x N | path | metric | value | ok |", "|---|---|---|---|---|---|"]
   for check in checks:
     lines.append(f"| {check['kernel']} | {'x'.join(map(str, check['shape']))} | "
-                 f"{check['metric']} | {check['value']:.2e} | {'yes' if check['ok'] else 'NO'} |")
+                 f"{check.get('path', '')} | {check['metric']} | {check['value']:.2e} | "
+                 f"{'yes' if check['ok'] else 'NO'} |")
   lines += ["", "## Linear layers", "",
             "| K x N | M | kernel | path | time (us) | speedup vs bf16 (_ln rows: vs bf16_ln) "
             "| floor (us) | floor / t | TFLOP/s | GB/s | operand sets |",
