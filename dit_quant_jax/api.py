@@ -28,6 +28,7 @@ from absl import logging
 from dit_quant_jax.calibrate.trajectory import random_calibration_set
 from dit_quant_jax.diffusion import create_diffusion
 from dit_quant_jax.quant.qtensor import QuantizedWeight, is_quantized
+from dit_quant_jax.utils import distributed
 
 METHODS = ("fp", "vq4dit", "hqdit")
 
@@ -80,6 +81,7 @@ def quantize(model, params, qconfig, workdir: Optional[str] = None):
   """-> (qparams, report).  ``workdir`` holds resumable calibration state (VQ4DiT)."""
   method = method_of(qconfig)
   start = time.perf_counter()
+  params = distributed.on_every_local_device(params)  # several devices: beside sharded batches
   if method == "fp":
     qparams, report = params, {}
   else:

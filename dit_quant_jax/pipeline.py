@@ -38,7 +38,7 @@ def load_dit(path: str, expected_config: Optional[dict] = None):
   params = jax.tree_util.tree_map(  # weights saved in an older storage layout, converted once
       lambda leaf: leaf.in_current_layout() if isinstance(leaf, QuantizedWeight) else leaf,
       params, is_leaf=is_quantized)
-  return model, params, metadata
+  return model, distributed.on_every_local_device(params), metadata
 
 
 def check_params_finite(path: str, params) -> None:
@@ -186,6 +186,7 @@ def generate(model, params, noise, labels, *, respacing: str = "ddim25", sampler
     clip = model.in_channels != 4
   model_fn = sampling.cfg_model_fn(model, cfg_scale)
   mesh = device_mesh()
+  params = distributed.on_every_local_device(params, mesh)
   n = noise.shape[0]
   images, outputs = [], []
   start_time = time.time()

@@ -4,7 +4,7 @@ tests/test_multiprocess.py.
   JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
       python tests/multiprocess_worker.py OUT_DIR JOB[,JOB...]
 
-(no JAX_* variables: one process).  Jobs on the tiny DiT, each through the library's own
+(no JAX_* variables: one process, on however many devices XLA_FLAGS gives it).  Jobs on the tiny DiT, each through the library's own
 entry points, every process taking part:
 
   sample     pipeline.generate (DDPM + CFG, a batch that needs padding) and the ADM npz shards
@@ -69,8 +69,9 @@ def _record_writes():
 
 
 def job_sample(model, params, out_dir):
-  # 2 per class = 20 samples in batches of 8: the last batch (4) is padded to the device count.
-  noise, labels = pipeline.noise_and_labels(model, 2, seed=3)
+  # 1 per class = 10 samples in batches of 8: the last batch (2) is padded to the 4 devices of
+  # the 2-process run (not on the single process's 2).
+  noise, labels = pipeline.noise_and_labels(model, 1, seed=3)
   images, outputs = pipeline.generate(model, params, noise, labels, respacing="ddim3", sampler="ddpm",
                                       cfg_scale=2.0, seed=5, batch_size=8, return_outputs=True)
   shards_path = pipeline.sample_adm_shards(model, params, (noise[:6], labels[:6]),

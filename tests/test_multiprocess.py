@@ -3,11 +3,13 @@ devices each, against one process on one device.
 
 tests/multiprocess_worker.py runs the tiny DiT's jobs (sampling with padding and the ADM npz
 shards, a few training steps with a resume and an EMA export, a short VQ4DiT calibration, an
-HQ-DiT W4A4 quantization) once in a single process on a single device and once in 2 processes
-that build their global batches from process-local rows, over 4 devices (2 per process: the
-batch is split both within and across processes).  The results must agree (the batch is split
+HQ-DiT W4A4 quantization) once in a single process on 2 devices (one host with several GPUs:
+params restored onto one device must meet batch-sharded arrays) and once in 2 processes that
+build their global batches from process-local rows, over 4 devices (2 per process: the batch
+is split both within and across processes).  The results must agree (the batch is split
 differently over devices, so float sums may differ in the last bits: ``ATOL``), and only
-process 0 may write.  Also: the configuration checks of ``utils/distributed.py``.
+process 0 may write.  The one-device path is what the rest of the suite runs.  Also: the
+configuration checks of ``utils/distributed.py``.
 """
 
 import json
@@ -93,15 +95,16 @@ def _free_port() -> int:
 
 
 def _launch(out_dir, jobs, log_path, process_id=None, port=None):
-  """One worker: a single process (process_id None) or process ``process_id`` of NUM_PROCESSES."""
+  """One worker: a single process (process_id None) or process ``process_id`` of NUM_PROCESSES,
+  each with DEVICES_PER_PROCESS devices."""
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              MULTIPROCESS_COMPILATION_CACHE=os.path.join(os.path.dirname(out_dir), "compilation_cache"))
   for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
               distributed.ENV_AUTO, "XLA_FLAGS"):
     env.pop(key, None)
   env["JAX_PLATFORMS"] = "cpu"
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
   if process_id is not None:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
     env.update({distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
                 distributed.ENV_NUM_PROCESSES: str(NUM_PROCESSES), distributed.ENV_PROCESS_ID: str(process_id)})
   log = open(log_path, "a")
@@ -181,7 +184,7 @@ def test_topology_reports_two_processes(runs):
     assert info["global_devices"] == NUM_PROCESSES * DEVICES_PER_PROCESS
   with open(os.path.join(runs["single"], "process_0.json")) as f:
     info = json.load(f)
-  assert info["process_count"] == 1 and info["global_devices"] == 1
+  assert info["process_count"] == 1 and info["global_devices"] == DEVICES_PER_PROCESS
 
 
 @pytest.mark.parametrize("key", [

@@ -455,6 +455,10 @@ def calibrate(model, fp_params, soft: Mapping[str, vq4dit.SoftVQWeight], qconfig
     state["trajectory"] = jax.device_put(state["trajectory"], dict(
         x=batch_sharding, labels=batch_sharding, regularizer_min=replicated))
     fp_params = distributed.replicate(fp_params, replicated.mesh)
+  else:
+    # Committed like train_step's outputs: uncommitted inputs on the first call would make
+    # the second call compile the step again (a jit key includes the input shardings).
+    state = jax.device_put(state, jax.devices()[0])
   if has_checkpoint(workdir):
     state = _restore(workdir, state)
     logging.info("VQ calibration: resumed from %s at step %d", workdir, int(state["step"]))

@@ -269,6 +269,24 @@ def put_batch(array, sharding: NamedSharding) -> jax.Array:
   return global_batch(array, array.shape, sharding)
 
 
+def on_every_local_device(tree, mesh: Mesh | None = None):
+  """One process with several devices: every leaf committed to fewer devices than the mesh
+  (orbax restores onto device 0) replicated over the mesh, so that it can meet batch-sharded
+  arrays in one jitted call.  Uncommitted and already-spread leaves pass unchanged; with one
+  device, or several processes (:func:`replicate` places those), the tree is returned as is.
+  """
+  if jax.process_count() > 1 or jax.device_count() == 1:
+    return tree
+  sharding = replicated_sharding(data_mesh() if mesh is None else mesh)
+
+  def one(leaf):
+    if isinstance(leaf, jax.Array) and leaf.committed and leaf.sharding.device_set != sharding.device_set:
+      return jax.device_put(leaf, sharding)
+    return leaf
+
+  return jax.tree_util.tree_map(one, tree)
+
+
 def replicate(tree, mesh: Mesh):
   """Every leaf replicated on every device of ``mesh`` (all processes pass the same values).
 
