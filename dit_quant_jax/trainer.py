@@ -193,13 +193,20 @@ def train(config, workdir: str, images: Optional[np.ndarray] = None,
 RESUME_IGNORED_FIELDS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints")
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  """One compiled reduction over every leaf (leaf by leaf outside jit, each shape compiled
+  and dispatched apart)."""
+  return jax.tree_util.tree_reduce(lambda ok, leaf: jnp.logical_and(ok, jnp.all(jnp.isfinite(leaf))),
+                                   tree, jnp.asarray(True))
+
+
 def check_finite(state: TrainState, metrics, step: int, state_dir: str) -> None:
   """TrainingDivergedError if the loss or any param is NaN/Inf (checked before every log
   line and checkpoint, so a diverged state is never saved)."""
   from dit_quant_jax.errors import TrainingDivergedError
   loss = float(metrics["loss"])
-  params_finite = bool(jax.tree_util.tree_reduce(
-      lambda ok, leaf: jnp.logical_and(ok, jnp.all(jnp.isfinite(leaf))), state.params, True))
+  params_finite = bool(_all_finite(state.params))
   if math.isfinite(loss) and params_finite:
     return
   last = ckpt_lib.latest_step(state_dir)
