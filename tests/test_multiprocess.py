@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from dit_quant_jax.utils import distributed
+from fast_compile import xla_flags_with
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO_ROOT, "tests", "multiprocess_worker.py")
@@ -34,10 +35,6 @@ RUN_TIMEOUT_S = float(os.environ.get("MULTIPROCESS_TEST_TIMEOUT_S", "2400"))
 # Differences from splitting a batch over 2 devices instead of 1 (float32 reduction order);
 # a wrong slice or a process computing on the wrong rows differs by O(1).
 ATOL = 1e-4
-# The jobs' time is XLA's CPU compiles (seconds each, the tiny programs then run in
-# milliseconds): LLVM's cheap pipeline takes about 30 % off the runs' CPU time.  Every run
-# uses it, so the comparison is like for like.
-COMPILE_FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 # ----------------------------------------------------------------------- configuration
@@ -107,7 +104,9 @@ def _launch(out_dir, jobs, log_path, process_id=None, port=None):
               distributed.ENV_AUTO, "XLA_FLAGS"):
     env.pop(key, None)
   env["JAX_PLATFORMS"] = "cpu"
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS} {COMPILE_FAST_XLA_FLAGS}"
+  # The jobs' time is XLA's CPU compiles: every run inherits the suite's flags (off a GPU the
+  # cheap-compile ones, tests/fast_compile.py), so the comparison is like for like.
+  env["XLA_FLAGS"] = xla_flags_with(f"--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
   if process_id is not None:
     env.update({distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
                 distributed.ENV_NUM_PROCESSES: str(NUM_PROCESSES), distributed.ENV_PROCESS_ID: str(process_id)})
@@ -247,3 +246,16 @@ def test_training_resumes_after_a_process_is_killed(tmp_path):
     np.testing.assert_allclose(b["resume_kernel"], a["resume_kernel"], rtol=0, atol=ATOL)
   with open(tmp_path / "multi_process_0.log") as f:
     assert "resumed from step" in f.read()
+
+
+def test_suite_xla_flags_helpers(monkeypatch):
+  """tests/fast_compile.py: the cheap-compile flags are added once, and a started process's own
+  flag replaces the inherited one of the same name."""
+  from fast_compile import FAST_COMPILE_XLA_FLAGS, with_fast_compile
+  once = with_fast_compile("--xla_force_host_platform_device_count=2")
+  assert once.split() == ["--xla_force_host_platform_device_count=2", *FAST_COMPILE_XLA_FLAGS]
+  assert with_fast_compile(once) == once
+  assert "--xla_backend_optimization_level=2" in with_fast_compile("--xla_backend_optimization_level=2").split()
+  monkeypatch.setenv("XLA_FLAGS", once)
+  assert xla_flags_with("--xla_force_host_platform_device_count=4").split() == [
+      *FAST_COMPILE_XLA_FLAGS, "--xla_force_host_platform_device_count=4"]

@@ -25,6 +25,7 @@ from dit_quant_jax import trainer
 from dit_quant_jax.data import fashion_mnist
 from dit_quant_jax.diffusion import create_diffusion
 from dit_quant_jax.utils import checkpoint as ckpt_lib
+from fast_compile import xla_flags_with
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_PATH = REPO_ROOT / "configs" / "fmnist_dit.py"
@@ -103,7 +104,7 @@ def background(tmp_path_factory, data_dir):
        f"--config.checkpoint_every={HALF_STEPS}", f"--config.data.data_dir={data_dir}",
        f"--workdir={work / 'workdir'}", f"--export={work / 'export'}"],
       env, work, "train_cli")
-  multi_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  multi_env = dict(env, XLA_FLAGS=xla_flags_with("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu")
   multi = Background([sys.executable, "tests/multidevice_train_check.py"], multi_env, work,
                      "multidevice")
   runs = dict(cli=cli, multi=multi, workdir=work / "workdir", export=work / "export")

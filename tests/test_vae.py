@@ -14,6 +14,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit_quant_jax.models import convert_vae, vae
 from dit_quant_jax.models.convert import CheckpointMismatchError
+from fast_compile import xla_flags_with
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -320,7 +321,7 @@ _MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 def test_decode_latents_shards_over_several_devices():
   """Four host devices (XLA flag, so in a fresh process): each batch is split four ways."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags_with("--xla_force_host_platform_device_count=4"), JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _MULTI_DEVICE_SCRIPT], env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stderr[-3000:]
