@@ -266,11 +266,11 @@ def splitk_launch(m_rows: int, n_features: int, k_tiles: int, cls: str, kernel: 
   splits to fill the SMs: VQ W2 1152x1152 at M = 16 on H100 takes 64 columns split 6 (108
   programs of 3 K tiles, 0.28 us) over 128 split 9 (0.32 us, 9 partials of 74 KB)."""
   entries = []
+  partial_bytes = splitk_bytes(m_rows, n_features, weight_bytes)["partial_bytes"]
   for block_n in block_ns:
     tiles = -(-int(m_rows) // int(block_m)) * -(-int(n_features) // int(block_n))
     costs = _split_costs(tiles, k_tiles, cls, max_split,
-                         splitk_k_tile_s(kernel, cls, block_n), weight_bytes,
-                         4.0 * m_rows * n_features)
+                         splitk_k_tile_s(kernel, cls, block_n), weight_bytes, partial_bytes)
     cost, split = _lowest(costs)
     entries.append((cost, int(block_n), split))
   _, block_n, split = _lowest(entries)
