@@ -4,8 +4,8 @@ tests/test_multiprocess.py.
   JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=i \
       python tests/multiprocess_worker.py OUT_DIR JOB[,JOB...]
 
-(no JAX_* variables: one process, on however many devices XLA_FLAGS gives it).  Jobs on the tiny DiT, each through the library's own
-entry points, every process taking part:
+(no JAX_* variables: one process, on however many devices XLA_FLAGS gives it).  Jobs on the
+tiny DiT, each through the library's own entry points, every process taking part:
 
   sample     pipeline.generate (DDPM + CFG, a batch that needs padding) and the ADM npz shards
   train      trainer.train for a few steps (checkpoints), then resumed for one more, EMA export
