@@ -101,7 +101,7 @@ def _launch(out_dir, jobs, log_path, process_id=None, port=None):
   env = dict(os.environ, PYTHONUNBUFFERED="1",
              MULTIPROCESS_COMPILATION_CACHE=os.path.join(os.path.dirname(out_dir), "compilation_cache"))
   for key in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
-              distributed.ENV_AUTO, "XLA_FLAGS"):
+              distributed.ENV_AUTO):
     env.pop(key, None)
   env["JAX_PLATFORMS"] = "cpu"
   # The jobs' time is XLA's CPU compiles: every run inherits the suite's flags (off a GPU the
